@@ -1,0 +1,1 @@
+"""napari plugin for ihcscore: reader, dock widget and writers. Calls the engine only."""
