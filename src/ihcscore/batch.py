@@ -1,0 +1,164 @@
+"""Score folders of slides: failures isolated, resumable, on processes or Dask.
+
+One slide at a time is scored; its tiles run in parallel (processes, or a
+``dask.distributed`` cluster). After every slide ``summary.csv`` and
+``failures.csv`` are rewritten atomically, so a crash loses at most the slide
+in progress, and a rerun skips slides whose outputs are complete and were
+made with the same parameters (the ``_COMPLETE`` marker holds their hash).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .export import hash_params, is_complete, summary_row, write_failures, write_slide_outputs, write_summary_csv
+from .pipeline import analyze_slide
+
+__all__ = ["SLIDE_EXTENSIONS", "find_slides", "slide_params_hash", "score_slide", "score_batch", "BatchResult",
+           "dask_client"]
+
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
+                    ".png", ".jpg", ".jpeg")
+
+
+def find_slides(path) -> list[Path]:
+    """The slide files a path names: itself, or the slides directly inside a folder (sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
+
+
+def slide_params_hash(preset, stains_spec: str, tissue: str, mpp) -> str:
+    """Hash of everything that changes a slide's results (not tile size or workers: they must not)."""
+    return hash_params({"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": str(tissue),
+                        "mpp": mpp, "version": __version__})
+
+
+def _report_fields(slide, cells, ds_det: float, n_fields: int = 3, side_um: float = 150.0):
+    """A few representative fields (the densest tumour areas) for the report overlay."""
+    if len(cells) == 0:
+        return []
+    side = int(side_um / slide.mpp)
+    xy = cells[["x_px", "y_px"]].to_numpy()
+    grid = np.floor(xy / side).astype(int)
+    keys, counts = np.unique(grid, axis=0, return_counts=True)
+    fields = []
+    for k in keys[np.argsort(-counts)][:n_fields]:
+        x0, y0 = int(k[0] * side), int(k[1] * side)
+        ds = max(1.0, ds_det)
+        level = slide.level_count - 1
+        while level > 0 and slide.level_downsamples[level] > ds:
+            level -= 1
+        d = slide.level_downsamples[level]
+        rgb = slide.read_region((x0, y0), level, (int(side / d), int(side / d)))
+        sel = cells[(cells["x_px"] >= x0) & (cells["x_px"] < x0 + side) &
+                    (cells["y_px"] >= y0) & (cells["y_px"] < y0 + side)]
+        fields.append({"rgb": rgb, "origin_px": (x0, y0), "downsample": d, "cells": sel})
+    return fields
+
+
+@dataclass
+class BatchResult:
+    rows: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
+                tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None) -> dict:
+    """Score one slide and write its output folder; returns its summary.json content."""
+    from .slide import open_slide
+
+    with open_slide(path, mpp=mpp) as slide:
+        result = analyze_slide(slide, preset, stains=stains, tissue=tissue, tile_size=tile_size,
+                               workers=workers, client=client, polygons=True, progress=progress)
+        summary = result.summary
+        images = {}
+        if report:
+            thumb = slide.thumbnail(1024)
+            images = {"thumbnail": thumb, "tissue_mask": result.tissue_mask,
+                      "thumbnail_downsample": max(slide.dimensions) / max(thumb.shape[:2]),
+                      "fields": _report_fields(slide, result.cells, summary["detection_pixel_size_um"] / slide.mpp)}
+        out_dir = Path(out_root) / slide.name
+        write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
+                            overlay_images=images,
+                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp))
+    return summary
+
+
+def dask_client(address: str, workers: int = 2):
+    """A ``dask.distributed.Client``: ``"local"`` starts a LocalCluster on loopback."""
+    from distributed import Client, LocalCluster
+
+    if address == "local":
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               host="127.0.0.1", dashboard_address=None)
+        return Client(cluster)
+    return Client(address)
+
+
+def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
+                tile_size=1024, workers=1, client=None, csv=False, report=True, resume=True,
+                on_slide_start=None, on_tile=None, on_slide_end=None) -> BatchResult:
+    """Score many slides; one failure never stops the others.
+
+    Parameters
+    ----------
+    paths : list of path
+    out_root : path
+        ``DIR``: gets ``DIR/<stem>/...``, ``DIR/summary.csv``, ``DIR/failures.csv``.
+    resume : bool
+        Skip slides whose outputs are complete and were made with the same parameters.
+    on_slide_start(path, index, total), on_tile(done, total), on_slide_end(path, row) : callables, optional
+        Progress hooks (the CLI draws progress bars with them).
+
+    Returns
+    -------
+    BatchResult
+    """
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    result = BatchResult()
+    for i, path in enumerate(paths):
+        path = Path(path)
+        if on_slide_start:
+            on_slide_start(path, i, len(paths))
+        t0 = time.perf_counter()
+        out_dir = out_root / path.stem
+        h = slide_params_hash(preset, stains_spec, tissue, mpp)
+        try:
+            if resume and is_complete(out_dir, h):
+                summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+                row = summary_row(summary, status="ok")
+                row["resumed"] = True
+            else:
+                summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
+                                      mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
+                                      report=report, progress=on_tile)
+                row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
+        except Exception as e:  # isolate: report and go on with the next slide
+            msg = " ".join(str(e).split()) or type(e).__name__
+            if str(path) not in msg and path.name not in msg:
+                msg = f"{path}: {msg}"
+            result.failures.append({"slide": path.stem, "path": str(path), "error": msg})
+            row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
+                              slide=path.stem)
+        result.rows.append(row)
+        write_summary_csv(out_root / "summary.csv", result.rows)
+        write_failures(out_root, result.failures)
+        if on_slide_end:
+            on_slide_end(path, row)
+    return result

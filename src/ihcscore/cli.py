@@ -1,0 +1,208 @@
+"""The ``ihcscore`` command: ``score`` slides or folders, ``cohort`` analysis, ``presets``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+COMPARTMENT_CHOICES = ("nucleus", "cytoplasm", "membrane", "cell")
+
+
+def _thresholds(text: str):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--thresholds takes 1 or 3 OD values like 0.2,0.4,0.6, got {text!r}")
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"--thresholds takes 1 or 3 OD values, got {len(values)}")
+    return values
+
+
+def _positive_float(text: str):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _add_score_parser(sub):
+    p = sub.add_parser("score", help="score a slide or every slide in a folder",
+                       description="Detect cells, measure DAB OD and report H-score, percent positive, Allred and "
+                                   "IRS per slide. Writes DIR/<slide>/summary.json, cells.parquet, cells.geojson, "
+                                   "report.html and DIR/summary.csv, DIR/failures.csv.")
+    p.add_argument("input", metavar="SLIDE_OR_FOLDER", help="a slide file or a folder of slides")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    p.add_argument("--preset", default="cxcr4", metavar="NAME|FILE.toml",
+                   help="marker preset: a packaged name (see `ihcscore presets`) or a TOML file (default: cxcr4)")
+    p.add_argument("--stains", default="default", metavar="default|auto|FILE.json",
+                   help="stain vectors: the preset's (default), estimated per slide (auto), or a JSON file")
+    p.add_argument("--mpp", type=_positive_float, metavar="UM",
+                   help="pixel size in µm/px for files that do not record it (overrides the file)")
+    p.add_argument("--thresholds", type=_thresholds, metavar="T1[,T2,T3]",
+                   help="DAB OD thresholds for 1+,2+,3+ (one value: positive/negative only)")
+    p.add_argument("--compartment", choices=COMPARTMENT_CHOICES,
+                   help="compartment whose DAB OD mean bins each cell (others are reported too)")
+    p.add_argument("--tissue", default="auto", metavar="auto|all|MASK.png|ANNOTATIONS.geojson",
+                   help="where to score: detected tissue (auto), the whole image (all), a mask or QuPath annotations")
+    p.add_argument("--tile-size", type=int, default=1024, metavar="PX",
+                   help="tile side in pixels at the detection resolution (results do not depend on it; default 1024)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes for tiles (default 1)")
+    p.add_argument("--dask", metavar="ADDRESS|local",
+                   help="run tiles on a dask.distributed scheduler at ADDRESS, or on a local cluster of --workers")
+    p.add_argument("--csv", action="store_true", help="also write cells.csv")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--no-resume", action="store_true", help="rescore slides even when complete outputs exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.set_defaults(func=run_score)
+
+
+def _build_preset(args):
+    from .preset import load_preset
+    from .stains import StainVectors
+
+    preset = load_preset(args.preset)
+    kw = {}
+    if args.thresholds is not None:
+        kw["thresholds"] = args.thresholds
+    if args.compartment is not None:
+        kw["compartment"] = args.compartment
+    stains = None
+    if args.stains == "auto":
+        kw["estimate_stains"] = True
+    elif args.stains == "default":
+        pass
+    else:
+        stains = StainVectors.from_json(args.stains)
+        kw["stain_vectors"] = stains
+    return (preset.replace(**kw) if kw else preset), stains
+
+
+def _fmt(v, digits=1):
+    if v is None or v == "":
+        return "–"
+    try:
+        return f"{float(v):.{digits}f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def run_score(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .batch import dask_client, find_slides, score_batch
+
+    console = Console(stderr=True, quiet=args.quiet)
+    try:
+        preset, stains = _build_preset(args)
+        paths = find_slides(args.input)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False)
+        return 2
+    if not paths:
+        console.print(f"[red]error:[/red] {args.input}: no slide files found", highlight=False)
+        return 2
+    client = dask_client(args.dask, args.workers) if args.dask else None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=False, disable=args.quiet)
+    with progress:
+        overall = progress.add_task("all slides", total=len(paths))
+        state = {}
+
+        def on_slide_start(path, i, n):
+            state["task"] = progress.add_task(f"  {Path(path).name}", total=None)
+
+        def on_tile(done, total):
+            progress.update(state["task"], completed=done, total=total)
+
+        def on_slide_end(path, row):
+            progress.update(overall, advance=1)
+            progress.update(state["task"], visible=False)
+            if row["status"] != "ok":
+                progress.console.print(f"[red]failed:[/red] {row.get('error')}", highlight=False)
+
+        try:
+            result = score_batch(paths, args.out, preset, stains=stains, stains_spec=args.stains,
+                                 tissue=args.tissue, mpp=args.mpp, tile_size=args.tile_size, workers=args.workers,
+                                 client=client, csv=args.csv, report=not args.no_report,
+                                 resume=not args.no_resume, on_slide_start=on_slide_start, on_tile=on_tile,
+                                 on_slide_end=on_slide_end)
+        finally:
+            if client is not None:
+                client.close()
+    if not args.quiet:
+        table = Table(title=f"ihcscore {__version__}: preset {preset.name}, {preset.scoring.measurement}, "
+                            f"thresholds {list(preset.scoring.thresholds)} OD")
+        for col in ("slide", "status", "cells", "tumour cells", "tumour H-score", "tumour % pos",
+                    "all H-score", "all % pos", "time s"):
+            table.add_column(col, justify="left" if col in ("slide", "status") else "right")
+        for r in result.rows:
+            table.add_row(str(r["slide"]), str(r["status"]), _fmt(r.get("n_cells"), 0), _fmt(r.get("tumour_n"), 0),
+                          _fmt(r.get("tumour_h_score")), _fmt(r.get("tumour_percent_positive")),
+                          _fmt(r.get("all_h_score")), _fmt(r.get("all_percent_positive")), _fmt(r.get("runtime_s")))
+        Console().print(table)
+        for r in result.rows:
+            if r.get("warnings"):
+                console.print(f"[yellow]warning:[/yellow] {r['warnings']}", highlight=False)
+        console.print(f"results in {Path(args.out).resolve()}", highlight=False)
+    if result.failures:
+        console.print(f"[red]{len(result.failures)} of {len(paths)} slides failed[/red] "
+                      f"(see {Path(args.out) / 'failures.csv'})", highlight=False)
+        return 1
+    return 0
+
+
+def _add_presets_parser(sub):
+    p = sub.add_parser("presets", help="list packaged presets, or print one as TOML to copy and edit")
+    p.add_argument("name", nargs="?", help="preset to print")
+    p.set_defaults(func=run_presets)
+
+
+def run_presets(args) -> int:
+    from .preset import available_presets, load_preset
+
+    if args.name:
+        try:
+            print(load_preset(args.name).to_toml())
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    for name in available_presets():
+        print(name)
+    return 0
+
+
+def _add_cohort_parser(sub):
+    from . import cohort
+
+    p = sub.add_parser("cohort", help="join slide scores with clinical outcomes (response, survival)")
+    cohort.add_cohort_arguments(p)
+    p.set_defaults(func=cohort.run_cohort)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ihcscore", description="Immunohistochemistry (DAB) cell scoring.")
+    parser.add_argument("--version", action="version", version=f"ihcscore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_score_parser(sub)
+    _add_cohort_parser(sub)
+    _add_presets_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""From pixels to scored cells: one region, or a whole slide in tiles.
+
+``analyze_region`` runs deconvolution, detection, measurement, classification
+and binning on an in-memory RGB array. ``analyze_slide`` does the same over a
+whole slide: it finds tissue on a low-resolution level, cuts the detection-
+resolution image into tiles whose *cores* tile the plane, processes each tile
+with a margin of context around it, and keeps a cell only in the tile whose
+core holds its nucleus centroid, so every cell is counted exactly once and
+results do not depend on the tile size or the number of workers.
+
+Every tile is resampled from the same global grid (detection pixel ``i``
+covers level-0 pixels ``[i*ds, (i+1)*ds)``), so a pixel gets the same value
+whichever tile reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+
+from . import __version__
+from .cells import DetectionParams, Segmentation, segment_cells
+from .classify import classify_cells
+from .measure import label_polygons, measure_cells
+from .scoring import ScoringScheme, assign_bins, summarize
+from .stains import (StainVectors, deconvolve, estimate_background, estimate_stain_vectors, rgb_to_od,
+                     stain_fit_report)
+
+__all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "resample_to_grid",
+           "detection_pixel_size", "stain_warnings", "plan_tiles"]
+
+#: Residual share of stained OD above which a slide does not look like H-DAB.
+MAX_RESIDUAL_FRACTION = 0.25
+
+
+@dataclass
+class RegionResult:
+    """Cells of one region, their segmentation and scores."""
+
+    cells: pd.DataFrame
+    summary: dict
+    stains: StainVectors
+    segmentation: Segmentation | None
+    pixel_size_um: float
+    downsample: float
+    origin_px: tuple = (0.0, 0.0)
+
+
+@dataclass
+class SlideResult:
+    """Everything ``ihcscore score`` writes for one slide."""
+
+    cells: pd.DataFrame
+    summary: dict
+    stains: StainVectors
+    tissue_mask: np.ndarray | None = None
+    tissue_downsample: float = 1.0
+    warnings: list = field(default_factory=list)
+
+
+def detection_pixel_size(mpp: float, requested_um: float) -> float:
+    """QuPath's rule: detect at the requested pixel size, never finer than the image."""
+    return max(float(requested_um), float(mpp))
+
+
+def resample_to_grid(src: np.ndarray, src_origin, scale: float, out_origin, out_shape) -> np.ndarray:
+    """Resample an image onto a coarser grid with an exact, global mapping.
+
+    Output pixel ``(r, c)`` (in global output coordinates ``out_origin + (r, c)``)
+    covers source pixels ``[(r)*scale, (r+1)*scale)``; it is sampled bilinearly at
+    its centre after a Gaussian anti-alias filter of sigma ``(scale - 1) / 2``.
+
+    Parameters
+    ----------
+    src : (M, N, C) array
+        Source pixels; ``src[0, 0]`` is global source pixel ``src_origin`` (y, x).
+    src_origin : (y, x) int
+    scale : float
+        Source pixels per output pixel (>= 1).
+    out_origin : (y, x) int
+    out_shape : (h, w)
+
+    Returns
+    -------
+    (h, w, C) float32
+    """
+    src = np.asarray(src, dtype=np.float32)
+    if abs(scale - 1.0) < 1e-9:
+        oy = out_origin[0] - src_origin[0]
+        ox = out_origin[1] - src_origin[1]
+        return src[oy:oy + out_shape[0], ox:ox + out_shape[1]].copy()
+    sigma = max(0.0, (scale - 1.0) / 2.0)
+    if sigma > 0:
+        src = ndi.gaussian_filter(src, (sigma, sigma, 0), mode="nearest")
+    out = np.empty((out_shape[0], out_shape[1], src.shape[2]), dtype=np.float32)
+    offset = [(out_origin[0] + 0.5) * scale - 0.5 - src_origin[0],
+              (out_origin[1] + 0.5) * scale - 0.5 - src_origin[1]]
+    for c in range(src.shape[2]):
+        ndi.affine_transform(src[..., c], [scale, scale], offset=offset, output_shape=out_shape,
+                             output=out[..., c], order=1, mode="nearest")
+    return out
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _stains_for(preset, stains: StainVectors | None, rgb: np.ndarray | None) -> StainVectors:
+    if stains is not None:
+        return stains
+    if preset.stains.estimate and rgb is not None:
+        return estimate_stain_vectors(rgb)
+    return preset.stains.to_stain_vectors()
+
+
+def _score_table(cells: pd.DataFrame, scheme: ScoringScheme) -> pd.DataFrame:
+    cells["class"] = classify_cells(cells)
+    cells["bin"] = assign_bins(cells[scheme.measurement].to_numpy(dtype=np.float64), scheme.thresholds)
+    return cells
+
+
+def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons):
+    """Deconvolve, segment and measure one detection-resolution tile."""
+    od = rgb_to_od(rgb, stains.background)
+    stain_od = od @ np.linalg.inv(stains.matrix).astype(np.float32)
+    seg = segment_cells(od, stain_od, params)
+    cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0)
+    if polygons and len(cells):
+        nuc = label_polygons(seg.nuclei, origin_px=origin_px, downsample=downsample)
+        cel = label_polygons(seg.cells, origin_px=origin_px, downsample=downsample) \
+            if params.cell_expansion_um > 0 else nuc
+        cells["nucleus_polygon"] = [nuc.get(int(i)) for i in cells["label"]]
+        cells["cell_polygon"] = [cel.get(int(i)) for i in cells["label"]]
+    return cells, seg
+
+
+def analyze_region(
+    rgb: np.ndarray,
+    mpp: float,
+    preset,
+    *,
+    stains: StainVectors | None = None,
+    origin_px=(0.0, 0.0),
+    polygons: bool = False,
+) -> RegionResult:
+    """Detect, measure, classify and score the cells of one RGB region.
+
+    Parameters
+    ----------
+    rgb : (M, N, 3) uint8
+        The region at its native pixel size.
+    mpp : float
+        Native pixel size of ``rgb`` in µm.
+    preset : ihcscore.preset.Preset
+        Detection, stain and scoring parameters.
+    stains : StainVectors, optional
+        Overrides the preset (and estimation).
+    origin_px : (x, y)
+        Position of ``rgb[0, 0]`` in level-0 pixels; cell coordinates are reported there.
+    polygons : bool
+        Also return nucleus and cell outlines (``nucleus_polygon``, ``cell_polygon``).
+
+    Returns
+    -------
+    RegionResult
+        ``cells`` has one row per cell with ``class`` and ``bin``; ``summary``
+        the tumour/all scores per compartment.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"expected an RGB image (M, N, 3), got shape {rgb.shape}")
+    rgb = rgb[..., :3]
+    stains = _stains_for(preset, stains, rgb)
+    px = detection_pixel_size(mpp, preset.detection.pixel_size_um)
+    params = replace(preset.detection, pixel_size_um=px)
+    ds = px / mpp
+    if ds > 1 + 1e-9:
+        shape = (int(rgb.shape[0] / ds), int(rgb.shape[1] / ds))
+        rgb = _to_uint8(resample_to_grid(rgb, (0, 0), ds, (0, 0), shape))
+    cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons)
+    cells = _score_table(cells, preset.scoring)
+    summary = summarize(cells, preset.scoring)
+    return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg,
+                        pixel_size_um=px, downsample=ds, origin_px=tuple(origin_px))
+
+
+# ---------------------------------------------------------------- whole slides
+
+@dataclass(frozen=True)
+class TileTask:
+    """One tile of the detection-resolution grid (core and padded bounds, detection px)."""
+
+    index: int
+    core: tuple  # (y0, x0, y1, x1)
+    padded: tuple  # (y0, x0, y1, x1)
+
+
+def plan_tiles(shape_det, tile_size: int, pad: int, keep=None) -> list[TileTask]:
+    """Cut a detection-resolution image of ``shape_det`` into core tiles plus ``pad`` px of context.
+
+    ``keep(y0, x0, y1, x1) -> bool`` drops tiles (e.g. without tissue).
+    """
+    h, w = shape_det
+    tasks = []
+    for y0 in range(0, h, tile_size):
+        for x0 in range(0, w, tile_size):
+            y1, x1 = min(h, y0 + tile_size), min(w, x0 + tile_size)
+            if keep is not None and not keep(y0, x0, y1, x1):
+                continue
+            tasks.append(TileTask(len(tasks), (y0, x0, y1, x1), (y0 - pad, x0 - pad, y1 + pad, x1 + pad)))
+    return tasks
+
+
+def read_detection_tile(slide, padded, ds: float) -> np.ndarray:
+    """Read detection-grid pixels ``padded = (y0, x0, y1, x1)`` from a slide as uint8 RGB."""
+    y0, x0, y1, x1 = padded
+    downs = list(slide.level_downsamples)
+    level = max((i for i, d in enumerate(downs) if d <= ds * (1 + 1e-6)), key=lambda i: downs[i], default=0)
+    d_l = downs[level]
+    f = ds / d_l  # level pixels per detection pixel
+    margin = int(math.ceil(3 * max(0.0, (f - 1) / 2) + 2))
+    ly0, lx0 = int(math.floor(y0 * f)) - margin, int(math.floor(x0 * f)) - margin
+    ly1, lx1 = int(math.ceil(y1 * f)) + margin, int(math.ceil(x1 * f)) + margin
+    src = slide.read_region((int(round(lx0 * d_l)), int(round(ly0 * d_l))), level, (lx1 - lx0, ly1 - ly0))
+    if abs(f - 1) < 1e-9:
+        return np.ascontiguousarray(src[margin:margin + (y1 - y0), margin:margin + (x1 - x0), :3])
+    return _to_uint8(resample_to_grid(src[..., :3], (ly0, lx0), f, (y0, x0), (y1 - y0, x1 - x0)))
+
+
+_WORKER_SLIDES: dict = {}
+
+
+def _worker_slide(path, mpp):
+    from .slide import open_slide
+
+    key = (str(path), mpp)
+    if key not in _WORKER_SLIDES:
+        _WORKER_SLIDES[key] = open_slide(path, mpp=mpp)
+    return _WORKER_SLIDES[key]
+
+
+def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: float, stains: StainVectors,
+                 params: DetectionParams, polygons: bool) -> pd.DataFrame:
+    """Cells whose nucleus centroid lies in the tile's core (a picklable unit of work)."""
+    slide = _worker_slide(slide_path, mpp_override)
+    rgb = read_detection_tile(slide, task.padded, ds)
+    py0, px0 = task.padded[0], task.padded[1]
+    cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons)
+    cy0, cx0, cy1, cx1 = task.core
+    # Centroid in detection-grid coordinates (the inverse of measure's mapping).
+    gx = (cells["x_px"].to_numpy() + 0.5) / ds - 0.5
+    gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
+    inside = (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
+    return cells[inside].reset_index(drop=True)
+
+
+def _run_tasks(fn, tasks, workers: int, client=None):
+    """Yield results of ``fn(task)`` as they complete: inline, in processes, or on Dask."""
+    if client is not None:
+        from distributed import as_completed as dask_as_completed
+
+        futures = client.map(fn, tasks, pure=False)
+        for fut in dask_as_completed(futures):
+            yield fut.result()
+        return
+    if workers <= 1:
+        for t in tasks:
+            yield fn(t)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, t) for t in tasks]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
+class _TileJob:
+    """Picklable closure over the per-slide constants of :func:`analyze_tile`."""
+
+    def __init__(self, **kw):
+        self.kw = kw
+
+    def __call__(self, task):
+        return analyze_tile(task=task, **self.kw)
+
+
+def stain_warnings(rgb_sample: np.ndarray, stains: StainVectors, name: str) -> list[str]:
+    """Warnings when a region does not look like brightfield H-DAB."""
+    rep = stain_fit_report(rgb_sample, stains)
+    out = []
+    if rep["residual_fraction"] is not None and rep["residual_fraction"] > MAX_RESIDUAL_FRACTION:
+        out.append(
+            f"{name}: the H-DAB stain vectors explain this slide poorly ({100 * rep['residual_fraction']:.0f} % "
+            "of stained optical density is residual); is it H-DAB? (H&E and other stains give meaningless DAB scores)"
+        )
+    if rep["dab_fraction"] is not None and rep["dab_fraction"] < 0.02 and rep["stained_fraction"] > 0.01:
+        out.append(f"{name}: almost no DAB stain found ({100 * rep['dab_fraction']:.1f} % of stain OD)")
+    return out
+
+
+def _tissue(slide, tissue):
+    from . import tissue as tissue_mod
+
+    if tissue in (None, "all"):
+        return None, 1.0
+    if tissue == "auto":
+        return tissue_mod.tissue_mask(slide)
+    return tissue_mod.mask_from_file(tissue, slide)
+
+
+def _sample_tissue_rgb(slide, tasks, ds, max_tiles: int = 12) -> np.ndarray:
+    """A few tissue tiles at detection resolution, for stain estimation and checks."""
+    if not tasks:
+        return np.full((8, 8, 3), 255, np.uint8)
+    pick = np.linspace(0, len(tasks) - 1, min(max_tiles, len(tasks))).round().astype(int)
+    tiles = [read_detection_tile(slide, tasks[i].core, ds).reshape(-1, 3) for i in sorted(set(pick))]
+    flat = np.concatenate(tiles)
+    side = int(math.ceil(math.sqrt(len(flat))))
+    pad = np.full((side * side - len(flat), 3), 255, np.uint8)
+    return np.concatenate([flat, pad]).reshape(side, side, 3)
+
+
+def analyze_slide(
+    slide,
+    preset,
+    *,
+    stains: StainVectors | None = None,
+    tissue="auto",
+    tile_size: int = 1024,
+    workers: int = 1,
+    client=None,
+    polygons: bool = False,
+    progress=None,
+) -> SlideResult:
+    """Score a whole slide tile by tile.
+
+    Parameters
+    ----------
+    slide : ihcscore.slide.Slide
+    preset : ihcscore.preset.Preset
+    stains : StainVectors, optional
+        Overrides the preset; with ``preset.stains.estimate`` vectors and
+        background are estimated from tissue tiles.
+    tissue : "auto" | "all" | path
+        Tissue detection, everything, or a PNG mask / GeoJSON annotations.
+    tile_size : int
+        Core tile side in detection pixels.
+    workers : int
+        Processes; ``client`` (a ``dask.distributed.Client``) takes precedence.
+    polygons : bool
+        Keep nucleus/cell outlines (for GeoJSON).
+    progress : callable(done, total), optional
+
+    Returns
+    -------
+    SlideResult
+    """
+    t0 = time.perf_counter()
+    if not getattr(slide, "is_brightfield_rgb", True):
+        from .slide import SlideError
+
+        raise SlideError(f"{slide.path}: not a brightfield RGB slide (fluorescence or single channel?): "
+                         "IHC scoring needs brightfield H-DAB")
+    mpp0 = float(slide.mpp)
+    px = detection_pixel_size(mpp0, preset.detection.pixel_size_um)
+    ds = px / mpp0
+    params = replace(preset.detection, pixel_size_um=px)
+    w0, h0 = slide.dimensions
+    shape_det = (int(h0 / ds), int(w0 / ds))
+    pad = int(math.ceil(params.context_um() / px))
+
+    mask, mask_ds = _tissue(slide, tissue)
+    keep = None
+    if mask is not None:
+        scale = ds / mask_ds  # mask pixels per detection pixel
+
+        def keep(y0, x0, y1, x1):
+            sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
+            return bool(sub.any())
+
+    tasks = plan_tiles(shape_det, int(tile_size), pad, keep)
+
+    sample = _sample_tissue_rgb(slide, tasks, ds)
+    warnings = []
+    if stains is None:
+        if preset.stains.estimate:
+            background = estimate_background(slide.thumbnail(1024)) if hasattr(slide, "thumbnail") else None
+            try:
+                stains = estimate_stain_vectors(sample, background=background)
+            except ValueError as e:
+                warnings.append(f"{slide.name}: stain estimation failed ({e}); using the preset's vectors")
+                stains = preset.stains.to_stain_vectors()
+        else:
+            stains = preset.stains.to_stain_vectors()
+    if tasks:
+        warnings += stain_warnings(sample, stains, slide.name)
+
+    job = _TileJob(slide_path=str(slide.path), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
+                   params=params, polygons=polygons)
+    parts = []
+    for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
+        parts.append(part)
+        if progress is not None:
+            progress(done, len(tasks))
+    cells = pd.concat(parts, ignore_index=True) if parts else _empty_cells(slide, preset, stains)
+    if mask is not None and len(cells):
+        my = np.clip((cells["y_px"].to_numpy() / mask_ds).astype(int), 0, mask.shape[0] - 1)
+        mx = np.clip((cells["x_px"].to_numpy() / mask_ds).astype(int), 0, mask.shape[1] - 1)
+        cells = cells[mask[my, mx]]
+    cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
+    cells["label"] = np.arange(1, len(cells) + 1)
+    cells = cells.rename(columns={"label": "object_id"})
+    cells = _score_table(cells, preset.scoring)
+    summary = slide_summary(slide, preset, stains, cells, warnings)
+    summary["n_tiles"] = len(tasks)
+    summary["tile_size_px"] = int(tile_size)
+    summary["detection_pixel_size_um"] = px
+    summary["runtime_s"] = round(time.perf_counter() - t0, 3)
+    return SlideResult(cells=cells, summary=summary, stains=stains, tissue_mask=mask,
+                       tissue_downsample=mask_ds, warnings=warnings)
+
+
+def _empty_cells(slide, preset, stains) -> pd.DataFrame:
+    """A zero-row table with every measurement column (blank glass, no tissue)."""
+    params = replace(preset.detection, pixel_size_um=max(preset.detection.pixel_size_um, slide.mpp))
+    cells, _ = _cells_from_rgb(np.full((16, 16, 3), 255, np.uint8), stains, params, (0, 0), 1.0, slide.mpp, False)
+    return cells.iloc[:0]
+
+
+def slide_summary(slide, preset, stains: StainVectors, cells: pd.DataFrame, warnings) -> dict:
+    """The ``summary.json`` content for a scored slide (output contract)."""
+    scores = summarize(cells, preset.scoring)
+    return {
+        "slide": slide.name,
+        "path": str(slide.path),
+        "mpp": float(slide.mpp),
+        "preset": preset.name,
+        "preset_parameters": preset.to_dict(),
+        "stain_vectors": stains.to_dict(),
+        "background_rgb": list(stains.background),
+        "thresholds": list(preset.scoring.thresholds),
+        "compartment": preset.scoring.compartment,
+        "statistic": preset.scoring.statistic,
+        "measurement": preset.scoring.measurement,
+        "scored_cells": preset.scoring.cells,
+        "n_cells": int(len(cells)),
+        "tumour": scores["tumour"],
+        "all": scores["all"],
+        "warnings": list(warnings),
+        "software_version": __version__,
+    }
