@@ -673,6 +673,7 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
             logrank_p, high, survival, w = logrank_high_low(
                 sub["_score"], sub["_time"], sub["_event"], cutoff)
             table["_high"] = pd.Series(high, index=sub.index).reindex(table.index)
+            survival["time_column"] = time_column
             if w:
                 warn.append(w)
         else:
@@ -859,7 +860,7 @@ def cohort_figures(result, table) -> dict:
                 KaplanMeierFitter().fit(sub["_time"][sel], sub["_event"][sel],
                                         label=f"{name} (n={int(sel.sum())})").plot_survival_function(
                     ax=ax, ci_show=False, color=col, show_censors=True)
-        ax.set_xlabel("time")
+        ax.set_xlabel(result["survival"].get("time_column", "time"))
         ax.set_ylabel("survival probability")
         ax.set_ylim(0, 1.05)
         ax.set_title(f"Kaplan–Meier, {result['survival']['split']}\nlog-rank p = "
