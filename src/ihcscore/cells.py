@@ -161,7 +161,7 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
     eroded = morphology.erosion(image, fp)
     high = eroded > max_background
     if high.any():
-        invalid = morphology.binary_dilation(high, _disk(2 * radius_px))
+        invalid = ndi.binary_dilation(high, structure=_disk(2 * radius_px))
         eroded = eroded.copy()
         eroded[invalid] = image.min()
     background = morphology.reconstruction(np.minimum(eroded, image), image, method="dilation")
