@@ -1,0 +1,1006 @@
+"""Outputs: cell tables (Parquet, CSV), QuPath-compatible GeoJSON, summary JSON/CSV.
+
+Every file is written through :func:`atomic_write`: the bytes go to
+``<name>.tmp-<pid>`` in the destination folder, are flushed to disk
+(``fsync``) and only then renamed over the final name with ``os.replace``.
+A reader therefore sees either the previous complete file or the new
+complete file, never a partial one. :func:`write_slide_outputs` writes a
+``_COMPLETE`` marker last, so a batch can tell a finished slide folder from an
+interrupted one (:func:`is_complete`).
+
+Cell table contract (one row per cell)
+--------------------------------------
+``x_px``, ``y_px`` (nucleus centroid, level-0 px), ``x_um``, ``y_um``,
+``class`` (``"tumour"`` / ``"other"``), ``bin`` (0-3, -1 = unscored), then the
+measurements with QuPath's names (``"Nucleus: Area µm^2"``,
+``"Cell: DAB OD mean"``, ...). Two optional geometry columns:
+
+``nucleus_polygon``, ``cell_polygon``
+    One entry per cell: an ``(N, 2)`` float array-like of ``(x, y)`` vertices
+    in level-0 pixels (the outer ring; it may be open or closed, the writers
+    close it), or ``None`` when unknown. Geometry columns are written only to
+    ``cells.geojson``; the Parquet and CSV tables hold the measurements.
+
+QuPath GeoJSON conventions followed
+-----------------------------------
+Checked against QuPath's own serialiser (``qupath-core``
+``qupath/lib/io/PathObjectTypeAdapters.java`` and ``GsonTools.java``, v0.4+
+and the v0.3 branch) and the QuPath docs page "Exporting annotations"
+(coordinates in full-resolution pixels, origin at the top-left corner):
+
+* A ``FeatureCollection``; each cell is a ``Feature`` whose ``id`` is a UUID
+  string (QuPath >= 0.4 keeps it as the object ID), ``geometry`` is the cell
+  boundary and ``nucleusGeometry`` (a foreign member QuPath reads for cells) the
+  nucleus boundary, both GeoJSON ``Polygon`` with closed rings in level-0 px.
+* ``properties.objectType = "cell"`` (QuPath >= 0.4; 0.3 reads
+  ``object_type``, written with ``qupath_version="0.3"``).
+* ``properties.classification = {"name": "Tumor: 2+", "color": [r, g, b]}``.
+  QuPath >= 0.4 splits the name on ``":"`` into a derived class (base
+  ``Tumor``, intensity ``2+``); it needs both ``name`` and ``color``.
+* ``properties.measurements``: a ``{name: value}`` object (QuPath >= 0.4); the
+  v0.3 reader accepts only a list of ``{"name", "value"}`` objects, written with
+  ``qupath_version="0.3"`` (v0.4+ reads that form too). Non-finite values are
+  left out: JSON has no NaN and QuPath shows a missing measurement as NaN.
+* ``properties.isLocked = false``.
+
+Classification mapping (QuPath's intensity classes and colours)
+----------------------------------------------------------------
+``class`` ``"tumour"`` -> base class ``Tumor`` (QuPath's built-in spelling),
+``"other"`` -> ``Other``; ``bin`` 0/1/2/3 -> ``Negative`` / ``1+`` / ``2+`` /
+``3+`` (with a single threshold: ``Negative`` / ``Positive``), so a cell is
+e.g. ``"Tumor: 3+"``. Unscored cells (``bin == -1``) get the base class only.
+Colours are QuPath's intensity colours: Negative (90, 90, 180) blue,
+1+ (255, 215, 0) yellow, 2+ (225, 150, 50) orange, 3+ and Positive
+(200, 50, 50) red; base classes Tumor (200, 0, 0), Other (255, 200, 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "GEOMETRY_COLUMNS",
+    "BIN_NAMES",
+    "BIN_COLORS",
+    "SUMMARY_CSV_COLUMNS",
+    "FAILURES_CSV_COLUMNS",
+    "COMPLETE_MARKER",
+    "atomic_write",
+    "atomic_open",
+    "atomic_path",
+    "to_jsonable",
+    "hash_params",
+    "qupath_class_name",
+    "qupath_class_color",
+    "write_cells_parquet",
+    "write_cells_csv",
+    "cells_to_geojson",
+    "write_cells_geojson",
+    "read_cells_geojson",
+    "write_summary_json",
+    "write_slide_outputs",
+    "is_complete",
+    "summary_row",
+    "write_summary_csv",
+    "append_summary_row",
+    "write_failures_csv",
+    "write_failures",
+]
+
+#: Per-cell geometry columns (vertex arrays in level-0 px); never in CSV/Parquet.
+GEOMETRY_COLUMNS = ("nucleus_polygon", "cell_polygon")
+
+#: QuPath intensity class names by bin (three thresholds).
+BIN_NAMES = {0: "Negative", 1: "1+", 2: "2+", 3: "3+"}
+#: QuPath intensity class names by bin (single threshold).
+BIN_NAMES_SINGLE = {0: "Negative", 1: "Positive"}
+#: QuPath's intensity class colours (RGB 0-255), keyed by class name.
+BIN_COLORS = {
+    "Negative": (90, 90, 180),
+    "1+": (255, 215, 0),
+    "2+": (225, 150, 50),
+    "3+": (200, 50, 50),
+    "Positive": (200, 50, 50),
+}
+#: Base class names and colours (QuPath built-ins).
+CLASS_NAMES = {"tumour": "Tumor", "tumor": "Tumor", "other": "Other"}
+CLASS_COLORS = {"Tumor": (200, 0, 0), "Other": (255, 200, 0)}
+UNCLASSIFIED_COLOR = (64, 64, 64)
+
+#: Columns of ``DIR/summary.csv``, in order (contract; extras only appended).
+SUMMARY_CSV_COLUMNS = (
+    "slide",
+    "status",
+    "n_cells",
+    "tumour_n",
+    "tumour_h_score",
+    "tumour_percent_positive",
+    "tumour_allred",
+    "tumour_irs",
+    "all_n",
+    "all_h_score",
+    "all_percent_positive",
+    "all_allred",
+    "all_irs",
+    "runtime_s",
+    "error",
+    "warnings",
+)
+#: Columns of ``DIR/failures.csv``.
+FAILURES_CSV_COLUMNS = ("slide", "path", "error")
+#: Name of the marker :func:`write_slide_outputs` writes last.
+COMPLETE_MARKER = "_COMPLETE"
+
+_SCORE_KEYS = ("n", "h_score", "percent_positive", "allred", "irs")
+
+
+# --------------------------------------------------------------------------- #
+# Atomic writing
+# --------------------------------------------------------------------------- #
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the rename durable; not possible on every platform (Windows).
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Context manager yielding a temporary path to write ``path`` through.
+
+    The temporary file is ``<name>.tmp-<pid>`` in the same folder (so the final
+    ``os.replace`` is a rename on one file system). On normal exit it is
+    fsynced and renamed to ``path``; on an exception it is removed and ``path``
+    is left as it was.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Final file name. Its folder must exist.
+
+    Yields
+    ------
+    tmp : pathlib.Path
+        Where to write the content.
+    """
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"{tmp}: the writer produced no file")
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(path, writer: Callable[[Path], Any]):
+    """Write a file atomically with ``writer(tmp_path)``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Final file name.
+    writer : callable
+        Called with the temporary path (a :class:`pathlib.Path`); must write the
+        complete file there (e.g. ``lambda p: df.to_parquet(p)``).
+
+    Returns
+    -------
+    path : pathlib.Path
+        The final path.
+
+    Notes
+    -----
+    If ``writer`` raises, the temporary file is removed, ``path`` keeps its
+    previous content (or stays absent) and the exception propagates.
+    """
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", encoding: str | None = "utf-8", newline=None):
+    """Context manager like :func:`open` whose file appears only when complete.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Final file name.
+    mode : {"w", "wb"}
+        Text or binary writing.
+    encoding : str, optional
+        Text encoding (ignored for binary mode).
+    newline : str, optional
+        Passed to :func:`open` (use ``""`` for :mod:`csv`).
+
+    Yields
+    ------
+    file : file object
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', not {mode!r}")
+    with atomic_path(path) as tmp:
+        if "b" in mode:
+            f = open(tmp, mode)
+        else:
+            f = open(tmp, mode, encoding=encoding, newline=newline)
+        with f:
+            yield f
+            f.flush()
+
+
+# --------------------------------------------------------------------------- #
+# JSON helpers
+# --------------------------------------------------------------------------- #
+def to_jsonable(obj):
+    """Convert ``obj`` to plain JSON types.
+
+    NumPy scalars and arrays become Python numbers and lists, NaN and
+    infinities become ``None`` (JSON ``null``), tuples and sets become lists,
+    paths become strings, objects with ``to_dict()`` (e.g. ``StainVectors``) or
+    dataclasses become dicts. Mapping keys become strings.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return to_jsonable(obj.to_dict())
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "item") and callable(obj.item):  # 0-d arrays, other scalars
+        return to_jsonable(obj.item())
+    raise TypeError(f"cannot convert {type(obj).__name__} to JSON")
+
+
+def _dumps(obj, indent=2) -> str:
+    return json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def hash_params(params) -> str:
+    """SHA-256 hex digest of ``params`` as canonical JSON (sorted keys).
+
+    Use it as the ``params_hash`` of :func:`write_slide_outputs` so that a
+    resumed batch recomputes slides whose parameters changed.
+    """
+    text = json.dumps(to_jsonable(params), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------- #
+# Cell tables
+# --------------------------------------------------------------------------- #
+def _table_only(cells: pd.DataFrame) -> pd.DataFrame:
+    drop = [c for c in GEOMETRY_COLUMNS if c in cells.columns]
+    return cells.drop(columns=drop) if drop else cells
+
+
+def write_cells_parquet(path, cells: pd.DataFrame):
+    """Write the cell table to Parquet (geometry columns dropped).
+
+    Column names are kept exactly (including ``µ`` and ``^``); the index is
+    not written.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    cells : pandas.DataFrame
+        Cell table (see module docstring).
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    table = _table_only(cells).reset_index(drop=True)
+    table.columns = [str(c) for c in table.columns]
+    return atomic_write(path, lambda p: table.to_parquet(p, index=False, engine="pyarrow"))
+
+
+def write_cells_csv(path, cells: pd.DataFrame):
+    """Write the cell table to CSV, UTF-8, comma separated (geometry dropped).
+
+    Column names are kept exactly; missing values are empty fields; floats are
+    written with full precision (round trip exact).
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    table = _table_only(cells)
+
+    def _w(p):
+        table.to_csv(p, index=False, encoding="utf-8", lineterminator="\n")
+
+    return atomic_write(path, _w)
+
+
+# --------------------------------------------------------------------------- #
+# GeoJSON
+# --------------------------------------------------------------------------- #
+def qupath_class_name(cell_class, bin_, n_thresholds: int = 3) -> str | None:
+    """QuPath classification name for one cell, e.g. ``"Tumor: 2+"``.
+
+    Parameters
+    ----------
+    cell_class : str or None
+        ``"tumour"`` / ``"other"`` (other strings are capitalised as given).
+    bin_ : int
+        0-3, or -1 / None for an unscored cell (base class only).
+    n_thresholds : int
+        1 for positive/negative scoring (``Negative`` / ``Positive``), else 3.
+
+    Returns
+    -------
+    name : str or None
+        ``None`` when the cell has neither class nor bin.
+    """
+    base = None
+    if cell_class is not None and not (isinstance(cell_class, float) and math.isnan(cell_class)):
+        s = str(cell_class).strip()
+        if s:
+            base = CLASS_NAMES.get(s.lower(), s[:1].upper() + s[1:])
+    intensity = None
+    if bin_ is not None and not (isinstance(bin_, float) and math.isnan(bin_)):
+        b = int(bin_)
+        names = BIN_NAMES_SINGLE if n_thresholds == 1 else BIN_NAMES
+        intensity = names.get(b)
+    if base and intensity:
+        return f"{base}: {intensity}"
+    return base or intensity
+
+
+def qupath_class_color(name: str | None) -> tuple[int, int, int]:
+    """RGB colour QuPath uses for a classification name (intensity part first)."""
+    if not name:
+        return UNCLASSIFIED_COLOR
+    last = name.split(":")[-1].strip()
+    if last in BIN_COLORS:
+        return BIN_COLORS[last]
+    return CLASS_COLORS.get(name.split(":")[0].strip(), UNCLASSIFIED_COLOR)
+
+
+def _ring(vertices) -> list | None:
+    """Closed ring ``[[x, y], ...]`` from an ``(N, 2)`` array-like, or None."""
+    if vertices is None:
+        return None
+    if isinstance(vertices, float) and math.isnan(vertices):
+        return None
+    arr = np.asarray(vertices, dtype=float)
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 3 or not np.isfinite(arr).all():
+        return None
+    if not np.array_equal(arr[0], arr[-1]):
+        arr = np.vstack([arr, arr[:1]])
+    if arr.shape[0] < 4:
+        return None
+    return arr.tolist()
+
+
+def _circle_ring(x, y, radius, n=16) -> list:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ring = np.column_stack([x + radius * np.cos(t), y + radius * np.sin(t)])
+    ring = np.vstack([ring, ring[:1]])
+    return ring.tolist()
+
+
+def _finite(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+_CENTROID_NAMES = {"x_um": "Centroid X µm", "y_um": "Centroid Y µm"}
+_NOT_MEASUREMENTS = {"x_px", "y_px", "x_um", "y_um", "bin", "class", *GEOMETRY_COLUMNS}
+
+
+def _default_measurement_columns(cells: pd.DataFrame) -> list[str]:
+    return [
+        c
+        for c in cells.columns
+        if c not in _NOT_MEASUREMENTS and pd.api.types.is_numeric_dtype(cells[c])
+        and not pd.api.types.is_bool_dtype(cells[c])
+    ]
+
+
+def cells_to_geojson(
+    cells: pd.DataFrame,
+    mpp: float,
+    measurement_columns: Sequence[str] | None = None,
+    n_thresholds: int = 3,
+    qupath_version: str = "0.4",
+    seed: int | None = None,
+) -> dict:
+    """Build a QuPath-importable GeoJSON ``FeatureCollection`` of cells.
+
+    Parameters
+    ----------
+    cells : pandas.DataFrame
+        Cell table (module docstring); ``nucleus_polygon`` / ``cell_polygon``
+        optional.
+    mpp : float
+        Level-0 pixel size in µm/px (for the fallback circles).
+    measurement_columns : sequence of str, optional
+        Columns written as QuPath measurements. Default: every numeric column
+        except ``x_px``, ``y_px``, ``x_um``, ``y_um``, ``bin``; ``x_um`` and
+        ``y_um`` are always added as QuPath's ``Centroid X µm`` and
+        ``Centroid Y µm``.
+    n_thresholds : int
+        1 for positive/negative scoring, 3 otherwise (class names).
+    qupath_version : {"0.4", "0.3"}
+        ``"0.4"`` (default) writes what QuPath 0.4-0.6 write and read;
+        ``"0.3"`` writes ``object_type``, a measurement list and the old
+        ``colorRGB`` classification, which QuPath 0.3 needs.
+    seed : int, optional
+        Seed for the feature UUIDs (reproducible files); random by default.
+
+    Returns
+    -------
+    collection : dict
+
+    Notes
+    -----
+    ``geometry`` is the cell polygon, or the nucleus polygon when the cell has
+    none; ``nucleusGeometry`` the nucleus polygon. A GeoJSON Point is not a
+    cell in QuPath, so a cell without polygons gets circles around
+    (``x_px``, ``y_px``) with the area of ``Nucleus: Area µm^2`` (nucleus) and
+    ``Cell: Area µm^2`` (cell; nucleus circle if absent); without an area the
+    nucleus circle has a 3 µm radius. Circles have 16 vertices.
+    """
+    if qupath_version not in ("0.4", "0.3"):
+        raise ValueError(f"qupath_version must be '0.4' or '0.3', not {qupath_version!r}")
+    if mpp is None or not (float(mpp) > 0):
+        raise ValueError(f"mpp must be a positive pixel size in µm/px, got {mpp!r}")
+    mpp = float(mpp)
+    if measurement_columns is None:
+        measurement_columns = _default_measurement_columns(cells)
+    else:
+        missing = [c for c in measurement_columns if c not in cells.columns]
+        if missing:
+            raise KeyError(f"measurement columns not in the cell table: {missing}")
+        measurement_columns = list(measurement_columns)
+    names = list(measurement_columns) + [_CENTROID_NAMES[c] for c in ("x_um", "y_um") if c in cells.columns]
+    sources = list(measurement_columns) + [c for c in ("x_um", "y_um") if c in cells.columns]
+    values = np.column_stack([pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]) \
+        if sources else np.zeros((len(cells), 0))
+
+    rng = np.random.default_rng(seed) if seed is not None else None
+    n = len(cells)
+    xs = cells["x_px"].to_numpy(float) if "x_px" in cells else np.full(n, np.nan)
+    ys = cells["y_px"].to_numpy(float) if "y_px" in cells else np.full(n, np.nan)
+    classes = cells["class"].tolist() if "class" in cells else [None] * n
+    bins = cells["bin"].tolist() if "bin" in cells else [None] * n
+    nuc_polys = cells["nucleus_polygon"].tolist() if "nucleus_polygon" in cells else [None] * n
+    cell_polys = cells["cell_polygon"].tolist() if "cell_polygon" in cells else [None] * n
+    nuc_area = cells["Nucleus: Area µm^2"].to_numpy(float) if "Nucleus: Area µm^2" in cells else np.full(n, np.nan)
+    cell_area = cells["Cell: Area µm^2"].to_numpy(float) if "Cell: Area µm^2" in cells else np.full(n, np.nan)
+
+    features = []
+    for i in range(n):
+        nuc = _ring(nuc_polys[i])
+        cel = _ring(cell_polys[i])
+        if nuc is None:
+            if not (math.isfinite(xs[i]) and math.isfinite(ys[i])):
+                raise ValueError(f"cell {i} has no nucleus polygon and no finite x_px/y_px")
+            a = nuc_area[i]
+            r_um = math.sqrt(a / math.pi) if math.isfinite(a) and a > 0 else 3.0
+            nuc = _circle_ring(xs[i], ys[i], r_um / mpp)
+        if cel is None:
+            a = cell_area[i]
+            if cell_polys[i] is None and math.isfinite(a) and a > 0 and _ring(nuc_polys[i]) is None:
+                cel = _circle_ring(xs[i], ys[i], math.sqrt(a / math.pi) / mpp)
+            else:
+                cel = nuc
+        cname = qupath_class_name(classes[i], bins[i], n_thresholds)
+        meas = {}
+        for k, name in enumerate(names):
+            v = values[i, k]
+            if math.isfinite(v):
+                meas[name] = float(v)
+        fid = str(uuid.UUID(bytes=rng.bytes(16), version=4)) if rng is not None else str(uuid.uuid4())
+        props: dict[str, Any] = {}
+        if qupath_version == "0.4":
+            props["objectType"] = "cell"
+            if cname:
+                props["classification"] = {"name": cname, "color": list(qupath_class_color(cname))}
+            props["isLocked"] = False
+            props["measurements"] = meas
+        else:
+            props["object_type"] = "cell"
+            if cname:
+                props["classification"] = _legacy_class(cname)
+            props["isLocked"] = False
+            props["measurements"] = [{"name": k, "value": v} for k, v in meas.items()]
+        features.append(
+            {
+                "type": "Feature",
+                "id": fid,
+                "geometry": {"type": "Polygon", "coordinates": [cel]},
+                "nucleusGeometry": {"type": "Polygon", "coordinates": [nuc]},
+                "properties": props,
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _pack_rgb(rgb) -> int:
+    r, g, b = rgb
+    v = (255 << 24) | (r << 16) | (g << 8) | b
+    return v - (1 << 32)  # Java signed int, as QuPath 0.3 writes it
+
+
+def _legacy_class(name: str) -> dict:
+    # QuPath <= 0.3 serialises PathClass with its fields: name, colorRGB, parentClass.
+    parts = [p.strip() for p in name.split(":")]
+    obj = None
+    for k, part in enumerate(parts):
+        sub = ": ".join(parts[: k + 1])
+        d = {"name": part, "colorRGB": _pack_rgb(qupath_class_color(sub))}
+        if obj is not None:
+            d["parentClass"] = obj
+        obj = d
+    return obj
+
+
+def write_cells_geojson(
+    path,
+    cells: pd.DataFrame,
+    mpp: float,
+    measurement_columns: Sequence[str] | None = None,
+    n_thresholds: int = 3,
+    qupath_version: str = "0.4",
+    seed: int | None = None,
+):
+    """Write ``cells.geojson`` that QuPath imports as cell objects.
+
+    Drag the file onto the slide in QuPath, or ``File > Object data... >
+    Import objects``. See :func:`cells_to_geojson` for the parameters and the
+    module docstring for the conventions.
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    fc = cells_to_geojson(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed)
+    with atomic_open(path, "w") as f:
+        json.dump(fc, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Path(path)
+
+
+def _class_from_name(name: str | None):
+    """Inverse of :func:`qupath_class_name`: (class, bin)."""
+    if not name:
+        return None, -1
+    parts = [p.strip() for p in name.split(":")]
+    inv_bins = {"Negative": 0, "1+": 1, "2+": 2, "3+": 3, "Positive": 1}
+    b = -1
+    if parts and parts[-1] in inv_bins:
+        b = inv_bins[parts[-1]]
+        parts = parts[:-1]
+    cls = None
+    if parts:
+        base = parts[0]
+        cls = {"Tumor": "tumour", "Other": "other"}.get(base, base.lower())
+    return cls, b
+
+
+def _legacy_class_name(obj) -> str | None:
+    names = []
+    while isinstance(obj, dict):
+        if obj.get("name"):
+            names.append(obj["name"])
+        obj = obj.get("parentClass")
+    return ": ".join(reversed(names)) if names else None
+
+
+def read_cells_geojson(path, mpp: float | None = None) -> pd.DataFrame:
+    """Read a cell GeoJSON (this module's or QuPath's) into a cell table.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    mpp : float, optional
+        Level-0 pixel size (µm/px). When given, ``x_px``/``y_px`` come from
+        ``Centroid X µm``/``Centroid Y µm`` divided by ``mpp``; otherwise from
+        the nucleus polygon centroid.
+
+    Returns
+    -------
+    cells : pandas.DataFrame
+        ``x_px``, ``y_px``, ``x_um``, ``y_um`` (NaN when unknown), ``class``,
+        ``bin``, the measurements (names as in the file), ``nucleus_polygon``
+        and ``cell_polygon`` (closed-ring ``(N, 2)`` arrays), ``id``.
+    """
+    from shapely.geometry import shape
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    features = data["features"] if isinstance(data, dict) else data
+    rows = []
+    for feat in features:
+        props = feat.get("properties") or {}
+        otype = props.get("objectType", props.get("object_type", props.get("type")))
+        if otype not in (None, "cell", "detection", "PathCellObject", "PathDetectionObject"):
+            continue
+        cls_obj = props.get("classification")
+        if isinstance(cls_obj, dict):
+            if "names" in cls_obj:
+                cname = ": ".join(cls_obj["names"])
+            elif "parentClass" in cls_obj or "colorRGB" in cls_obj:
+                cname = _legacy_class_name(cls_obj)
+            else:
+                cname = cls_obj.get("name")
+        elif isinstance(cls_obj, str):
+            cname = cls_obj
+        else:
+            cname = None
+        cls, b = _class_from_name(cname)
+        meas = props.get("measurements") or {}
+        if isinstance(meas, list):
+            meas = {m["name"]: m["value"] for m in meas}
+        meas = {k: (np.nan if v is None else float(v)) for k, v in meas.items()}
+        geom = feat.get("geometry")
+        ngeom = feat.get("nucleusGeometry") or geom
+        nuc = np.asarray(ngeom["coordinates"][0], float) if ngeom and ngeom.get("type") == "Polygon" else None
+        cel = np.asarray(geom["coordinates"][0], float) if geom and geom.get("type") == "Polygon" else None
+        x_um = meas.pop("Centroid X µm", np.nan)
+        y_um = meas.pop("Centroid Y µm", np.nan)
+        if mpp and math.isfinite(x_um) and math.isfinite(y_um):
+            x_px, y_px = x_um / mpp, y_um / mpp
+        elif ngeom:
+            c = shape(ngeom).centroid
+            x_px, y_px = c.x, c.y
+        else:
+            x_px = y_px = np.nan
+        row = {"x_px": x_px, "y_px": y_px, "x_um": x_um, "y_um": y_um, "class": cls, "bin": b}
+        row.update(meas)
+        row["nucleus_polygon"] = nuc
+        row["cell_polygon"] = cel
+        row["id"] = feat.get("id")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["bin"] = df["bin"].astype("int8")
+        front = ["x_px", "y_px", "x_um", "y_um", "class", "bin"]
+        back = ["nucleus_polygon", "cell_polygon", "id"]
+        mid = [c for c in df.columns if c not in front and c not in back]
+        df = df[front + mid + back]
+    return df
+
+
+# --------------------------------------------------------------------------- #
+# Summary JSON and per-slide folder
+# --------------------------------------------------------------------------- #
+def write_summary_json(path, summary: Mapping):
+    """Write ``summary.json`` (UTF-8, indented).
+
+    NaN and infinities become ``null``; NumPy types become Python types, so the
+    file is strict JSON (``allow_nan=False``).
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    text = _dumps(summary)
+    with atomic_open(path, "w") as f:
+        f.write(text)
+        f.write("\n")
+    return Path(path)
+
+
+def _n_thresholds(summary: Mapping) -> int:
+    t = summary.get("thresholds") if isinstance(summary, Mapping) else None
+    try:
+        return 1 if t is not None and len(t) == 1 else 3
+    except TypeError:
+        return 3
+
+
+def write_slide_outputs(
+    out_dir,
+    summary,
+    cells: pd.DataFrame | None = None,
+    mpp: float | None = None,
+    csv: bool = False,
+    report: bool = True,
+    overlay_images: Mapping | None = None,
+    params_hash: str | None = None,
+    geojson: bool = True,
+):
+    """Write one slide's output folder; the ``_COMPLETE`` marker last.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        ``DIR/<slide stem>``; created if needed.
+    summary : dict or result object
+        The summary.json content. An object with ``.summary`` and ``.cells``
+        attributes (a pipeline ``SlideResult``) is accepted in its place.
+    cells : pandas.DataFrame
+        Cell table (optional geometry columns).
+    mpp : float, optional
+        Level-0 µm/px; default ``summary["mpp"]``.
+    csv : bool
+        Also write ``cells.csv``.
+    report : bool
+        Write ``report.html`` (:func:`ihcscore.report.write_slide_report`).
+    overlay_images : dict, optional
+        Images for the report: ``thumbnail`` (RGB array), ``tissue_mask``
+        (bool array, any size), ``thumbnail_downsample`` (float, level-0 px per
+        thumbnail px), ``fields`` (see :func:`ihcscore.report.slide_report_html`).
+    params_hash : str, optional
+        Hash of the parameters (:func:`hash_params`) stored in the marker.
+    geojson : bool
+        Write ``cells.geojson`` (default True).
+
+    Returns
+    -------
+    written : dict
+        File role -> path.
+
+    Notes
+    -----
+    An existing ``_COMPLETE`` is removed first, so an interrupted rewrite never
+    looks complete. The marker is JSON with ``params_hash``, the file names,
+    the software version and the time.
+    """
+    if cells is None and hasattr(summary, "summary") and hasattr(summary, "cells"):
+        summary, cells = summary.summary, summary.cells
+    if cells is None:
+        cells = pd.DataFrame(columns=["x_px", "y_px", "x_um", "y_um", "class", "bin"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / COMPLETE_MARKER
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+    if mpp is None:
+        mpp = summary.get("mpp")
+    written: dict[str, Path] = {}
+    written["summary"] = write_summary_json(out / "summary.json", summary)
+    written["cells_parquet"] = write_cells_parquet(out / "cells.parquet", cells)
+    if csv:
+        written["cells_csv"] = write_cells_csv(out / "cells.csv", cells)
+    if geojson:
+        if mpp is None:
+            raise ValueError("write_slide_outputs: mpp is needed for cells.geojson (not in summary either)")
+        written["cells_geojson"] = write_cells_geojson(
+            out / "cells.geojson", cells, mpp, n_thresholds=_n_thresholds(summary)
+        )
+    if report:
+        from . import report as _report
+
+        imgs = dict(overlay_images or {})
+        written["report"] = _report.write_slide_report(
+            out / "report.html",
+            summary,
+            cells,
+            thumbnail=imgs.get("thumbnail"),
+            tissue_mask=imgs.get("tissue_mask"),
+            fields=imgs.get("fields"),
+            thumbnail_downsample=imgs.get("thumbnail_downsample"),
+        )
+    try:
+        from . import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = None
+    info = {
+        "params_hash": params_hash,
+        "files": sorted(p.name for p in written.values()),
+        "software_version": version,
+        "completed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    with atomic_open(marker, "w") as f:
+        f.write(_dumps(info))
+        f.write("\n")
+    written["complete"] = marker
+    return written
+
+
+def is_complete(out_dir, params_hash: str | None) -> bool:
+    """True when ``out_dir`` holds complete outputs written with ``params_hash``.
+
+    False when the ``_COMPLETE`` marker is missing or unreadable, was written
+    with another hash, or a file it lists is missing.
+    """
+    out = Path(out_dir)
+    try:
+        info = json.loads((out / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("params_hash") != params_hash:
+        return False
+    return all((out / name).is_file() for name in info.get("files", []))
+
+
+# --------------------------------------------------------------------------- #
+# Cohort-level CSVs
+# --------------------------------------------------------------------------- #
+def summary_row(
+    summary: Mapping | None,
+    status: str = "ok",
+    runtime_s: float | None = None,
+    error: str | None = None,
+    slide: str | None = None,
+) -> dict:
+    """One ``summary.csv`` row (keys :data:`SUMMARY_CSV_COLUMNS`).
+
+    Parameters
+    ----------
+    summary : dict or None
+        summary.json content; ``None`` for a failed slide.
+    status : str
+        ``"ok"``, ``"failed"``, ``"skipped"``, ...
+    runtime_s : float, optional
+        Default ``summary["runtime_s"]``.
+    error : str, optional
+        Error message (failed slides).
+    slide : str, optional
+        Slide stem; default ``summary["slide"]``.
+
+    Returns
+    -------
+    row : dict
+        Missing numbers are ``None``; ``warnings`` joins the summary's warnings
+        with ``"; "``.
+    """
+    summary = summary or {}
+    row = {k: None for k in SUMMARY_CSV_COLUMNS}
+    row["slide"] = slide if slide is not None else summary.get("slide")
+    row["status"] = status
+    row["n_cells"] = summary.get("n_cells")
+    for group in ("tumour", "all"):
+        g = summary.get(group) or {}
+        for k in _SCORE_KEYS:
+            row[f"{group}_{k}"] = g.get(k)
+    row["runtime_s"] = runtime_s if runtime_s is not None else summary.get("runtime_s")
+    row["error"] = error
+    w = summary.get("warnings")
+    if w:
+        row["warnings"] = "; ".join(str(x) for x in w) if not isinstance(w, str) else w
+    return to_jsonable(row)
+
+
+def _csv_value(v):
+    v = to_jsonable(v)
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False)
+    return v
+
+
+def _write_rows(path, rows: Iterable[Mapping], columns: Sequence[str]):
+    rows = list(rows)
+    cols = list(columns)
+    extra = []
+    for r in rows:
+        for k in r:
+            if k not in cols and k not in extra:
+                extra.append(k)
+    cols += extra
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([_csv_value(r.get(c)) for c in cols])
+    with atomic_open(path, "w", newline="") as f:
+        f.write(buf.getvalue())
+    return Path(path)
+
+
+def write_summary_csv(path, rows: Iterable[Mapping]):
+    """Write ``summary.csv``: :data:`SUMMARY_CSV_COLUMNS` in order (keys not in
+    the contract are appended after them), one row per slide, atomically.
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    return _write_rows(path, rows, SUMMARY_CSV_COLUMNS)
+
+
+def append_summary_row(out_dir, row: Mapping):
+    """Add or replace (same ``slide``) one row of ``out_dir/summary.csv``.
+
+    The whole file is rewritten atomically. Returns the path.
+    """
+    path = Path(out_dir) / "summary.csv"
+    rows = []
+    if path.is_file():
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = [dict(r) for r in csv.DictReader(f)]
+        rows = [{k: (None if v == "" else v) for k, v in r.items()} for r in rows]
+    rows = [r for r in rows if r.get("slide") != str(row.get("slide"))]
+    rows.append(dict(row))
+    return write_summary_csv(path, rows)
+
+
+def write_failures_csv(path, failures: Iterable):
+    """Write ``failures.csv`` with columns ``slide``, ``path``, ``error``.
+
+    Parameters
+    ----------
+    failures : iterable of dict or (slide, path, error) tuples
+        The header is written even when there are none.
+
+    Returns
+    -------
+    path : pathlib.Path
+    """
+    rows = []
+    for f in failures:
+        if isinstance(f, Mapping):
+            rows.append({k: f.get(k) for k in FAILURES_CSV_COLUMNS})
+        else:
+            slide, p, err = f
+            rows.append({"slide": slide, "path": os.fspath(p) if p is not None else None, "error": err})
+    for r in rows:
+        if r["error"] is not None:
+            r["error"] = " ".join(str(r["error"]).split())  # one line
+        if r["path"] is not None:
+            r["path"] = os.fspath(r["path"])
+    return _write_rows(path, rows, FAILURES_CSV_COLUMNS)
+
+
+def write_failures(out_dir, failures: Iterable):
+    """Write ``out_dir/failures.csv`` (see :func:`write_failures_csv`)."""
+    return write_failures_csv(Path(out_dir) / "failures.csv", failures)
