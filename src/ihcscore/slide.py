@@ -107,6 +107,735 @@ def _ensure_tifffile_jpeg() -> None:
 
 
 # --------------------------------------------------------------------------
+# Pixel size helpers
+# --------------------------------------------------------------------------
+
+#: Pixel sizes (µm/px) outside this range in resolution tags are treated as
+#: "not a microscope pixel size" (e.g. 72 or 300 dpi defaults) and ignored.
+PLAUSIBLE_MPP_UM = (0.02, 20.0)
+
+_UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\u00b5m": 1.0,
+               "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "pm": 1e-6}
+
+
+def _plausible(mpp) -> float | None:
+    try:
+        mpp = float(mpp)
+    except (TypeError, ValueError):
+        return None
+    if np.isfinite(mpp) and PLAUSIBLE_MPP_UM[0] <= mpp <= PLAUSIBLE_MPP_UM[1]:
+        return mpp
+    return None
+
+
+def _mpp_from_resolution(xres, unit) -> float | None:
+    """µm/px from a TIFF/PNG resolution (pixels per unit); unit 'inch'/'cm'/'m'."""
+    try:
+        if isinstance(xres, (tuple, list)):
+            xres = xres[0] / xres[1] if xres[1] else 0
+        xres = float(xres)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not xres > 0:
+        return None
+    per = {"inch": 25400.0, "2": 25400.0, "centimeter": 1e4, "cm": 1e4, "3": 1e4,
+           "m": 1e6, "meter": 1e6}.get(str(unit).lower().split(".")[-1])
+    return _plausible(per / xres) if per else None
+
+
+def _ome_mpp(ome_xml: str) -> float | None:
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.rsplit("}", 1)[-1] == "Pixels" and "PhysicalSizeX" in el.attrib:
+            unit = el.attrib.get("PhysicalSizeXUnit", "µm")
+            try:
+                val = float(el.attrib["PhysicalSizeX"]) * _UNIT_TO_UM.get(unit, np.nan)
+            except ValueError:
+                return None
+            return val if np.isfinite(val) and val > 0 else None
+    return None
+
+
+def _ome_is_fluorescence(ome_xml: str) -> bool:
+    return bool(re.search(r'(AcquisitionMode|IlluminationType)="(Wide-?Field)?'
+                          r'(Epi)?[Ff]luorescence', ome_xml or ""))
+
+
+# --------------------------------------------------------------------------
+# Backends: each reads level pixels inside the level bounds as (h, w, 3) uint8
+# --------------------------------------------------------------------------
+
+def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
+    """Last axis = channels (1, 3 or 4) or none; any dtype -> (h, w, 3) uint8."""
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.dtype != np.uint8:
+        if a.dtype == np.bool_:
+            a = a.astype(np.uint8) * 255
+        elif np.issubdtype(a.dtype, np.integer):
+            bits = np.iinfo(a.dtype).bits
+            a = (np.clip(a, 0, None).astype(np.uint64) >> max(bits - 8, 0)).astype(np.uint8)
+        else:
+            a = np.nan_to_num(a.astype(np.float32))
+            scale = 255.0 if np.nanmax(a, initial=0) <= 1.0 else 1.0
+            a = np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
+    c = a.shape[-1]
+    if c == 1:
+        return np.repeat(a, 3, axis=-1)
+    if c == 4:
+        alpha = a[..., 3:4].astype(np.uint16)
+        rgb = a[..., :3].astype(np.uint16)
+        # transparent pixels become white, the colour of glass
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(a[..., :3])
+
+
+class _OpenSlideBackend:
+    def __init__(self, path: Path):
+        import openslide
+
+        self._openslide = openslide
+        self.osr = openslide.OpenSlide(str(path))
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self.osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self.osr.level_downsamples)
+        self.properties = dict(self.osr.properties)
+        self.vendor = self.properties.get("openslide.vendor", "openslide")
+        self.channels = 3
+        self.tile_sizes = []
+        for i in range(len(self.level_dimensions)):
+            t = self.properties.get(f"openslide.level[{i}].tile-width")
+            t = int(t) if t and t.isdigit() else 512
+            self.tile_sizes.append(t if 128 <= t <= 2048 else 512)
+
+    def mpp(self):
+        for key in ("openslide.mpp-x",):
+            v = self.properties.get(key)
+            if v:
+                try:
+                    v = float(v)
+                    if v > 0 and np.isfinite(v):
+                        return v, key
+                except ValueError:
+                    pass
+        unit = self.properties.get("tiff.ResolutionUnit")
+        m = _mpp_from_resolution(self.properties.get("tiff.XResolution"), unit)
+        return (m, "tiff.XResolution") if m else (None, None)
+
+    def read_level(self, level, x, y, w, h):
+        ds = self.level_downsamples[level]
+        # x, y are level pixels; OpenSlide wants the level-0 location
+        img = self.osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
+        return _to_rgb_uint8(np.asarray(img))
+
+    def associated_images(self):
+        return {k: _to_rgb_uint8(np.asarray(v)) for k, v in self.osr.associated_images.items()}
+
+    def close(self):
+        self.osr.close()
+
+
+class _TiffBackend:
+    def __init__(self, path: Path):
+        import tifffile
+        import zarr
+
+        _ensure_tifffile_jpeg()
+        self.tf = tifffile.TiffFile(str(path))
+        self._lock = threading.RLock()
+        tf = self.tf
+        series = [s for s in tf.series
+                  if (s.name or "").lower() not in ("thumbnail", "label", "macro", "map")]
+        if not series:
+            series = list(tf.series)
+        if not series:
+            raise SlideError(f"{path}: TIFF has no images")
+        self.series = series[0]
+        self._associated = [s for s in tf.series if s is not self.series]
+        levels = list(self.series.levels)
+        # tifffile treats an Aperio-described file as SVS and may list
+        # reduced-resolution tiled pages as separate series: collect them.
+        if len(levels) == 1:
+            w0 = levels[0].shape[levels[0].axes.index("X")]
+            extra = []
+            for s in self._associated:
+                if "X" in s.axes and s.axes == levels[0].axes and s.dtype == levels[0].dtype:
+                    p = s.pages[0] if s.pages else None
+                    if p is not None and getattr(p, "is_tiled", False) and s.shape[s.axes.index("X")] < w0 \
+                            and (s.name or "").lower() not in ("thumbnail", "label", "macro", "map"):
+                        extra.append(s)
+            if extra:
+                extra.sort(key=lambda s: -s.shape[s.axes.index("X")])
+                levels += extra
+                self._associated = [s for s in self._associated if s not in extra]
+        self.axes = levels[0].axes
+        self.dtype = levels[0].dtype
+        self._layout = self._channel_layout(path, levels[0].axes, levels[0].shape)
+        self.channels = self._layout[1]
+        n_native = len(self.series.levels)
+        self._arrays = []
+        for i, lev in enumerate(levels):
+            store = self.series.aszarr(level=i) if i < n_native else lev.aszarr()
+            self._arrays.append(zarr.open(store, mode="r"))
+        dims = []
+        for lev in levels:
+            sh = lev.shape
+            dims.append((int(sh[lev.axes.index("X")]), int(sh[lev.axes.index("Y")])))
+        self.level_dimensions = tuple(dims)
+        w0, h0 = dims[0]
+        self.level_downsamples = tuple(float((w0 / w + h0 / h) / 2) for w, h in dims)
+        self.tile_sizes = []
+        for lev in levels:
+            p = lev.pages[0] if lev.pages else None
+            t = int(getattr(p, "tilewidth", 0) or 0)
+            self.tile_sizes.append(t if 128 <= t <= 2048 else 512)
+        if tf.is_ome:
+            self.vendor = "ome-tiff"
+        elif tf.is_ndpi:
+            self.vendor = "hamamatsu-ndpi"
+        elif tf.is_svs:
+            self.vendor = "aperio-svs"
+        else:
+            self.vendor = "tiff"
+        page0 = tf.pages[0]
+        self.properties = {"tifffile.series_axes": self.axes, "tifffile.dtype": str(self.dtype)}
+        for tag in ("ImageDescription", "Software", "Make", "Model", "XResolution",
+                    "YResolution", "ResolutionUnit"):
+            t = page0.tags.get(tag)
+            if t is not None:
+                v = t.value
+                if tag == "ResolutionUnit":
+                    v = getattr(v, "name", v)
+                self.properties[f"tiff.{tag}"] = str(v)
+        self.fluorescence = bool(tf.is_ome and _ome_is_fluorescence(tf.ome_metadata or ""))
+
+    @staticmethod
+    def _channel_layout(path, axes, shape):
+        """Return (axis name holding channels or None, n channels)."""
+        sizes = dict(zip(axes, shape))
+        extra = [a for a in axes if a not in "YXSC" and sizes[a] > 1]
+        if extra:
+            raise SlideError(f"{path}: unsupported image layout {axes} {tuple(shape)}: "
+                             "expected one 2-D plane (RGB or grayscale)")
+        if sizes.get("S", 1) > 1 and sizes.get("C", 1) > 1:
+            raise SlideError(f"{path}: unsupported channel layout {axes} {tuple(shape)}")
+        ax = "S" if sizes.get("S", 1) > 1 else ("C" if sizes.get("C", 1) > 1 else None)
+        n = sizes[ax] if ax else 1
+        if n not in (1, 3, 4):
+            raise SlideError(f"{path}: unsupported channel layout: {n} channels (axes {axes}); "
+                             "expected RGB, RGBA or a single channel")
+        return ax, n
+
+    def mpp(self):
+        tf = self.tf
+        if tf.is_ome:
+            m = _ome_mpp(tf.ome_metadata or "")
+            if m:
+                return m, "OME PhysicalSizeX"
+        if tf.is_imagej:
+            md = tf.imagej_metadata or {}
+            unit = str(md.get("unit", "")).replace("\\u00B5", "µ")
+            if unit in _UNIT_TO_UM:
+                xr = tf.pages[0].tags.get("XResolution")
+                if xr is not None and xr.value[0]:
+                    m = _plausible(xr.value[1] / xr.value[0] * _UNIT_TO_UM[unit])
+                    if m:
+                        return m, "ImageJ unit"
+        if tf.is_svs:
+            m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", tf.pages[0].description or "")
+            if m:
+                return float(m.group(1)), "Aperio MPP"
+        p = tf.pages[0]
+        xr, ru = p.tags.get("XResolution"), p.tags.get("ResolutionUnit")
+        if xr is not None and ru is not None:
+            unit = getattr(ru.value, "name", str(ru.value))
+            m = _mpp_from_resolution(xr.value, unit)
+            if m:
+                return m, "tiff.XResolution"
+        return None, None
+
+    def read_level(self, level, x, y, w, h):
+        z = self._arrays[level]
+        axes = self.axes
+        sl = []
+        for a in axes:
+            if a == "Y":
+                sl.append(slice(y, y + h))
+            elif a == "X":
+                sl.append(slice(x, x + w))
+            elif a in "SC" and a == self._layout[0]:
+                sl.append(slice(None))
+            else:
+                sl.append(0)
+        with self._lock:
+            a = np.asarray(z[tuple(sl)])
+        kept = [ax for ax, s in zip(axes, sl) if isinstance(s, slice)]
+        order = [kept.index("Y"), kept.index("X")] + ([kept.index(self._layout[0])]
+                                                       if self._layout[0] else [])
+        a = np.transpose(a, order)
+        return _to_rgb_uint8(a)
+
+    def associated_images(self):
+        out = {}
+        with self._lock:
+            for s in self._associated:
+                name = (s.name or f"series{s.index}").lower()
+                try:
+                    a = s.asarray()
+                except Exception:  # noqa: BLE001 - a broken label must not break the slide
+                    continue
+                if a.ndim == 3 and a.shape[0] in (3, 4) and a.shape[-1] not in (3, 4):
+                    a = np.moveaxis(a, 0, -1)
+                if a.ndim in (2, 3):
+                    out[name] = _to_rgb_uint8(a)
+        return out
+
+    def close(self):
+        self.tf.close()
+
+
+class _ArrayBackend:
+    """A flat image held in memory (PNG, JPEG, BMP, ...)."""
+
+    def __init__(self, path: Path):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            self.properties = {f"image.{k}": str(v) for k, v in im.info.items()
+                               if isinstance(v, (str, int, float, tuple))}
+            self.vendor = (im.format or "image").lower()
+            dpi = im.info.get("dpi")
+            mode = im.mode
+            if mode in ("P", "PA"):
+                im = im.convert("RGBA")
+            elif mode == "CMYK" or mode == "YCbCr":
+                im = im.convert("RGB")
+            elif mode == "LA":
+                im = im.convert("RGBA")
+            elif mode == "1":
+                im = im.convert("L")
+            a = np.asarray(im)
+        if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
+            raise SlideError(f"{path}: unsupported channel layout: {a.shape[-1]} channels")
+        self.channels = 1 if a.ndim == 2 else a.shape[-1]
+        self.is_gray_mode = mode in ("L", "LA", "1", "I", "I;16", "I;16B", "F")
+        self.image = _to_rgb_uint8(a)
+        self._dpi = dpi
+        h, w = self.image.shape[:2]
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+        self.tile_sizes = [512]
+
+    def mpp(self):
+        if self._dpi:
+            m = _mpp_from_resolution(self._dpi[0], "inch")
+            if m:
+                return m, "image dpi"
+        return None, None
+
+    def read_level(self, level, x, y, w, h):
+        return self.image[y:y + h, x:x + w].copy()
+
+    def associated_images(self):
+        return {}
+
+    def close(self):
+        self.image = None
+
+
+# --------------------------------------------------------------------------
+# Slide
+# --------------------------------------------------------------------------
+
+class Slide:
+    """An opened slide: levels, pixel size and RGB reading (see :func:`open_slide`).
+
+    Attributes
+    ----------
+    path : Path
+    name : str
+        File stem (for ``x.ome.tif``, ``x``).
+    mpp : float
+        Pixel size at level 0 in µm/px.
+    mpp_source : str
+        Where ``mpp`` came from (e.g. ``"openslide.mpp-x"``, ``"OME PhysicalSizeX"``,
+        ``"argument"``).
+    dimensions : (int, int)
+        Level-0 (width, height) in pixels.
+    level_count, level_dimensions, level_downsamples
+        As in OpenSlide; downsamples are relative to level 0.
+    properties : dict
+        Metadata as strings (OpenSlide properties when OpenSlide reads the file).
+    vendor : str
+        OpenSlide vendor (``aperio``, ``hamamatsu``, ``generic-tiff``...) or the
+        fallback reader's format (``ome-tiff``, ``tiff``, ``png``, ...).
+    """
+
+    def __init__(self, path, backend, mpp, mpp_source):
+        self.path = Path(path)
+        self._backend = backend
+        self.mpp = float(mpp)
+        self.mpp_source = mpp_source
+        self.level_dimensions = backend.level_dimensions
+        self.level_downsamples = backend.level_downsamples
+        self.level_count = len(self.level_dimensions)
+        self.dimensions = self.level_dimensions[0]
+        self.properties = dict(backend.properties)
+        self.vendor = backend.vendor
+        self._modality = None
+        self._associated = None
+        self._closed = False
+
+    # -- identity -------------------------------------------------------
+    @property
+    def name(self) -> str:
+        n = self.path.name
+        for suffix in (".ome.tiff", ".ome.tif", ".ome.tf2", ".ome.tf8", ".ome.btf"):
+            if n.lower().endswith(suffix):
+                return n[: -len(suffix)]
+        return self.path.stem
+
+    def __repr__(self):
+        w, h = self.dimensions
+        return (f"Slide({self.path.name!r}, {w}x{h} px, mpp={self.mpp:.4g} µm/px, "
+                f"levels={self.level_count}, vendor={self.vendor!r})")
+
+    # -- modality -------------------------------------------------------
+    @property
+    def modality(self) -> str:
+        """``"brightfield"``, ``"fluorescence"`` (dark background) or ``"grayscale"``.
+
+        Judged from the channel layout, OME metadata and a small thumbnail:
+        a median brightest channel below 80 means dark background (fluorescence);
+        identical R, G and B means a single-channel image.
+        """
+        if self._modality is None:
+            b = self._backend
+            if getattr(b, "channels", 3) == 1 or getattr(b, "is_gray_mode", False):
+                self._modality = "grayscale"
+            elif getattr(b, "fluorescence", False):
+                self._modality = "fluorescence"
+            else:
+                th = self.thumbnail(256)
+                if np.median(th.max(axis=-1)) < 80:
+                    self._modality = "fluorescence"
+                elif np.array_equal(th[..., 0], th[..., 1]) and np.array_equal(th[..., 1], th[..., 2]):
+                    self._modality = "grayscale"
+                else:
+                    self._modality = "brightfield"
+        return self._modality
+
+    @property
+    def is_brightfield_rgb(self) -> bool:
+        """True for a 3-channel RGB brightfield image (what IHC scoring needs)."""
+        return self.modality == "brightfield"
+
+    # -- reading --------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise SlideError(f"{self.path}: slide is closed")
+
+    def _read_level_padded(self, level, x, y, w, h) -> np.ndarray:
+        """Level pixels [y, y+h) x [x, x+w); outside the level is white (255)."""
+        self._check_open()
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"level {level} out of range 0..{self.level_count - 1}")
+        w, h = int(w), int(h)
+        if w < 0 or h < 0:
+            raise ValueError(f"region size must be non-negative, got {(w, h)}")
+        out = np.full((h, w, 3), 255, np.uint8)
+        lw, lh = self.level_dimensions[level]
+        x0, y0 = max(int(x), 0), max(int(y), 0)
+        x1, y1 = min(int(x) + w, lw), min(int(y) + h, lh)
+        if x1 > x0 and y1 > y0:
+            try:
+                a = self._backend.read_level(level, x0, y0, x1 - x0, y1 - y0)
+            except SlideError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - decoder errors name the file
+                raise SlideError(f"{self.path}: cannot read level {level} at "
+                                 f"({x0}, {y0}) size {(x1 - x0, y1 - y0)}: "
+                                 f"{_one_line(exc)}") from exc
+            out[y0 - int(y):y1 - int(y), x0 - int(x):x1 - int(x)] = a
+        return out
+
+    def read_region(self, location, level, size) -> np.ndarray:
+        """Read a region like OpenSlide, as RGB.
+
+        Parameters
+        ----------
+        location : (int, int)
+            Top-left (x, y) in level-0 pixels.
+        level : int
+        size : (int, int)
+            (width, height) in pixels of ``level``.
+
+        Returns
+        -------
+        (h, w, 3) uint8 array; pixels outside the slide are white (255).
+        """
+        ds = self.level_downsamples[level]
+        x = int(np.floor(location[0] / ds + 1e-9))
+        y = int(np.floor(location[1] / ds + 1e-9))
+        return self._read_level_padded(level, x, y, size[0], size[1])
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level whose downsample is <= ``downsample`` (nearest finer)."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * (1 + 1e-3):
+                best = i if d >= self.level_downsamples[best] else best
+        return best
+
+    def read_scaled(self, x0, y0, w0, h0, downsample) -> np.ndarray:
+        """Read a level-0 rectangle at any downsample >= 1.
+
+        Reads from the nearest finer level and resizes by area averaging
+        (integer factors) or anti-aliased linear interpolation; a downsample
+        equal to a level's is read from that level unchanged.
+
+        Parameters
+        ----------
+        x0, y0, w0, h0 : int
+            Rectangle in level-0 pixels.
+        downsample : float
+            Level-0 pixels per output pixel (>= 1).
+
+        Returns
+        -------
+        (round(h0 / downsample), round(w0 / downsample), 3) uint8 array.
+        """
+        downsample = float(downsample)
+        if not downsample >= 1.0:
+            raise ValueError(f"downsample must be >= 1, got {downsample}")
+        ow = max(1, int(round(w0 / downsample)))
+        oh = max(1, int(round(h0 / downsample)))
+        level = self.best_level_for_downsample(downsample)
+        lds = self.level_downsamples[level]
+        lx = int(round(x0 / lds))
+        ly = int(round(y0 / lds))
+        factor = downsample / lds
+        if abs(factor - 1) < 1e-3:
+            return self._read_level_padded(level, lx, ly, ow, oh)
+        k = int(round(factor))
+        if abs(factor - k) < 1e-3:
+            a = self._read_level_padded(level, lx, ly, ow * k, oh * k)
+            s = a.reshape(oh, k, ow, k, 3).astype(np.uint32).sum(axis=(1, 3))
+            return ((s + (k * k) // 2) // (k * k)).astype(np.uint8)
+        from skimage.transform import resize
+
+        lw = max(1, int(round(w0 / lds)))
+        lh = max(1, int(round(h0 / lds)))
+        a = self._read_level_padded(level, lx, ly, lw, lh)
+        kf = int(np.floor(factor))
+        if kf >= 2:
+            # area-average by the integer part first (fast, exact), then resize
+            # the small remainder with anti-aliasing
+            a = _block_mean(a, kf)
+        r = resize(a, (oh, ow, 3), order=1, anti_aliasing=True, preserve_range=True,
+                   mode="edge")
+        return np.clip(np.round(r), 0, 255).astype(np.uint8)
+
+    def thumbnail(self, max_side=1024) -> np.ndarray:
+        """The whole slide with its longer side at most ``max_side`` pixels (RGB uint8)."""
+        w, h = self.dimensions
+        ds = max(1.0, max(w, h) / float(max_side))
+        return self.read_scaled(0, 0, w, h, ds)
+
+    @property
+    def associated_images(self) -> dict:
+        """Label, macro, thumbnail... as RGB uint8 arrays (empty dict if none)."""
+        self._check_open()
+        if self._associated is None:
+            try:
+                self._associated = self._backend.associated_images()
+            except Exception:  # noqa: BLE001 - associated images are optional extras
+                self._associated = {}
+        return self._associated
+
+    def to_dask_pyramid(self) -> list:
+        """One lazy dask array (H, W, 3) uint8 per level, chunked by tile; tiles are read on demand."""
+        import dask.array as da
+
+        self._check_open()
+        levels = []
+        for level, (w, h) in enumerate(self.level_dimensions):
+            t = self._backend.tile_sizes[level]
+            chunks = (_chunks(h, t), _chunks(w, t), (3,))
+
+            def read_block(block_info=None, level=level):
+                (ys, ye), (xs, xe), _ = block_info[None]["array-location"]
+                return self._read_level_padded(level, xs, ys, xe - xs, ye - ys)
+
+            levels.append(da.map_blocks(read_block, chunks=chunks, dtype=np.uint8,
+                                        meta=np.empty((0, 0, 0), np.uint8),
+                                        name=f"ihcscore-{self.name}-L{level}-{id(self)}"))
+        return levels
+
+    # -- lifetime -------------------------------------------------------
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    """k x k area average; edges are padded by repetition to a multiple of k."""
+    h, w = a.shape[:2]
+    ph, pw = -h % k, -w % k
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw), (0, 0)), mode="edge")
+    s = a.reshape(a.shape[0] // k, k, a.shape[1] // k, k, 3).astype(np.float32).mean(axis=(1, 3))
+    return s
+
+
+def _chunks(n, t):
+    return tuple([t] * (n // t) + ([n % t] if n % t else [])) or (0,)
+
+
+# --------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _check_tiff_complete(path: Path, size: int) -> None:
+    """Raise SlideError if the TIFF structure is unreadable or its data runs past the end."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            end = 0
+            for page in tf.pages:
+                offs, counts = page.dataoffsets, page.databytecounts
+                if len(offs):
+                    end = max(end, int(np.max(np.asarray(offs, np.int64) + np.asarray(counts, np.int64))))
+            n_pages = len(tf.pages)
+    except SlideError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SlideError(f"{path}: corrupt or truncated TIFF ({_one_line(exc)})") from exc
+    if n_pages == 0:
+        raise SlideError(f"{path}: TIFF has no images (corrupt or truncated)")
+    if end > size:
+        raise SlideError(f"{path}: truncated TIFF: image data runs to byte {end} "
+                         f"but the file has {size} bytes")
+
+
+def open_slide(path, mpp=None) -> Slide:
+    """Open a whole-slide image or a plain image.
+
+    Tries OpenSlide (SVS, NDPI, MRXS, SCN, tiled generic TIFF, ...), then
+    tifffile (OME-TIFF, plain or pyramidal TIFF), then Pillow (PNG, JPEG, ...).
+
+    Parameters
+    ----------
+    path : str or Path
+    mpp : float, optional
+        Pixel size at level 0 in µm/px. Used when the file has none, and
+        overrides the file's value when given.
+
+    Returns
+    -------
+    Slide
+
+    Raises
+    ------
+    SlideError
+        One line naming the file: missing, a directory, empty, corrupt or
+        truncated, not an image, unsupported channel layout, or no pixel size
+        (``"<file>: no pixel size in the file; pass --mpp UM"``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: no such file")
+    if path.is_dir():
+        raise SlideError(f"{path}: is a directory, not a slide file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SlideError(f"{path}: cannot read ({_one_line(exc.strerror or exc)})") from exc
+    if size == 0:
+        raise SlideError(f"{path}: empty file")
+    if mpp is not None:
+        try:
+            mpp = float(mpp)
+        except (TypeError, ValueError):
+            raise SlideError(f"{path}: mpp must be a number of µm/px, got {mpp!r}") from None
+        if not (np.isfinite(mpp) and mpp > 0):
+            raise SlideError(f"{path}: mpp must be a positive number of µm/px, got {mpp}")
+
+    is_tiff = magic in _TIFF_MAGIC
+    if is_tiff:
+        _check_tiff_complete(path, size)
+
+    backend = None
+    errors = []
+    try:
+        import openslide
+
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - no OpenSlide or detection failed
+        vendor = None
+    if vendor is not None:
+        try:
+            backend = _OpenSlideBackend(path)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"OpenSlide: {_one_line(exc)}")
+    if backend is None and is_tiff:
+        try:
+            backend = _TiffBackend(path)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"tifffile: {_one_line(exc)}")
+    if backend is None and not is_tiff:
+        try:
+            backend = _ArrayBackend(path)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            errors.append(_one_line(exc))
+    if backend is None:
+        why = "; ".join(errors) or "unknown format"
+        if is_tiff:
+            raise SlideError(f"{path}: cannot read TIFF ({why})")
+        raise SlideError(f"{path}: not a readable slide or image file ({why})")
+
+    try:
+        file_mpp, source = backend.mpp()
+        if mpp is not None:
+            use_mpp, source = mpp, "argument"
+        elif file_mpp:
+            use_mpp = file_mpp
+        else:
+            raise SlideError(f"{path}: no pixel size in the file; pass --mpp UM")
+        w, h = backend.level_dimensions[0]
+        if w < 1 or h < 1:
+            raise SlideError(f"{path}: image has no pixels ({w}x{h})")
+        return Slide(path, backend, use_mpp, source)
+    except BaseException:
+        backend.close()
+        raise
+
+
+# --------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------
 
