@@ -43,7 +43,7 @@ def test_packaged_preset_has_every_key_and_round_trips(name, tmp_path):
 
 def test_cxcr4_preset():
     p = load_preset("cxcr4")
-    assert p.detection.image == "hematoxylin" and p.detection.exclude_dab is True
+    assert p.detection.image == "hematoxylin" and p.detection.exclude_dab is False
     assert p.scoring == ScoringScheme("cell", "mean", (0.2, 0.4, 0.6), "tumour")
     assert p.stains.to_stain_vectors() == H_DAB_DEFAULT
     assert p.stains.to_stain_vectors().name == "H-DAB default"
@@ -128,7 +128,7 @@ def test_replace_overrides():
     q = p.replace(thresholds=[0.3], compartment="membrane", estimate_stains=True, pixel_size_um=0.25)
     assert q.scoring == ScoringScheme("membrane", "mean", (0.3,), "tumour")
     assert q.stains.estimate is True and q.detection.pixel_size_um == 0.25
-    assert q.detection.exclude_dab is True  # untouched
+    assert q.detection.exclude_dab == p.detection.exclude_dab  # untouched
     assert p.scoring.thresholds == (0.2, 0.4, 0.6)  # original unchanged
     assert p.replace() == p
     sv = StainVectors((0.6, 0.7, 0.3), (0.3, 0.6, 0.8), background=(240, 241, 242))
