@@ -34,3 +34,201 @@ def test_write_pyramidal_tiff_opens_in_openslide(tmp_path, compression, aperio):
     else:
         assert err.mean() < 1.5
     assert np.abs(got1 - rgb[::2, ::2]).mean() < 2.0
+
+
+# --------------------------------------------------------------------------
+# open_slide on synthetic files
+# --------------------------------------------------------------------------
+
+from ihcscore.slide import Slide, SlideError, open_slide  # noqa: E402
+
+REAL = Path(__file__).parent / "data" / "real"
+SAMPLE = Path(__file__).parents[1] / "sample_slides"
+
+
+def _block_mean(a, k):
+    h, w = a.shape[0] // k, a.shape[1] // k
+    s = a[: h * k, : w * k].reshape(h, k, w, k, 3).astype(float).mean(axis=(1, 3))
+    return np.round(s).astype(np.uint8)
+
+
+def test_round_trip_levels_mpp_pixels(tmp_path):
+    rgb = _gradient(1100, 900)
+    path = write_pyramidal_tiff(tmp_path / "rt.tif", rgb, 0.5, compression="zlib", min_level_side=256)
+    with open_slide(path) as s:
+        assert isinstance(s, Slide)
+        assert s.vendor == "aperio" and s.name == "rt"
+        assert s.mpp == pytest.approx(0.5)
+        assert s.dimensions == (900, 1100)
+        assert s.level_count == 3
+        assert s.level_dimensions == ((900, 1100), (450, 550), (225, 275))
+        assert s.level_downsamples == pytest.approx((1.0, 2.0, 4.0), rel=1e-3)
+        assert np.array_equal(s.read_region((0, 0), 0, (900, 1100)), rgb)
+        assert np.array_equal(s.read_region((40, 60), 0, (30, 20)), rgb[60:80, 40:70])
+        assert s.is_brightfield_rgb
+
+
+def test_generic_tiff_and_mpp_override(tmp_path):
+    rgb = _gradient(600, 500)
+    path = write_pyramidal_tiff(tmp_path / "g.tif", rgb, 0.3, compression="zlib", aperio=False)
+    with open_slide(path) as s:
+        assert s.vendor == "generic-tiff"
+        assert s.mpp == pytest.approx(0.3, rel=1e-4)
+    with open_slide(path, mpp=0.25) as s:
+        assert s.mpp == 0.25 and s.mpp_source == "argument"
+
+
+def test_read_outside_bounds_is_white(tmp_path):
+    rgb = _gradient(300, 300)
+    path = write_pyramidal_tiff(tmp_path / "b.tif", rgb, 0.5, compression="zlib")
+    with open_slide(path) as s:
+        a = s.read_region((-10, 280), 0, (40, 40))
+    assert a.shape == (40, 40, 3)
+    assert (a[:, :10] == 255).all() and (a[20:] == 255).all()
+    assert np.array_equal(a[:20, 10:], rgb[280:300, 0:30])
+
+
+def test_read_scaled_matches_manual_downsample(tmp_path):
+    rgb = _gradient(1024, 768)
+    path = write_pyramidal_tiff(tmp_path / "s.tif", rgb, 0.5, compression="zlib", min_level_side=256)
+    png = tmp_path / "s.png"
+    import imageio.v3 as iio
+
+    iio.imwrite(png, rgb)
+    with open_slide(path) as s, open_slide(png, mpp=0.5) as flat:
+        # exact pass-through when the downsample is a level's
+        assert np.array_equal(s.read_scaled(128, 256, 512, 512, 4), s.read_region((128, 256), 2, (128, 128)))
+        # integer factor from level 0 of a single-level image: area average
+        got = flat.read_scaled(64, 128, 400, 600, 2)
+        assert got.shape == (300, 200, 3)
+        assert np.abs(got.astype(int) - _block_mean(rgb[128:728, 64:464], 2)).max() <= 1
+        # non-integer downsample: close to an area average
+        got = flat.read_scaled(0, 0, 768, 1024, 3.2)
+        assert got.shape == (320, 240, 3)
+        from skimage.transform import resize
+
+        ref = resize(rgb.astype(float), (320, 240, 3), anti_aliasing=True, preserve_range=True)
+        assert np.abs(got.astype(float) - ref)[5:-5, 5:-5].mean() < 2.0
+        th = s.thumbnail(256)
+        assert max(th.shape[:2]) == 256
+
+
+def test_dask_pyramid_reads_tiles(tmp_path):
+    rgb = _gradient(700, 600)
+    path = write_pyramidal_tiff(tmp_path / "d.tif", rgb, 0.5, compression="zlib", tile=256,
+                                min_level_side=256)
+    with open_slide(path) as s:
+        pyr = s.to_dask_pyramid()
+        assert [p.shape for p in pyr] == [(700, 600, 3), (350, 300, 3)]
+        assert pyr[0].dtype == np.uint8 and pyr[0].chunksize == (256, 256, 3)
+        assert np.array_equal(pyr[0][250:520, 10:300].compute(), rgb[250:520, 10:300])
+
+
+def test_png_needs_mpp_and_rgba_becomes_rgb(tmp_path):
+    import imageio.v3 as iio
+
+    rgba = np.zeros((50, 60, 4), np.uint8)
+    rgba[..., :3] = (200, 100, 50)
+    rgba[..., 3] = 255
+    rgba[:10, :10, 3] = 0  # transparent corner -> white
+    iio.imwrite(tmp_path / "t.png", rgba)
+    with pytest.raises(SlideError, match=r"t\.png: no pixel size in the file; pass --mpp UM"):
+        open_slide(tmp_path / "t.png")
+    with open_slide(tmp_path / "t.png", mpp=0.5) as s:
+        a = s.read_region((0, 0), 0, (60, 50))
+        assert a.shape == (50, 60, 3) and s.mpp == 0.5
+        assert (a[:10, :10] == 255).all() and tuple(a[20, 20]) == (200, 100, 50)
+        assert s.is_brightfield_rgb
+
+
+def test_grayscale_opens_but_is_not_brightfield(tmp_path):
+    import tifffile
+
+    gray = (np.arange(200 * 300) % 251).reshape(200, 300).astype(np.uint16) * 200
+    tifffile.imwrite(tmp_path / "dapi.tif", gray, resolution=(1e4 / 0.65, 1e4 / 0.65),
+                     resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "dapi.tif") as s:
+        assert s.mpp == pytest.approx(0.65, rel=1e-4)
+        a = s.read_region((0, 0), 0, (300, 200))
+        assert a.shape == (200, 300, 3) and a.dtype == np.uint8
+        assert not s.is_brightfield_rgb and s.modality == "grayscale"
+
+
+def test_unsupported_channel_layout(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "five.tif", np.zeros((5, 40, 40), np.uint8), metadata={"axes": "CYX"})
+    with pytest.raises(SlideError, match="five.tif.*channel"):
+        open_slide(tmp_path / "five.tif", mpp=0.5)
+
+
+def _assert_one_line_error(path, what):
+    with pytest.raises(SlideError) as info:
+        open_slide(path, mpp=0.5)
+    msg = str(info.value)
+    assert Path(path).name in msg and "\n" not in msg, msg
+    assert what in msg.lower(), msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_files_raise_one_line_errors(tmp_path):
+    _assert_one_line_error(tmp_path / "missing.svs", "no such file")
+    (tmp_path / "folder.tif").mkdir()
+    _assert_one_line_error(tmp_path / "folder.tif", "directory")
+    (tmp_path / "notes.tif").write_text("this is not an image\nreally\n")
+    _assert_one_line_error(tmp_path / "notes.tif", "not a readable")
+    (tmp_path / "empty.png").write_bytes(b"")
+    _assert_one_line_error(tmp_path / "empty.png", "empty")
+    full = write_pyramidal_tiff(tmp_path / "full.tif", _gradient(600, 600), 0.5, compression="jpeg")
+    data = full.read_bytes()
+    for cut in (len(data) // 2, 200):
+        (tmp_path / "cut.tif").write_bytes(data[:cut])
+        _assert_one_line_error(tmp_path / "cut.tif", "truncated")
+
+
+# --------------------------------------------------------------------------
+# Real files
+# --------------------------------------------------------------------------
+
+def test_real_svs_aperio():
+    with open_slide(REAL / "CMU-1-Small-Region.svs") as s:
+        assert s.vendor == "aperio"
+        assert s.mpp == pytest.approx(0.499)
+        assert s.dimensions == (2220, 2967) and s.level_count == 1
+        assert s.properties["openslide.objective-power"] == "20"
+        assoc = s.associated_images
+        assert set(assoc) == {"thumbnail", "label", "macro"}
+        assert assoc["macro"].shape == (431, 1280, 3) and assoc["macro"].dtype == np.uint8
+        assert s.is_brightfield_rgb
+        assert s.read_region((1000, 1000), 0, (64, 64)).mean() < 250  # tissue, not padding
+
+
+def test_real_ndpi_fluorescence():
+    with open_slide(REAL / "stritt-test3-DAPI.ndpi") as s:
+        assert s.vendor == "hamamatsu"
+        assert s.mpp == pytest.approx(0.2282, abs=5e-4)
+        assert s.dimensions == (3968, 4864)
+        # OpenSlide exposes 7 levels (4 stored pyramid levels plus JPEG-scaled ones)
+        assert s.level_count >= 4 and s.level_downsamples[:4] == pytest.approx((1, 2, 4, 8))
+        assert "macro" in s.associated_images
+        # stored as 3-channel JPEG, but a dark DAPI image: not brightfield
+        assert s.modality == "fluorescence" and not s.is_brightfield_rgb
+
+
+def test_real_ome_tiff_mpp_from_metadata():
+    with open_slide(SAMPLE / "OS-2-ndpi.ome.tif") as s:
+        assert s.vendor == "ome-tiff" and s.name == "OS-2-ndpi"
+        assert s.mpp == pytest.approx(0.2271, abs=1e-4)
+        assert s.mpp_source == "OME PhysicalSizeX"
+        assert s.dimensions == (2202, 2202)
+        a = s.read_region((600, 600), 0, (512, 512))
+        assert a.shape == (512, 512, 3) and 100 < a.mean() < 240
+        assert s.is_brightfield_rgb
+
+
+def test_real_endonuke_png_needs_mpp():
+    png = sorted((REAL / "endonuke" / "images").glob("*.png"))[0]
+    with pytest.raises(SlideError, match="no pixel size"):
+        open_slide(png)
+    with open_slide(png, mpp=0.5) as s:
+        assert s.dimensions == (200, 200) and s.read_region((0, 0), 0, (200, 200)).shape == (200, 200, 3)

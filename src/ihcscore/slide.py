@@ -806,10 +806,14 @@ def open_slide(path, mpp=None) -> Slide:
         except Exception as exc:  # noqa: BLE001
             errors.append(f"tifffile: {_one_line(exc)}")
     if backend is None and not is_tiff:
+        from PIL import UnidentifiedImageError
+
         try:
             backend = _ArrayBackend(path)
         except SlideError:
             raise
+        except UnidentifiedImageError:
+            errors.append("format not recognised by OpenSlide, tifffile or Pillow")
         except Exception as exc:  # noqa: BLE001
             errors.append(_one_line(exc))
     if backend is None:
