@@ -1,0 +1,177 @@
+"""Detection, measurement and scoring of one region against computed truth."""
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
+from skimage import data, draw
+
+from ihcscore.cells import DetectionParams, compartments, expand_cells
+from ihcscore.measure import label_statistics, measure_cells
+from ihcscore.cells import Segmentation
+from ihcscore.pipeline import analyze_region, resample_to_grid
+from ihcscore.preset import load_preset
+from ihcscore.synthetic import make_synthetic_region, truth_scores
+
+MATCH_RADIUS_UM = 4.0
+
+
+def match(truth_xy, found_xy, radius_px):
+    """One-to-one matching of centroids within ``radius_px`` (Hungarian)."""
+    if len(truth_xy) == 0 or len(found_xy) == 0:
+        return np.array([], int), np.array([], int)
+    d = cdist(truth_xy, found_xy)
+    ri, ci = linear_sum_assignment(d)
+    ok = d[ri, ci] <= radius_px
+    return ri[ok], ci[ok]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    rgb, truth, _ = make_synthetic_region((1024, 1024), 0.5, seed=7, dab_location="cell")
+    result = analyze_region(rgb, 0.5, load_preset("cxcr4"))
+    return rgb, truth, result
+
+
+def test_detection_f1_on_synthetic(synthetic):
+    _, truth, result = synthetic
+    ti, ci = match(truth[["x_px", "y_px"]].to_numpy(), result.cells[["x_px", "y_px"]].to_numpy(),
+                   MATCH_RADIUS_UM / 0.5)
+    precision = len(ci) / len(result.cells)
+    recall = len(ti) / len(truth)
+    f1 = 2 * precision * recall / (precision + recall)
+    assert f1 >= 0.9, (precision, recall)
+
+
+def test_bins_match_truth(synthetic):
+    _, truth, result = synthetic
+    ti, ci = match(truth[["x_px", "y_px"]].to_numpy(), result.cells[["x_px", "y_px"]].to_numpy(), 8)
+    accuracy = np.mean(truth["bin"].to_numpy()[ti] == result.cells["bin"].to_numpy()[ci])
+    assert accuracy >= 0.9
+
+
+def test_tumour_h_score_close_to_truth_and_all_cells_biased(synthetic):
+    _, truth, result = synthetic
+    true = truth_scores(truth, (0.2, 0.4, 0.6))
+    ours = result.summary
+    assert abs(ours["tumour"]["h_score"] - true["tumour"]["h_score"]) <= 10
+    assert abs(ours["all"]["h_score"] - true["all"]["h_score"]) <= 10
+    # Lymphocytes are strongly positive: the all-cell score is visibly higher than the tumour truth.
+    assert ours["all"]["h_score"] - true["tumour"]["h_score"] > 10
+    assert ours["tumour"]["n"] < ours["all"]["n"]
+
+
+def test_every_compartment_reported(synthetic):
+    _, _, result = synthetic
+    for group in ("tumour", "all"):
+        by = result.summary[group]["by_compartment"]
+        assert set(by) == {"nucleus", "cytoplasm", "membrane", "cell"}
+        assert all(by[c]["n"] > 0 and by[c]["h_score"] is not None for c in by)
+
+
+def test_skimage_ihc_scores_finite_and_deterministic():
+    rgb = data.immunohistochemistry()
+    preset = load_preset("cxcr4")
+    a = analyze_region(rgb, 0.5, preset)
+    b = analyze_region(rgb, 0.5, preset)
+    assert len(a.cells) > 100
+    for group in ("tumour", "all"):
+        h = a.summary[group]["h_score"]
+        assert h is not None and 0 <= h <= 300
+        assert abs(h - b.summary[group]["h_score"]) <= 1
+    assert np.array_equal(a.cells["bin"].to_numpy(), b.cells["bin"].to_numpy())
+
+
+def test_blank_glass_gives_no_cells_and_null_scores():
+    rgb = np.full((300, 300, 3), 250, np.uint8)
+    result = analyze_region(rgb, 0.5, load_preset("cxcr4"))
+    assert len(result.cells) == 0
+    assert result.summary["all"]["n"] == 0
+    assert result.summary["all"]["h_score"] is None
+    assert result.summary["tumour"]["percent_positive"] is None
+
+
+def test_measurements_of_known_disks():
+    """Areas, centroid and OD mean of painted disks come back exactly (pixel counts)."""
+    nuclei = np.zeros((100, 160), np.int32)
+    rr, cc = draw.disk((50, 40), 8)
+    nuclei[rr, cc] = 1
+    rr, cc = draw.disk((50, 110), 6)
+    nuclei[rr, cc] = 2
+    cells = expand_cells(nuclei, 4)
+    cyto, membrane = compartments(nuclei, cells, 1.0)
+    seg = Segmentation(nuclei, cells, cyto, membrane, pixel_size_um=0.5)
+    stain = np.zeros((100, 160, 3), np.float32)
+    stain[..., 1] = np.where(nuclei == 1, 0.7, 0.1)
+    t = measure_cells(seg, stain, origin_px=(1000, 2000), downsample=2.0)
+    a1 = (nuclei == 1).sum() * 0.25
+    assert t.loc[0, "Nucleus: Area µm^2"] == pytest.approx(a1)
+    assert t.loc[0, "Cell: Area µm^2"] == pytest.approx((cells == 1).sum() * 0.25)
+    assert t.loc[0, "Nucleus: DAB OD mean"] == pytest.approx(0.7)
+    assert t.loc[1, "Nucleus: DAB OD mean"] == pytest.approx(0.1)
+    # Detection pixel (40, 50) maps to level-0 1000 + (40 + 0.5) * 2 - 0.5.
+    assert t.loc[0, "x_px"] == pytest.approx(1000 + 40.5 * 2 - 0.5)
+    assert t.loc[0, "y_px"] == pytest.approx(2000 + 50.5 * 2 - 0.5)
+    # Circularity of a digitised disk is close to 1; the perimeter close to 2 pi r.
+    assert t.loc[0, "Nucleus: Perimeter µm"] == pytest.approx(2 * np.pi * 8 * 0.5, rel=0.1)
+    assert t.loc[0, "Nucleus: Circularity"] > 0.85
+    assert t.loc[0, "Nucleus: Eccentricity"] < 0.2
+
+
+def test_compartments_partition_the_cell():
+    nuclei = np.zeros((60, 60), np.int32)
+    rr, cc = draw.disk((30, 22), 6)
+    nuclei[rr, cc] = 1
+    rr, cc = draw.disk((30, 40), 6)
+    nuclei[rr, cc] = 2
+    cells = expand_cells(nuclei, 10)
+    cyto, membrane = compartments(nuclei, cells, 2.0)
+    assert np.all((cyto > 0) == ((cells > 0) & (nuclei == 0)))
+    assert np.all(cells[membrane > 0] == membrane[membrane > 0])
+    # Membrane pixels lie on the cell's outer ring only: never deep inside.
+    from scipy import ndimage as ndi
+
+    inner = ndi.binary_erosion(cells == 1, iterations=3)
+    assert not np.any(inner & (membrane == 1))
+    # Cells grow by at most the expansion distance and never overlap (one label per pixel).
+    assert (cells > 0).sum() > (nuclei > 0).sum()
+
+
+def test_label_statistics_match_numpy():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(40, 40))
+    img = rng.random((40, 40)).astype(np.float32)
+    stats = label_statistics(labels, {"x": img}, 4)
+    for lab in range(1, 5):
+        v = img[labels == lab].astype(np.float64)
+        assert stats["x mean"][lab - 1] == pytest.approx(v.mean())
+        assert stats["x std dev"][lab - 1] == pytest.approx(v.std(), abs=1e-6)
+        assert stats["x max"][lab - 1] == pytest.approx(v.max())
+        assert stats["x min"][lab - 1] == pytest.approx(v.min())
+
+
+def test_resample_is_independent_of_the_window():
+    """A detection pixel gets the same value whichever tile window computes it."""
+    rng = np.random.default_rng(1)
+    src = rng.integers(0, 255, size=(400, 400, 3)).astype(np.float32)
+    scale = 2.2
+    whole = resample_to_grid(src, (0, 0), scale, (0, 0), (150, 150))
+    part = resample_to_grid(src[100:300, 120:330], (100, 120), scale, (60, 70), (40, 50))
+    assert np.allclose(part, whole[60:100, 70:120], atol=1e-3)
+
+
+def test_od_sum_detection_finds_dab_heavy_nuclei():
+    """Nuclear-marker detection (OD sum) finds strongly DAB-stained nuclei that hematoxylin misses."""
+    rgb, truth, _ = make_synthetic_region((768, 768), 0.5, seed=3, dab_location="nucleus")
+    strong = truth[truth["dab_od"] >= 0.6][["x_px", "y_px"]].to_numpy()
+    assert len(strong) > 10
+    ki67 = analyze_region(rgb, 0.5, load_preset("ki67"))
+    ti, _ = match(strong, ki67.cells[["x_px", "y_px"]].to_numpy(), 8)
+    assert len(ti) / len(strong) >= 0.9
+
+
+def test_detection_params_validate():
+    with pytest.raises(ValueError, match="detection.image"):
+        DetectionParams(image="eosin")
+    with pytest.raises(ValueError, match="max_area"):
+        DetectionParams(min_area_um2=50, max_area_um2=10)
