@@ -1,0 +1,159 @@
+"""Tissue masks: thresholding, PNG masks and GeoJSON annotations."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ihcscore.slide import open_slide, write_pyramidal_tiff
+from ihcscore.tissue import (
+    MaskError,
+    mask_from_file,
+    read_annotations,
+    region_fraction,
+    resolve_tissue,
+    tissue_mask,
+)
+
+REAL = Path(__file__).parent / "data" / "real"
+
+
+def _glass(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(242, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _disk_slide(tmp_path, h=1200, w=1600, r=400, centre=(600, 700)):
+    rgb = _glass(h, w)
+    yy, xx = np.mgrid[:h, :w]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r**2
+    rng = np.random.default_rng(1)
+    tissue = np.clip(rng.normal((170, 150, 190), 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    rgb[disk] = tissue[disk]
+    path = write_pyramidal_tiff(tmp_path / "disk.tif", rgb, 0.5, compression="zlib", min_level_side=256)
+    return path, disk
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_blank_glass_gives_empty_mask(tmp_path):
+    white = np.full((800, 1000, 3), 255, np.uint8)
+    path = write_pyramidal_tiff(tmp_path / "white.tif", white, 0.5, compression="zlib")
+    with open_slide(path) as s:
+        mask, ds = tissue_mask(s, max_side=500)
+    assert mask.shape == (400, 500) and ds == pytest.approx(2.0)
+    assert not mask.any()
+    # noisy glass too
+    mask, ds = tissue_mask(_glass(300, 300), mpp=0.5)
+    assert ds == 1.0 and not mask.any()
+
+
+@pytest.mark.parametrize("method", ["otsu", "saturation"])
+def test_tissue_disk_is_found(tmp_path, method):
+    path, disk = _disk_slide(tmp_path)
+    with open_slide(path) as s:
+        mask, ds = tissue_mask(s, max_side=400, method=method)
+    assert ds == pytest.approx(4.0)
+    truth = disk[2::4, 2::4]
+    assert mask.shape == truth.shape
+    assert _iou(mask, truth) > 0.9
+
+
+def test_all_tissue_image_is_not_split():
+    rng = np.random.default_rng(2)
+    rgb = np.clip(rng.normal((150, 120, 170), 30, (300, 300, 3)), 0, 255).astype(np.uint8)
+    rgb[:150] = np.clip(rgb[:150].astype(int) + 60, 0, 255)  # a paler half
+    mask, _ = tissue_mask(rgb, mpp=0.5)
+    assert mask.mean() > 0.97
+
+
+def test_png_mask_any_size(tmp_path):
+    import imageio.v3 as iio
+
+    path, disk = _disk_slide(tmp_path)
+    small = disk[::8, ::8].astype(np.uint8) * 255  # 150 x 200
+    iio.imwrite(tmp_path / "m.png", small)
+    with open_slide(path) as s:
+        mask, ds = mask_from_file(tmp_path / "m.png", s)
+        assert mask.shape == (150, 200) and ds == pytest.approx(8.0)
+        assert np.array_equal(mask, small > 0)
+        iio.imwrite(tmp_path / "bad.png", np.zeros((100, 100), np.uint8))
+        with pytest.raises(MaskError, match="bad.png.*aspect"):
+            mask_from_file(tmp_path / "bad.png", s)
+
+
+def _geojson(tmp_path, features, name="a.geojson", collection=True):
+    data = {"type": "FeatureCollection", "features": features} if collection else features
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return p
+
+
+def _feature(geom, name=None, cls=None, object_type="annotation"):
+    props = {"objectType": object_type}
+    if name:
+        props["name"] = name
+    if cls:
+        props["classification"] = {"name": cls, "color": [255, 0, 0]}
+    return {"type": "Feature", "geometry": geom, "properties": props}
+
+
+def test_geojson_annotation_rasterises_to_right_area(tmp_path):
+    # a 600 x 400 px rectangle with a 100 x 100 hole, and a triangle of area 0.5 * 300 * 300
+    rect = {"type": "Polygon", "coordinates": [
+        [[100, 200], [700, 200], [700, 600], [100, 600], [100, 200]],
+        [[300, 300], [400, 300], [400, 400], [300, 400], [300, 300]]]}
+    tri = {"type": "MultiPolygon", "coordinates": [[[[900, 100], [1200, 100], [900, 400], [900, 100]]]]}
+    cells = _feature({"type": "Polygon", "coordinates": [[[0, 0], [50, 0], [50, 50], [0, 0]]]},
+                     object_type="detection")
+    point = _feature({"type": "Point", "coordinates": [5, 5]})
+    p = _geojson(tmp_path, [_feature(rect, name="Region 1", cls="Tumor"), _feature(tri, cls="Stroma"),
+                            cells, point])
+    ann = read_annotations(p)
+    assert [n for n, _ in ann] == ["Region 1", "Stroma"]
+    assert ann[0][1].area == pytest.approx(600 * 400 - 100 * 100)
+
+    path, _ = _disk_slide(tmp_path)
+    with open_slide(path) as s:
+        mask, ds = mask_from_file(p, s, max_side=800)
+        assert ds == pytest.approx(2.0) and mask.shape == (600, 800)
+        area_px = mask.sum() * ds**2
+        assert area_px == pytest.approx(600 * 400 - 100 * 100 + 0.5 * 300 * 300, rel=0.02)
+        assert mask[250 // 2, 400 // 2] and not mask[350 // 2, 350 // 2]  # inside; in the hole
+        # a bare list of features works too
+        p2 = _geojson(tmp_path, [_feature(rect)], name="list.json", collection=False)
+        m2, _ = mask_from_file(p2, s, max_side=800)
+        assert m2.sum() * 4 == pytest.approx(600 * 400 - 100 * 100, rel=0.02)
+        assert region_fraction(m2, 2.0, 100, 200, 200, 100) == pytest.approx(1.0)
+        assert region_fraction(m2, 2.0, 1300, 900, 100, 100) == 0.0
+        # resolve_tissue: the CLI's --tissue values
+        m_all, _ = resolve_tissue(s, "all", max_side=400)
+        assert m_all.all() and m_all.shape == (300, 400)
+        assert resolve_tissue(s, str(p2), max_side=800)[0].sum() == m2.sum()
+
+
+def test_mask_file_errors_name_the_file(tmp_path):
+    path, _ = _disk_slide(tmp_path, h=300, w=400, r=100, centre=(150, 200))
+    (tmp_path / "broken.geojson").write_text("{not json")
+    _geojson(tmp_path, [_feature({"type": "Point", "coordinates": [1, 2]})], name="points.geojson")
+    _geojson(tmp_path, [_feature({"type": "Polygon", "coordinates": [
+        [[1e6, 1e6], [1e6 + 10, 1e6], [1e6, 1e6 + 10], [1e6, 1e6]]]})], name="far.geojson")
+    (tmp_path / "mask.xyz").write_text("?")
+    with open_slide(path) as s:
+        for name, what in [("missing.geojson", "no such file"), ("broken.geojson", "not valid json"),
+                           ("points.geojson", "no polygon"), ("far.geojson", "do not overlap"),
+                           ("mask.xyz", "unsupported mask file type")]:
+            with pytest.raises(MaskError) as info:
+                mask_from_file(tmp_path / name, s)
+            msg = str(info.value)
+            assert name in msg and "\n" not in msg and what in msg.lower(), msg
+
+
+def test_real_svs_tissue_mask():
+    with open_slide(REAL / "CMU-1-Small-Region.svs") as s:
+        mask, ds = tissue_mask(s, max_side=512)
+    assert mask.shape == (512, 383) and ds == pytest.approx(2967 / 512)
+    assert 0.2 < mask.mean() < 0.7  # a strip of H&E tissue on glass
