@@ -232,3 +232,18 @@ def test_real_endonuke_png_needs_mpp():
         open_slide(png)
     with open_slide(png, mpp=0.5) as s:
         assert s.dimensions == (200, 200) and s.read_region((0, 0), 0, (200, 200)).shape == (200, 200, 3)
+
+
+def test_tifffile_fallback_reads_pyramid_levels(tmp_path, monkeypatch):
+    """Without OpenSlide's help the tifffile reader finds the same levels and pixels."""
+    openslide = pytest.importorskip("openslide")
+    monkeypatch.setattr(openslide.OpenSlide, "detect_format", classmethod(lambda cls, p: None))
+    rgb = _gradient(1100, 900)
+    path = write_pyramidal_tiff(tmp_path / "f.tif", rgb, 0.5, compression="jpeg", min_level_side=256)
+    with open_slide(path) as s:
+        assert s.vendor == "aperio-svs" and s.mpp == pytest.approx(0.5)
+        assert s.level_dimensions == ((900, 1100), (450, 550), (225, 275))
+        assert np.abs(s.read_region((0, 0), 0, (900, 1100)).astype(int) - rgb).mean() < 1.5
+        # tiles read concurrently through dask's threaded scheduler
+        level1 = s.to_dask_pyramid()[1].compute(scheduler="threads", num_workers=4)
+        assert np.abs(level1.astype(int) - rgb[::2, ::2]).mean() < 2.0

@@ -266,8 +266,8 @@ class _TiffBackend:
             for s in self._associated:
                 if "X" in s.axes and s.axes == levels[0].axes and s.dtype == levels[0].dtype:
                     p = s.pages[0] if s.pages else None
-                    if p is not None and getattr(p, "is_tiled", False) and s.shape[s.axes.index("X")] < w0 \
-                            and (s.name or "").lower() not in ("thumbnail", "label", "macro", "map"):
+                    # vendor thumbnails/labels are stripped; tiled smaller images are levels
+                    if p is not None and getattr(p, "is_tiled", False) and s.shape[s.axes.index("X")] < w0:
                         extra.append(s)
             if extra:
                 extra.sort(key=lambda s: -s.shape[s.axes.index("X")])
