@@ -938,8 +938,9 @@ def write_pyramidal_tiff(path, rgb, mpp, *, tile=256, compression="jpeg", qualit
     else:
         desc = extra_description if isinstance(extra_description, str) else None
 
-    n_px = w * h * 3
-    bigtiff = n_px * 4 // 3 > 2**31 if comp is None else n_px > 2**32
+    # classic TIFF offsets are 32-bit: switch to BigTIFF well before the raw
+    # size of all levels (4/3 of level 0) could pass 4 GiB
+    bigtiff = w * h * 3 * 4 // 3 > 2**31
     kwargs = dict(tile=(tile, tile), photometric="rgb", compression=comp,
                   resolutionunit="CENTIMETER", metadata=None)
     if comp == "jpeg":
