@@ -30,7 +30,6 @@ that straddle a border are identical on both sides.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import threading
@@ -800,3 +799,350 @@ def _atomic_write(path, text):
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Large slides, block by block
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _LargeConfig:
+    """Everything a block needs, hashable so block placements can be cached."""
+
+    shape: tuple
+    mpp: float
+    seed: int
+    block_px: int
+    counts_per_block: tuple  # ((type, n), ...) for a full block
+    bin_probs: tuple  # ((type, (p0, ...)), ...)
+    thresholds: tuple
+    dab_margin_od: float
+    tissue_fraction: float
+    nest_fraction: float
+    dab_location: str
+    cell_expansion_um: float
+    membrane_width_um: float
+    stains: StainVectors
+    background: tuple | None
+    hematoxylin_scale: float
+    gamma: float | None
+    noise_sd: float
+    residual_od_sd: float
+    blur_sigma_um: float
+
+    @property
+    def fields(self):
+        return _fields_cached(self.seed, self.tissue_fraction, self.nest_fraction)
+
+    def halo_px(self):
+        reach_um = 2 * _MAX_SEMI_MAJOR_UM + self.cell_expansion_um + self.membrane_width_um + 1.0
+        return int(np.ceil(reach_um / self.mpp + 3 * self.blur_sigma_um / self.mpp)) + 2
+
+
+_CACHE_LOCK = threading.Lock()
+_FIELDS_CACHE: dict = {}
+_BLOCK_CACHE: dict = {}
+_BLOCK_CACHE_MAX = 512
+
+
+def _fields_cached(seed, tissue_fraction, nest_fraction):
+    key = (seed, tissue_fraction, nest_fraction)
+    with _CACHE_LOCK:
+        if key not in _FIELDS_CACHE:
+            _FIELDS_CACHE[key] = _Fields.from_seed(seed, tissue_fraction, nest_fraction)
+        return _FIELDS_CACHE[key]
+
+
+def _block_cells(cfg: _LargeConfig, by: int, bx: int):
+    """Cells whose nuclei lie in block (by, bx); deterministic from (seed, by, bx)."""
+    key = (cfg, by, bx)
+    with _CACHE_LOCK:
+        hit = _BLOCK_CACHE.get(key)
+    if hit is not None:
+        return hit
+    H, W = cfg.shape
+    b = cfg.block_px
+    y0, x0 = by * b, bx * b
+    h, w = min(b, H - y0), min(b, W - x0)
+    frac = h * w / (b * b)
+    counts = {k: int(round(n * frac)) for k, n in cfg.counts_per_block}
+    rng = np.random.default_rng([cfg.seed, 1, by, bx])
+    cells = _place_cells(rng, cfg.fields, x0, y0, h, w, cfg.mpp, counts, dict(cfg.bin_probs),
+                         cfg.thresholds, cfg.dab_margin_od)
+    with _CACHE_LOCK:
+        if len(_BLOCK_CACHE) >= _BLOCK_CACHE_MAX:
+            _BLOCK_CACHE.pop(next(iter(_BLOCK_CACHE)))
+        _BLOCK_CACHE[key] = cells
+    return cells
+
+
+def _render_block(cfg: _LargeConfig, by: int, bx: int):
+    """RGB and truth rows of one block, rendered with its neighbours' cells in a halo."""
+    H, W = cfg.shape
+    b = cfg.block_px
+    nby, nbx = -(-H // b), -(-W // b)
+    y0, x0 = by * b, bx * b
+    h, w = min(b, H - y0), min(b, W - x0)
+    halo = cfg.halo_px()
+    own = _block_cells(cfg, by, bx)
+    parts = [own]
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if (dy or dx) and 0 <= by + dy < nby and 0 <= bx + dx < nbx:
+                parts.append(_block_cells(cfg, by + dy, bx + dx))
+    cells = {k: np.concatenate([p[k] for p in parts]) for k in own}
+    cx0, cy0 = x0 - halo, y0 - halo
+    ch, cw = h + 2 * halo, w + 2 * halo
+    hem, dab, labels = _paint_canvas(cells, cfg.fields, cx0, cy0, ch, cw, cfg.mpp, cfg.dab_location,
+                                     cfg.cell_expansion_um, cfg.membrane_width_um)
+    n_own = len(own["type"])
+    truth = _cell_table(cells, labels, dab, cfg.mpp, cx0, cy0)
+    truth = truth[truth["label"] <= n_own].reset_index(drop=True)
+    rng = np.random.default_rng([cfg.seed, 2, by, bx])
+    crop = (slice(halo, halo + h), slice(halo, halo + w))
+    rgb = _render(hem, dab, crop, rng, cfg.stains, cfg.background, cfg.hematoxylin_scale, cfg.gamma,
+                  cfg.noise_sd, cfg.residual_od_sd, cfg.blur_sigma_um / cfg.mpp)
+    return rgb, truth
+
+
+def _render_block_star(args):
+    return _render_block(*args)
+
+
+def _halve(rgb):
+    from .slide import _halve as halve
+
+    return halve(rgb)
+
+
+def _tiles_of(arr, tile):
+    """Row-major (tile, tile, 3) tiles of an array, edge tiles zero-padded."""
+    h, w = arr.shape[:2]
+    for ty in range(0, h, tile):
+        for tx in range(0, w, tile):
+            t = np.asarray(arr[ty:ty + tile, tx:tx + tile])
+            if t.shape[:2] != (tile, tile):
+                t = np.pad(t, ((0, tile - t.shape[0]), (0, tile - t.shape[1]), (0, 0)))
+            yield t
+
+
+def _large_config(shape, mpp, seed, block_px, *, density_per_mm2, dab_location, cell_expansion_um,
+                  membrane_width_um, thresholds, bin_probabilities, dab_margin_od, tissue_fraction, nest_fraction,
+                  stains, background, hematoxylin_scale, gamma, noise_sd, residual_od_sd, blur_sigma_um):
+    probs = {k: tuple(v) for k, v in DEFAULT_BIN_PROBABILITIES.items()}
+    probs.update({k: tuple(v) for k, v in (bin_probabilities or {}).items()})
+    n_bins = len(thresholds) + 1
+    _bin_levels(thresholds, dab_margin_od)
+    dens = dict(DEFAULT_DENSITY_PER_MM2, **(density_per_mm2 or {}))
+    block_mm2 = (block_px * mpp / 1000.0) ** 2
+    cfg = _LargeConfig(
+        shape=shape, mpp=float(mpp), seed=int(seed), block_px=int(block_px),
+        counts_per_block=tuple((k, float(dens[k] * block_mm2)) for k in CELL_TYPES),
+        bin_probs=tuple((k, tuple(_bin_probabilities(probs[k], n_bins))) for k in CELL_TYPES),
+        thresholds=tuple(float(t) for t in thresholds), dab_margin_od=float(dab_margin_od),
+        tissue_fraction=float(tissue_fraction), nest_fraction=float(nest_fraction),
+        dab_location=dab_location, cell_expansion_um=float(cell_expansion_um),
+        membrane_width_um=float(membrane_width_um), stains=stains,
+        background=None if background is None else tuple(float(x) for x in background),
+        hematoxylin_scale=float(hematoxylin_scale), gamma=gamma, noise_sd=float(noise_sd),
+        residual_od_sd=float(residual_od_sd), blur_sigma_um=float(blur_sigma_um),
+    )
+    if cfg.halo_px() > block_px:
+        raise ValueError(f"block_px {block_px} is smaller than the rendering halo ({cfg.halo_px()} px)")
+
+    return cfg, probs, dens
+
+
+def write_large_synthetic_slide(
+    path,
+    shape=(16384, 16384),
+    mpp=0.5,
+    seed=0,
+    *,
+    block_px=1024,
+    tile=256,
+    compression="jpeg",
+    quality=90,
+    density_per_mm2=None,
+    dab_location="cell",
+    cell_expansion_um=5.0,
+    membrane_width_um=1.0,
+    thresholds=(0.2, 0.4, 0.6),
+    bin_probabilities=None,
+    dab_margin_od=0.05,
+    tissue_fraction=0.85,
+    nest_fraction=0.5,
+    stains: StainVectors = H_DAB_DEFAULT,
+    background=None,
+    hematoxylin_scale=1.0,
+    gamma=None,
+    noise_sd=1.5,
+    residual_od_sd=0.01,
+    blur_sigma_um=0.2,
+    min_level_side=512,
+    workers=1,
+    progress=None,
+) -> dict:
+    """Write a large synthetic slide block by block, with its truth.
+
+    Level 0 is generated in ``block_px`` blocks (deterministic per-block
+    seeds) and streamed into the TIFF tile by tile; one row of blocks is held
+    in memory. Reduced levels (each half the previous, as
+    :func:`ihcscore.slide.write_pyramidal_tiff` writes them) go through
+    memory-mapped temporary files next to ``path``. The result does not depend
+    on ``workers``.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.tif``/``.svs``; ``<stem>.truth.csv`` and ``<stem>.truth.json``
+        are written next to it (see :func:`make_synthetic_slide`).
+    shape : (int, int)
+        Level-0 size (H, W) in pixels.
+    block_px : int
+        Generation block side (a multiple of ``tile``).
+    density_per_mm2 : dict, optional
+        Cells per mm² per cell type (defaults :data:`DEFAULT_DENSITY_PER_MM2`).
+    workers : int
+        Processes rendering the blocks of a row in parallel.
+    progress : callable, optional
+        Called as ``progress(blocks_done, blocks_total)``.
+
+    Other parameters are those of :func:`make_synthetic_layout` and
+    :func:`render_layout`.
+
+    Returns
+    -------
+    dict
+        The truth JSON content.
+    """
+    import tifffile
+
+    from .slide import _app_mag, _ensure_tifffile_jpeg
+
+    shape = tuple(int(s) for s in shape)
+    _check_common(shape, mpp, dab_location)
+    if block_px % tile or block_px < 2 * tile:
+        raise ValueError(f"block_px must be a multiple of tile ({tile}) and at least 2 tiles, got {block_px}")
+    comp = {"jpeg": "jpeg", "zlib": "zlib", None: None}.get(compression, "?")
+    if comp == "?":
+        raise ValueError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
+    cfg, probs, dens = _large_config(
+        shape, mpp, seed, block_px, density_per_mm2=density_per_mm2, dab_location=dab_location,
+        cell_expansion_um=cell_expansion_um, membrane_width_um=membrane_width_um, thresholds=thresholds,
+        bin_probabilities=bin_probabilities, dab_margin_od=dab_margin_od, tissue_fraction=tissue_fraction,
+        nest_fraction=nest_fraction, stains=stains, background=background, hematoxylin_scale=hematoxylin_scale,
+        gamma=gamma, noise_sd=noise_sd, residual_od_sd=residual_od_sd, blur_sigma_um=blur_sigma_um)
+
+    path = Path(path)
+    H, W = shape
+    nby, nbx = -(-H // block_px), -(-W // block_px)
+    csv_path, json_path = _truth_paths(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp_csv = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    score_cols = ["class", "cell_type", "dab_od"] + [f"dab_od_{c}" for c in COMPARTMENTS]
+    kept = []
+    n_done = 0
+    next_label = 1
+
+    if comp == "jpeg":
+        _ensure_tifffile_jpeg()
+    kwargs = dict(tile=(tile, tile), photometric="rgb", compression=comp, resolutionunit="CENTIMETER",
+                  metadata=None, dtype=np.uint8)
+    if comp == "jpeg":
+        # 4:4:4: chroma subsampling would smear 1 µm DAB membranes into their neighbours.
+        kwargs.update(compressionargs={"level": int(quality)}, subsampling=(1, 1))
+    comp_name = {"jpeg": f"JPEG/RGB Q={int(quality)}", "zlib": "ZLIB/RGB", None: "RAW/RGB"}[comp]
+    desc0 = (f"Aperio Image Library ihcscore synthetic\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile}) "
+             f"{comp_name}|AppMag = {_app_mag(mpp)}|MPP = {mpp:.6g}")
+
+    level_shapes = [(H, W)]
+    while True:
+        nh, nw = (level_shapes[-1][0] + 1) // 2, (level_shapes[-1][1] + 1) // 2
+        if max(nh, nw) < min_level_side or min(nh, nw) < 1:
+            break
+        level_shapes.append((nh, nw))
+
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(max_workers=int(workers))
+
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent)
+    try:
+        maps = [np.lib.format.open_memmap(os.path.join(tmpdir, f"level{k}.npy"), mode="w+",
+                                          dtype=np.uint8, shape=s + (3,))
+                for k, s in enumerate(level_shapes[1:], start=1)]
+
+        def level0_tiles():
+            nonlocal n_done, next_label
+            header = True
+            for by in range(nby):
+                jobs = [(cfg, by, bx) for bx in range(nbx)]
+                results = pool.map(_render_block_star, jobs) if pool else map(_render_block_star, jobs)
+                strip_parts, truths = [], []
+                for rgb, truth in results:
+                    strip_parts.append(rgb)
+                    truths.append(truth)
+                    n_done += 1
+                    if progress is not None:
+                        progress(n_done, nby * nbx)
+                strip = np.concatenate(strip_parts, axis=1)
+                truth = pd.concat(truths, ignore_index=True)
+                truth["label"] = np.arange(next_label, next_label + len(truth))
+                next_label += len(truth)
+                with open(tmp_csv, "a") as fh:
+                    truth.to_csv(fh, index=False, header=header, float_format="%.6g")
+                header = False
+                kept.append(truth[score_cols])
+                if maps:
+                    y = by * block_px
+                    half = _halve(strip)
+                    maps[0][y // 2:y // 2 + half.shape[0]] = half
+                yield from _tiles_of(strip, tile)
+
+        bigtiff = H * W * 3 > 2**31
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+            res = 1e4 / mpp
+            tw.write(level0_tiles(), shape=(H, W, 3), resolution=(res, res), description=desc0,
+                     subfiletype=0, **kwargs)
+            for k, m in enumerate(maps, start=1):
+                if k < len(maps):
+                    # next level from this one, in row chunks
+                    step = 2 * block_px
+                    for y in range(0, m.shape[0], step):
+                        half = _halve(np.asarray(m[y:y + step]))
+                        maps[k][y // 2:y // 2 + half.shape[0]] = half
+                res = 1e4 / (mpp * 2**k)
+                desc = f"Aperio Image Library ihcscore synthetic\n{W}x{H} -> {m.shape[1]}x{m.shape[0]} - "
+                tw.write(_tiles_of(m, tile), shape=m.shape, resolution=(res, res), description=desc,
+                         subfiletype=1, **kwargs)
+        del maps
+        os.replace(tmp, path)
+        os.replace(tmp_csv, csv_path)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        for p in (tmp, tmp_csv):
+            if p.exists():
+                p.unlink()
+        for f in Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
+
+    truth_all = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=score_cols)
+    params = dict(
+        shape=list(shape), mpp=float(mpp), seed=int(seed), block_px=int(block_px),
+        density_per_mm2=dens, dab_location=dab_location, cell_expansion_um=float(cell_expansion_um),
+        membrane_width_um=float(membrane_width_um), thresholds=[float(t) for t in thresholds],
+        bin_probabilities={k: list(map(float, v)) for k, v in probs.items()},
+        dab_margin_od=float(dab_margin_od), tissue_fraction=float(tissue_fraction),
+        nest_fraction=float(nest_fraction),
+    )
+    render = dict(hematoxylin_scale=float(hematoxylin_scale), gamma=gamma, noise_sd=float(noise_sd),
+                  residual_od_sd=float(residual_od_sd), blur_sigma_um=float(blur_sigma_um),
+                  compression=compression, quality=int(quality))
+    meta = _truth_json(truth_all, params, stains, background, render, path)
+    _atomic_write(json_path, json.dumps(meta, indent=2))
+    return meta
