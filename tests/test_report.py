@@ -89,6 +89,12 @@ def example():
     rgb = _example_image()
     cells = _example_cells(rgb)
     summary = _example_summary(cells)
+    sel = cells[(cells.x_px >= 256) & (cells.y_px < 512)].copy()
+    sel["nucleus_polygon"] = [np.array([[x - 4, y - 3], [x + 4, y - 3], [x + 4, y + 3], [x - 4, y + 3]])
+                              for x, y in zip(sel.x_px, sel.y_px)]
+    sel["cell_polygon"] = [np.array([[x - 9, y - 8], [x + 9, y - 8], [x + 9, y + 8], [x - 9, y + 8]])
+                           for x, y in zip(sel.x_px, sel.y_px)]
+    batch_cells = sel
     mask = np.zeros((64, 64), bool)
     mask[6:58, 4:60] = True
     fields = [
@@ -99,6 +105,8 @@ def example():
                     "polygon": [(r.x_px - 256 + 5 * np.cos(a), r.y_px - 256 + 5 * np.sin(a))
                                 for a in np.linspace(0, 2 * np.pi, 12, endpoint=False)]}
                    for r in cells.itertuples() if 256 <= r.x_px < 456 and 256 <= r.y_px < 456]},
+        # as batch.py passes it: level-0 cell table + the field's origin and downsample
+        {"rgb": rgb[0:512:2, 256:512:2], "origin_px": (256, 0), "downsample": 2.0, "cells": batch_cells},
     ]
     return {"rgb": rgb, "cells": cells, "summary": summary, "mask": mask, "fields": fields}
 
@@ -130,7 +138,8 @@ def test_slide_report_contents(example):
     assert "0.5000 µm/px" in page and "ihcscore 0.1.0" in page and "12.3 s" in page
     # self-contained: images embedded, nothing fetched
     imgs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(imgs) == 4  # thumbnail, histogram, 2 fields
+    assert len(imgs) == 5  # thumbnail, histogram, 3 fields
+    assert "Field 3 at (256, 0) px, 128 × 256 µm" in page
     for src in imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -243,7 +252,7 @@ def test_reports_in_headless_chromium(example, tmp_path):
         comps = _column(table, 1)
         assert comps == sorted(comps, reverse=True)
         imgs = driver.find_elements("tag name", "img")
-        assert len(imgs) == 4
+        assert len(imgs) == 5
         assert all(driver.execute_script("return arguments[0].naturalWidth", im) > 0 for im in imgs)
         assert driver.find_element("id", "warnings").is_displayed()
         assert _severe(driver) == []

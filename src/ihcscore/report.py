@@ -276,18 +276,41 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
     return _fig_uri(fig)
 
 
-def _field_cells(spec):
-    """Normalise a field's cell description to ('points', list) or ('labels', (labels, bins))."""
+def _to_field(poly, origin, downsample):
+    if poly is None or (isinstance(poly, float) and math.isnan(poly)):
+        return None
+    p = np.asarray(poly, float)
+    if p.ndim != 2 or p.shape[0] < 3 or p.shape[1] != 2:
+        return None
+    return (p - np.asarray(origin, float)) / downsample
+
+
+def _field_cells(spec, origin=(0.0, 0.0), downsample=1.0):
+    """Normalise a field's cells to ('points', list of dicts in field px) or ('labels', (labels, bins)).
+
+    A cell table with level-0 ``x_px``/``y_px`` (and ``nucleus_polygon``/``cell_polygon``)
+    is mapped to field pixels with the field's ``origin_px`` and ``downsample``.
+    """
     if spec is None:
         return "points", []
     if isinstance(spec, Mapping) and "labels" in spec:
         return "labels", (np.asarray(spec["labels"]), spec.get("bins"))
-    if isinstance(spec, pd.DataFrame):
-        return "points", spec.to_dict("records")
-    return "points", list(spec)
+    records = spec.to_dict("records") if isinstance(spec, pd.DataFrame) else list(spec)
+    ds = float(downsample or 1.0)
+    out = []
+    for c in records:
+        c = dict(c)
+        if "x" not in c and "x_px" in c:
+            c["x"] = (float(c["x_px"]) - origin[0]) / ds
+            c["y"] = (float(c["y_px"]) - origin[1]) / ds
+            if c.get("polygon") is None:
+                c["polygon"] = _to_field(c.get("nucleus_polygon"), origin, ds)
+                c["outline"] = _to_field(c.get("cell_polygon"), origin, ds)
+        out.append(c)
+    return "points", out
 
 
-def _field_figure(rgb, spec, n_thresholds, title=None) -> str:
+def _field_figure(rgb, spec, n_thresholds, origin=(0.0, 0.0), downsample=1.0) -> str:
     from skimage.segmentation import find_boundaries
 
     rgb = np.asarray(rgb)
@@ -296,7 +319,7 @@ def _field_figure(rgb, spec, n_thresholds, title=None) -> str:
     fig = Figure(figsize=(w * scale, h * scale))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(rgb, interpolation="antialiased")
-    kind, data = _field_cells(spec)
+    kind, data = _field_cells(spec, origin, downsample)
     if kind == "labels":
         labels, bins = data
         bnd = find_boundaries(labels, mode="inner")
@@ -316,6 +339,11 @@ def _field_figure(rgb, spec, n_thresholds, title=None) -> str:
     else:
         for c in data:
             col = _rgb01(bin_color(c.get("bin", -1), n_thresholds))
+            outline = c.get("outline")
+            if outline is not None and len(np.asarray(outline)) >= 3:
+                q = np.asarray(outline, float)
+                q = np.vstack([q, q[:1]])
+                ax.plot(q[:, 0], q[:, 1], "-", color=col, linewidth=0.7, alpha=0.8)
             poly = c.get("polygon")
             if poly is not None and len(np.asarray(poly)) >= 3:
                 p = np.asarray(poly, float)
@@ -452,6 +480,17 @@ def _unit_for(key: str) -> tuple[str, int, str]:
     return "", 2, ""
 
 
+def _label_for(key: str) -> tuple[str, int, str]:
+    """(column label with unit, digits, value unit) for a free-form key such as ``area_mm2``."""
+    suffix, digits, unit = _unit_for(key)
+    stem = key
+    for tail in ("_um2", "_mm2", "_um", "_px", "_s", "_pct"):
+        if suffix and key.endswith(tail) and len(key) > len(tail):
+            stem = key[: -len(tail)]
+            break
+    return stem.replace("_", " ") + suffix, digits, unit
+
+
 def _records_table(records: Sequence[Mapping], table_id: str) -> str:
     """Generic sortable table of flat-ish dicts (nested tumour/all groups flattened)."""
     flat = []
@@ -482,13 +521,7 @@ def _records_table(records: Sequence[Mapping], table_id: str) -> str:
             label, digits, unit = known[base]
             label = (k.split("_", 1)[0] + " " + label) if base != k else label
         else:
-            suffix, digits, unit = _unit_for(k)
-            stem = k
-            for tail in ("_um2", "_mm2", "_um", "_px", "_s", "_pct"):
-                if suffix and k.endswith(tail) and len(k) > len(tail):
-                    stem = k[: -len(tail)]
-                    break
-            label = stem.replace("_", " ") + suffix
+            label, digits, unit = _label_for(k)
         numeric = all(_num(d.get(k)) is not None or d.get(k) in (None, "") for d in flat) and k not in name_keys
         head.append(f'<th class="{"" if numeric else "t"}">{_e(label)}</th>')
         specs.append((k, numeric, digits, unit))
@@ -559,9 +592,9 @@ def _params_table(summary: Mapping) -> str:
     for k, v in summary.items():
         if k in shown or isinstance(v, (Mapping, list)) and len(v) > 6:
             continue
-        suffix, digits, unit = _unit_for(k)
+        label, digits, unit = _label_for(k)
         if _num(v) is not None and not isinstance(v, bool):
-            add(k.replace("_", " ") + suffix, _fmt(v, digits, unit))
+            add(label, f"{float(v):.4g}{unit}")
         else:
             add(k.replace("_", " "), str(to_jsonable(v)))
     return f'<table class="params" id="params-table"><tbody>{"".join(rows)}</tbody></table>'
@@ -696,13 +729,23 @@ def slide_report_html(
         parts.append(_legend_html(n_th, unscored=True))
         items = []
         for k, f in enumerate(fields):
+            origin, ds = (0.0, 0.0), 1.0
             if isinstance(f, Mapping):
                 rgb, spec, ftitle = f.get("rgb"), f.get("cells"), f.get("title")
+                origin = tuple(f.get("origin_px") or (0.0, 0.0))
+                ds = float(f.get("downsample") or 1.0)
             else:
                 rgb, spec = f[0], f[1]
                 ftitle = f[2] if len(f) > 2 else None
-            ftitle = ftitle or f"Field {k + 1}"
-            items.append(_img(_field_figure(rgb, spec, n_th), ftitle, _e(ftitle)))
+            if not ftitle:
+                ftitle = f"Field {k + 1}"
+                if isinstance(f, Mapping) and f.get("origin_px") is not None:
+                    h, w = np.asarray(rgb).shape[:2]
+                    mpp = _num(summary.get("mpp"))
+                    ftitle += f" at ({origin[0]:.0f}, {origin[1]:.0f}) px"
+                    if mpp:
+                        ftitle += f", {w * ds * mpp:.0f} × {h * ds * mpp:.0f} µm"
+            items.append(_img(_field_figure(rgb, spec, n_th, origin, ds), ftitle, _e(ftitle)))
         parts.append(f'<div class="figs">{"".join(items)}</div>')
 
     parts.append("<h2>Parameters</h2>")
