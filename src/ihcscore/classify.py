@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-__all__ = ["MorphologyRule", "classify_cells", "TUMOUR", "OTHER"]
+__all__ = ["MorphologyRule", "classify_cells", "TUMOUR", "OTHER", "CellClassifier", "train_classifier",
+           "neighbourhood_features", "feature_matrix", "labels_from_points", "read_point_annotations"]
 
 TUMOUR = "tumour"
 OTHER = "other"
@@ -65,3 +66,213 @@ def classify_cells(table: pd.DataFrame, rule: MorphologyRule = MorphologyRule())
     lymphocyte = (area < rule.lymphocyte_max_area_um2) & (circ >= rule.lymphocyte_min_circularity)
     stroma = (minor < rule.stroma_max_minor_axis_um) & (ecc >= rule.stroma_min_eccentricity)
     return np.where(lymphocyte | stroma, OTHER, TUMOUR).astype(object)
+
+
+# ------------------------------------------------------------ trainable classifier
+
+#: Measurement columns the trainable classifier uses, when present.
+FEATURE_PREFIXES = ("Nucleus: ", "Cell: ", "Cytoplasm: ", "Membrane: ", "Nucleus/Cell")
+#: DAB intensities are left out of the features: the classifier must decide tumour vs
+#: non-tumour from morphology and hematoxylin, never from the marker it will score.
+EXCLUDED_SUBSTRINGS = ("DAB",)
+NEIGHBOUR_RADII_UM = (20.0, 50.0)
+
+
+def neighbourhood_features(table: pd.DataFrame, radii_um=NEIGHBOUR_RADII_UM) -> pd.DataFrame:
+    """Context of each cell: density and mean neighbour morphology within each radius (µm).
+
+    Columns: ``Neighbours within {r} µm`` (count, excluding the cell itself),
+    ``Neighbour nucleus area mean {r} µm`` and ``Neighbour hematoxylin OD mean {r} µm``
+    (NaN without neighbours; filled with the cell's own value).
+    """
+    from scipy.spatial import cKDTree
+
+    out = {}
+    n = len(table)
+    if n == 0:
+        return pd.DataFrame(index=table.index)
+    xy = table[["x_um", "y_um"]].to_numpy(dtype=np.float64)
+    tree = cKDTree(xy)
+    area = table["Nucleus: Area µm^2"].to_numpy(dtype=np.float64)
+    hem = table["Nucleus: Hematoxylin OD mean"].to_numpy(dtype=np.float64)
+    for r in radii_um:
+        pairs = tree.query_pairs(r, output_type="ndarray")
+        i = np.concatenate([pairs[:, 0], pairs[:, 1]]) if len(pairs) else np.empty(0, int)
+        j = np.concatenate([pairs[:, 1], pairs[:, 0]]) if len(pairs) else np.empty(0, int)
+        count = np.bincount(i, minlength=n).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_area = np.bincount(i, weights=area[j], minlength=n) / count
+            mean_hem = np.bincount(i, weights=hem[j], minlength=n) / count
+        out[f"Neighbours within {r:g} µm"] = count
+        out[f"Neighbour nucleus area mean {r:g} µm"] = np.where(count > 0, mean_area, area)
+        out[f"Neighbour hematoxylin OD mean {r:g} µm"] = np.where(count > 0, mean_hem, hem)
+    return pd.DataFrame(out, index=table.index)
+
+
+def feature_matrix(table: pd.DataFrame, feature_names=None):
+    """The classifier's input: cell measurements (no DAB) plus neighbourhood features.
+
+    Returns ``(X float64 array, feature_names)``; missing values become 0.
+    """
+    context = neighbourhood_features(table)
+    full = pd.concat([table, context], axis=1)
+    if feature_names is None:
+        feature_names = [c for c in full.columns
+                         if isinstance(c, str)
+                         and (c.startswith(FEATURE_PREFIXES) or c in context.columns)
+                         and not any(s in c for s in EXCLUDED_SUBSTRINGS)
+                         and pd.api.types.is_numeric_dtype(full[c])]
+    missing = [c for c in feature_names if c not in full.columns]
+    if missing:
+        raise ValueError(f"the cell table lacks the classifier's features {missing[:5]}")
+    X = full[list(feature_names)].to_numpy(dtype=np.float64)
+    return np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0), list(feature_names)
+
+
+@dataclass
+class CellClassifier:
+    """A trained tumour / non-tumour classifier and the features it expects."""
+
+    model: object
+    feature_names: list
+    classes: tuple = (OTHER, TUMOUR)
+    source: str = "trained"
+
+    def predict(self, table: pd.DataFrame) -> np.ndarray:
+        """``"tumour"`` / ``"other"`` for each row of a cell table."""
+        if len(table) == 0:
+            return np.array([], dtype=object)
+        X, _ = feature_matrix(table, self.feature_names)
+        return np.asarray(self.model.predict(X)).astype(object)
+
+    def save(self, path) -> None:
+        """Save with skops (no pickle); the file holds the model and its feature names."""
+        import skops.io as sio
+
+        sio.dump({"model": self.model, "feature_names": list(self.feature_names),
+                  "format": "ihcscore-cell-classifier-1"}, str(path))
+
+    @classmethod
+    def load(cls, path) -> "CellClassifier":
+        """Load a classifier saved by :meth:`save`; refuses files holding unexpected types."""
+        import skops.io as sio
+
+        path = str(path)
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+        except Exception as e:
+            raise ValueError(f"{path}: not an ihcscore classifier file ({e})") from None
+        allowed = [t for t in untrusted if t.startswith(("sklearn.", "numpy."))]
+        refused = sorted(set(untrusted) - set(allowed))
+        if refused:
+            raise ValueError(f"{path}: refusing to load types {refused}")
+        obj = sio.load(path, trusted=allowed)
+        if not isinstance(obj, dict) or obj.get("format") != "ihcscore-cell-classifier-1":
+            raise ValueError(f"{path}: not an ihcscore classifier file")
+        return cls(model=obj["model"], feature_names=list(obj["feature_names"]), source=path)
+
+
+def train_classifier(table: pd.DataFrame, labels, *, model: str = "random_forest", seed: int = 0) -> CellClassifier:
+    """Train a tumour / non-tumour classifier on labelled cells.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Cell measurements (from :func:`ihcscore.measure.measure_cells`) of the labelled cells
+        *and their neighbours*: neighbourhood features are computed on this table, so pass the
+        whole region's table and mark unlabelled cells with ``None``.
+    labels : sequence of {"tumour", "other", None}
+        One per row; rows labelled None are used for context only.
+    model : "random_forest" | "gradient_boosting"
+    seed : int
+
+    Returns
+    -------
+    CellClassifier
+    """
+    from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
+
+    labels = np.asarray(labels, dtype=object)
+    if len(labels) != len(table):
+        raise ValueError(f"{len(labels)} labels for {len(table)} cells")
+    known = np.array([lab in (TUMOUR, OTHER) for lab in labels])
+    bad = sorted({str(lab) for lab in labels[~known] if lab is not None})
+    if bad:
+        raise ValueError(f"labels must be 'tumour', 'other' or None, got {bad}")
+    if len(set(labels[known])) < 2:
+        raise ValueError("training needs labelled cells of both classes (tumour and other)")
+    X, names = feature_matrix(table)
+    if model == "random_forest":
+        clf = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, class_weight="balanced",
+                                     random_state=seed, n_jobs=1)
+    elif model == "gradient_boosting":
+        clf = HistGradientBoostingClassifier(random_state=seed, class_weight="balanced")
+    else:
+        raise ValueError(f"model must be 'random_forest' or 'gradient_boosting', got {model!r}")
+    clf.fit(X[known], labels[known].astype(str))
+    return CellClassifier(model=clf, feature_names=names)
+
+
+def labels_from_points(table: pd.DataFrame, points_xy, point_classes, max_distance_um: float = 6.0,
+                       mpp: float | None = None) -> np.ndarray:
+    """Transfer point annotations (level-0 px) to the nearest cells within ``max_distance_um``.
+
+    Returns one label per cell (``None`` where no point fell on it).
+    """
+    from scipy.spatial import cKDTree
+
+    out = np.full(len(table), None, dtype=object)
+    pts = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
+    if len(table) == 0 or len(pts) == 0:
+        return out
+    if mpp is None:
+        mpp = float(np.median(table["x_um"] / table["x_px"].where(table["x_px"] != 0)))
+    d, idx = cKDTree(table[["x_px", "y_px"]].to_numpy()).query(pts)
+    ok = d * mpp <= max_distance_um
+    for i, cls in zip(idx[ok], np.asarray(point_classes, dtype=object)[ok]):
+        out[i] = cls
+    return out
+
+
+def read_point_annotations(path):
+    """Labelled points for training: ``(xy level-0 px (K, 2), classes)``.
+
+    CSV with columns ``x``, ``y`` (level-0 px) and ``class`` (``tumour``/``tumor``/``1``/``epithelium``
+    -> tumour; ``other``/``0``/``stroma``/anything else -> other), or GeoJSON points (QuPath point
+    annotations: a feature's ``classification.name`` "Tumor"/"Tumour" -> tumour, others -> other).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: point annotation file not found")
+    tumour_names = {"tumour", "tumor", "1", "epithelium", "true", "yes"}
+    if path.suffix.lower() in (".geojson", ".json"):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+        feats = data.get("features", []) if isinstance(data, dict) else data
+        xy, cls = [], []
+        for f in feats:
+            geom = f.get("geometry") or {}
+            props = f.get("properties") or {}
+            name = str((props.get("classification") or {}).get("name", props.get("class", ""))).strip().lower()
+            coords = geom.get("coordinates")
+            if geom.get("type") == "Point":
+                coords = [coords]
+            elif geom.get("type") != "MultiPoint":
+                continue
+            for c in coords:
+                xy.append(c[:2])
+                cls.append(TUMOUR if name in tumour_names else OTHER)
+        if not xy:
+            raise ValueError(f"{path}: no Point features found")
+        return np.asarray(xy, dtype=np.float64), np.asarray(cls, dtype=object)
+    table = pd.read_csv(path)
+    missing = [c for c in ("x", "y", "class") if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; need x, y (level-0 px) and class")
+    cls = np.where(table["class"].astype(str).str.strip().str.lower().isin(tumour_names), TUMOUR, OTHER)
+    return table[["x", "y"]].to_numpy(dtype=np.float64), cls.astype(object)

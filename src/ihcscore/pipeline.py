@@ -121,8 +121,9 @@ def _stains_for(preset, stains: StainVectors | None, rgb: np.ndarray | None) -> 
     return preset.stains.to_stain_vectors()
 
 
-def _score_table(cells: pd.DataFrame, scheme: ScoringScheme) -> pd.DataFrame:
-    cells["class"] = classify_cells(cells)
+def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) -> pd.DataFrame:
+    """Add ``class`` (the morphology rule, or a trained :class:`~ihcscore.classify.CellClassifier`) and ``bin``."""
+    cells["class"] = classifier.predict(cells) if classifier is not None else classify_cells(cells)
     cells["bin"] = assign_bins(cells[scheme.measurement].to_numpy(dtype=np.float64), scheme.thresholds)
     return cells
 
@@ -150,6 +151,7 @@ def analyze_region(
     stains: StainVectors | None = None,
     origin_px=(0.0, 0.0),
     polygons: bool = False,
+    classifier=None,
 ) -> RegionResult:
     """Detect, measure, classify and score the cells of one RGB region.
 
@@ -167,6 +169,8 @@ def analyze_region(
         Position of ``rgb[0, 0]`` in level-0 pixels; cell coordinates are reported there.
     polygons : bool
         Also return nucleus and cell outlines (``nucleus_polygon``, ``cell_polygon``).
+    classifier : ihcscore.classify.CellClassifier, optional
+        Tumour / other classifier; default the morphology rule.
 
     Returns
     -------
@@ -186,7 +190,7 @@ def analyze_region(
         shape = (int(rgb.shape[0] / ds), int(rgb.shape[1] / ds))
         rgb = _to_uint8(resample_to_grid(rgb, (0, 0), ds, (0, 0), shape))
     cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons)
-    cells = _score_table(cells, preset.scoring)
+    cells = _score_table(cells, preset.scoring, classifier)
     summary = summarize(cells, preset.scoring)
     return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg,
                         pixel_size_um=px, downsample=ds, origin_px=tuple(origin_px))
@@ -338,6 +342,7 @@ def analyze_slide(
     client=None,
     polygons: bool = False,
     progress=None,
+    classifier=None,
 ) -> SlideResult:
     """Score a whole slide tile by tile.
 
@@ -357,6 +362,9 @@ def analyze_slide(
     polygons : bool
         Keep nucleus/cell outlines (for GeoJSON).
     progress : callable(done, total), optional
+    classifier : ihcscore.classify.CellClassifier, optional
+        Tumour / other classifier, applied to the whole slide's table (so
+        neighbourhood features do not depend on tiles); default the morphology rule.
 
     Returns
     -------
@@ -417,8 +425,9 @@ def analyze_slide(
     cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
     cells["label"] = np.arange(1, len(cells) + 1)
     cells = cells.rename(columns={"label": "object_id"})
-    cells = _score_table(cells, preset.scoring)
+    cells = _score_table(cells, preset.scoring, classifier)
     summary = slide_summary(slide, preset, stains, cells, warnings)
+    summary["classifier"] = getattr(classifier, "source", "trained") if classifier is not None else "morphology rule"
     summary["n_tiles"] = len(tasks)
     summary["tile_size_px"] = int(tile_size)
     summary["detection_pixel_size_um"] = px
