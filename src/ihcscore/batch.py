@@ -38,10 +38,18 @@ def find_slides(path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
 
 
-def slide_params_hash(preset, stains_spec: str, tissue: str, mpp) -> str:
+def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None) -> str:
     """Hash of everything that changes a slide's results (not tile size or workers: they must not)."""
     return hash_params({"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": str(tissue),
-                        "mpp": mpp, "version": __version__})
+                        "mpp": mpp, "classifier": _file_digest(classifier), "version": __version__})
+
+
+def _file_digest(path):
+    import hashlib
+
+    if path is None:
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _report_fields(slide, cells, ds_det: float, n_fields: int = 3, side_um: float = 150.0):
@@ -78,13 +86,20 @@ class BatchResult:
 
 
 def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
-                tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None) -> dict:
-    """Score one slide and write its output folder; returns its summary.json content."""
+                tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None,
+                classifier=None) -> dict:
+    """Score one slide and write its output folder; returns its summary.json content.
+
+    ``classifier`` is the path of a trained classifier (``ihcscore train``); default the morphology rule.
+    """
+    from .classify import CellClassifier
     from .slide import open_slide
 
+    model = CellClassifier.load(classifier) if classifier is not None else None
     with open_slide(path, mpp=mpp) as slide:
         result = analyze_slide(slide, preset, stains=stains, tissue=tissue, tile_size=tile_size,
-                               workers=workers, client=client, polygons=True, progress=progress)
+                               workers=workers, client=client, polygons=True, progress=progress,
+                               classifier=model)
         summary = result.summary
         images = {}
         if report:
@@ -95,7 +110,7 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
         out_dir = Path(out_root) / slide.name
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images,
-                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp))
+                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier))
     return summary
 
 
@@ -112,7 +127,7 @@ def dask_client(address: str, workers: int = 2):
 
 def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
                 tile_size=1024, workers=1, client=None, csv=False, report=True, resume=True,
-                on_slide_start=None, on_tile=None, on_slide_end=None) -> BatchResult:
+                on_slide_start=None, on_tile=None, on_slide_end=None, classifier=None) -> BatchResult:
     """Score many slides; one failure never stops the others.
 
     Parameters
@@ -138,7 +153,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
             on_slide_start(path, i, len(paths))
         t0 = time.perf_counter()
         out_dir = out_root / path.stem
-        h = slide_params_hash(preset, stains_spec, tissue, mpp)
+        h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier)
         try:
             if resume and is_complete(out_dir, h):
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
@@ -147,7 +162,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
             else:
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
-                                      report=report, progress=on_tile)
+                                      report=report, progress=on_tile, classifier=classifier)
                 row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
         except Exception as e:  # isolate: report and go on with the next slide
             msg = " ".join(str(e).split()) or type(e).__name__

@@ -55,6 +55,8 @@ def _add_score_parser(sub):
     p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes for tiles (default 1)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run tiles on a dask.distributed scheduler at ADDRESS, or on a local cluster of --workers")
+    p.add_argument("--classifier", metavar="MODEL.skops",
+                   help="trained tumour/other cell classifier (`ihcscore train`); default: the morphology rule")
     p.add_argument("--csv", action="store_true", help="also write cells.csv")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-resume", action="store_true", help="rescore slides even when complete outputs exist")
@@ -103,6 +105,10 @@ def run_score(args) -> int:
     try:
         preset, stains = _build_preset(args)
         paths = find_slides(args.input)
+        if args.classifier is not None:
+            from .classify import CellClassifier
+
+            CellClassifier.load(args.classifier)  # fail early, before any slide
     except (ValueError, FileNotFoundError, OSError) as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
@@ -133,7 +139,7 @@ def run_score(args) -> int:
                                  tissue=args.tissue, mpp=args.mpp, tile_size=args.tile_size, workers=args.workers,
                                  client=client, csv=args.csv, report=not args.no_report,
                                  resume=not args.no_resume, on_slide_start=on_slide_start, on_tile=on_tile,
-                                 on_slide_end=on_slide_end)
+                                 on_slide_end=on_slide_end, classifier=args.classifier)
         finally:
             if client is not None:
                 client.close()
@@ -156,6 +162,58 @@ def run_score(args) -> int:
         console.print(f"[red]{len(result.failures)} of {len(paths)} slides failed[/red] "
                       f"(see {Path(args.out) / 'failures.csv'})", highlight=False)
         return 1
+    return 0
+
+
+def _add_train_parser(sub):
+    p = sub.add_parser("train", help="train the tumour/other cell classifier from point annotations",
+                       description="Detect cells in the slide(s), label the cells nearest to annotated points "
+                                   "and train a random forest on morphology, hematoxylin and neighbourhood "
+                                   "features (never DAB). Save it and pass it to `ihcscore score --classifier`.")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide file(s) the points were drawn on")
+    p.add_argument("--points", nargs="+", required=True, metavar="POINTS.csv|.geojson",
+                   help="one point file per slide: CSV x,y (level-0 px),class or QuPath point annotations")
+    p.add_argument("--out", required=True, metavar="MODEL.skops", help="where to save the classifier")
+    p.add_argument("--preset", default="cxcr4", metavar="NAME|FILE.toml", help="detection preset (default: cxcr4)")
+    p.add_argument("--mpp", type=_positive_float, metavar="UM", help="pixel size in µm/px if the file lacks it")
+    p.add_argument("--max-distance", type=_positive_float, default=6.0, metavar="UM",
+                   help="a point labels the nearest cell within this distance, µm (default 6)")
+    p.add_argument("--model", choices=("random_forest", "gradient_boosting"), default="random_forest")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from .classify import labels_from_points, read_point_annotations, train_classifier
+    from .pipeline import analyze_slide
+    from .preset import load_preset
+    from .slide import open_slide
+
+    if len(args.points) != len(args.slides):
+        print(f"error: {len(args.slides)} slides but {len(args.points)} point files", file=sys.stderr)
+        return 2
+    try:
+        preset = load_preset(args.preset)
+        tables, labels = [], []
+        for slide_path, points_path in zip(args.slides, args.points):
+            xy, classes = read_point_annotations(points_path)
+            with open_slide(slide_path, mpp=args.mpp) as slide:
+                cells = analyze_slide(slide, preset, tissue="auto").cells
+                labels.append(labels_from_points(cells, xy, classes, args.max_distance, mpp=slide.mpp))
+            tables.append(cells)
+            n_lab = int(sum(v is not None for v in labels[-1]))
+            print(f"{slide_path}: {len(cells)} cells, {n_lab} of {len(xy)} points matched to a cell")
+        # Neighbourhood features are computed per slide inside feature_matrix; slides are offset far apart.
+        for i, t in enumerate(tables):
+            t["x_um"] = t["x_um"] + i * 1e7
+        model = train_classifier(pd.concat(tables, ignore_index=True), np.concatenate(labels), model=args.model)
+        model.save(args.out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"saved {args.out} ({len(model.feature_names)} features)")
     return 0
 
 
@@ -194,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score_parser(sub)
     _add_cohort_parser(sub)
+    _add_train_parser(sub)
     _add_presets_parser(sub)
     return parser
 
