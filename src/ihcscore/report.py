@@ -78,6 +78,7 @@ figcaption { font-size: .8rem; color: var(--muted); max-width: 560px; }
 .legend i { display: inline-block; width: .9em; height: .9em; margin-right: .3em; vertical-align: -.1em;
             border: 1px solid #555; }
 .params td { text-align: left; white-space: normal; }
+.params th { white-space: nowrap; vertical-align: top; }
 footer { margin-top: 2rem; color: var(--muted); font-size: .8rem; }
 a { color: var(--accent); }
 """
@@ -268,8 +269,9 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
         if len(sub) > max_points:
             sub = sub.sample(max_points, random_state=0)
         cols = np.array([_rgb01(bin_color(b, n_thresholds)) for b in sub["bin"].to_numpy()])
+        size = float(np.clip(4000.0 / len(sub), 1.5, 10.0))  # points²: visible, never a carpet
         ax.scatter(sub["x_px"].to_numpy(float) / downsample, sub["y_px"].to_numpy(float) / downsample,
-                   s=4, c=cols, linewidths=0)
+                   s=size, c=cols, linewidths=0.3, edgecolors="black")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.axis("off")
@@ -473,7 +475,7 @@ def _unit_for(key: str) -> tuple[str, int, str]:
         return " (%)", 1, " %"
     if k.endswith("_s"):
         return " (s)", 1, ""
-    if k.startswith("n_") or k == "n" or k.endswith("_n"):
+    if k in ("n", "n_cells") or k.endswith("_n") or (k.startswith("n_") and k[2:].isdigit()):
         return " (cells)", 0, ""
     if "od" in k.split("_") or "OD" in key:
         return " (OD)", 3, ""
@@ -589,14 +591,23 @@ def _params_table(summary: Mapping) -> str:
     shown = {"slide", "mpp", "preset", "stain_vectors", "background_rgb", "thresholds", "compartment",
              "n_cells", "tumour", "all", "software_version", "runtime_s", "warnings", "regions",
              "hotspots", "measurement"}
-    for k, v in summary.items():
-        if k in shown or isinstance(v, (Mapping, list)) and len(v) > 6:
-            continue
-        label, digits, unit = _label_for(k)
-        if _num(v) is not None and not isinstance(v, bool):
+    def add_value(label_prefix, key, v):
+        label, digits, unit = _label_for(key)
+        label = label_prefix + label
+        if isinstance(v, Mapping):
+            for kk, vv in v.items():
+                add_value(f"{label}: ", str(kk), vv)
+        elif _num(v) is not None and not isinstance(v, bool):
             add(label, f"{float(v):.4g}{unit}")
+        elif isinstance(v, (list, tuple)) and v and all(_num(x) is not None for x in v):
+            add(label, ", ".join(f"{float(x):.4g}" for x in v) + unit)
         else:
-            add(k.replace("_", " "), str(to_jsonable(v)))
+            add(label, str(to_jsonable(v)))
+
+    for k, v in summary.items():
+        if k in shown or isinstance(v, (list, tuple)) and len(v) > 12:
+            continue
+        add_value("", str(k), v)
     return f'<table class="params" id="params-table"><tbody>{"".join(rows)}</tbody></table>'
 
 
