@@ -768,7 +768,9 @@ def make_synthetic_slide(
 ) -> dict:
     """Write a synthetic region as a pyramidal TIFF plus its truth.
 
-    Files: ``path`` (see :func:`ihcscore.slide.write_pyramidal_tiff`),
+    Files: ``path`` (a tiled pyramid in the layout of
+    :func:`ihcscore.slide.write_pyramidal_tiff`, JPEG without chroma
+    subsampling),
     ``<stem>.truth.csv`` (one row per cell, see :func:`make_synthetic_region`)
     and ``<stem>.truth.json`` (true scores for tumour and all cells, also per
     compartment under ``by_compartment``, the generator parameters and seed).
@@ -778,15 +780,16 @@ def make_synthetic_slide(
     dict
         The truth JSON content.
     """
-    from .slide import write_pyramidal_tiff
-
+    render_keys = {"residual_od_sd", "blur_sigma_um"}
+    rkw = {k: layout_kwargs.pop(k) for k in list(layout_kwargs) if k in render_keys}
     layout = make_synthetic_layout(shape, mpp, seed, **layout_kwargs)
     render = dict(hematoxylin_scale=float(hematoxylin_scale), gamma=gamma, noise_sd=float(noise_sd),
-                  compression=compression, quality=int(quality))
+                  residual_od_sd=float(rkw.get("residual_od_sd", 0.01)),
+                  blur_sigma_um=float(rkw.get("blur_sigma_um", 0.2)), compression=compression, quality=int(quality))
     rgb = render_layout(layout, stains=stains, background=background, hematoxylin_scale=hematoxylin_scale,
-                        gamma=gamma, noise_sd=noise_sd, seed=seed)
+                        gamma=gamma, noise_sd=noise_sd, seed=seed, **rkw)
     path = Path(path)
-    write_pyramidal_tiff(path, rgb, mpp, tile=tile, compression=compression, quality=quality)
+    _write_pyramid(path, rgb.shape[:2], mpp, [rgb], tile=tile, compression=compression, quality=quality)
     csv_path, json_path = _truth_paths(path)
     meta = _truth_json(layout.truth, layout.params, stains, background, render, path)
     _atomic_write(csv_path, layout.truth.to_csv(index=False, float_format="%.6g"))
@@ -926,6 +929,89 @@ def _tiles_of(arr, tile):
             yield t
 
 
+def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", quality=90, min_level_side=512):
+    """Stream a tiled pyramidal TIFF from horizontal strips of level 0.
+
+    Same layout as :func:`ihcscore.slide.write_pyramidal_tiff` (Aperio-style
+    description, resolution tags in pixels per cm, each level half the previous
+    one as a tiled ``subfiletype=1`` IFD), but level 0 arrives as an iterable of
+    ``(h_i, W, 3)`` strips (every ``h_i`` but the last a multiple of ``tile``)
+    and the reduced levels go through memory-mapped temporary files, so the
+    whole image never sits in memory. JPEG tiles are written without chroma
+    subsampling (4:4:4): 4:2:0 smears 1 µm DAB membranes into their neighbours.
+    """
+    import tifffile
+
+    from .slide import _app_mag, _ensure_tifffile_jpeg
+
+    comp = {"jpeg": "jpeg", "zlib": "zlib", None: None}.get(compression, "?")
+    if comp == "?":
+        raise ValueError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
+    if tile % 16:
+        raise ValueError(f"tile must be a multiple of 16 pixels, got {tile}")
+    path = Path(path)
+    H, W = shape
+    kwargs = dict(tile=(tile, tile), photometric="rgb", compression=comp, resolutionunit="CENTIMETER",
+                  metadata=None, dtype=np.uint8)
+    if comp == "jpeg":
+        _ensure_tifffile_jpeg()
+        kwargs.update(compressionargs={"level": int(quality)}, subsampling=(1, 1))
+    comp_name = {"jpeg": f"JPEG/RGB Q={int(quality)}", "zlib": "ZLIB/RGB", None: "RAW/RGB"}[comp]
+    desc0 = (f"Aperio Image Library ihcscore synthetic\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile}) "
+             f"{comp_name}|AppMag = {_app_mag(mpp)}|MPP = {mpp:.6g}")
+    level_shapes = [(H, W)]
+    while True:
+        nh, nw = (level_shapes[-1][0] + 1) // 2, (level_shapes[-1][1] + 1) // 2
+        if max(nh, nw) < min_level_side or min(nh, nw) < 1:
+            break
+        level_shapes.append((nh, nw))
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent)
+    try:
+        maps = [np.lib.format.open_memmap(os.path.join(tmpdir, f"level{k}.npy"), mode="w+",
+                                          dtype=np.uint8, shape=s + (3,))
+                for k, s in enumerate(level_shapes[1:], start=1)]
+
+        def level0_tiles():
+            y = 0
+            for strip in strips:
+                if strip.shape[1] != W or (y + strip.shape[0] < H and strip.shape[0] % tile):
+                    raise ValueError(f"strip of shape {strip.shape} does not fit a {W} px wide, "
+                                     f"{tile} px tiled level 0")
+                if maps:
+                    half = _halve(strip)
+                    maps[0][y // 2:y // 2 + half.shape[0]] = half
+                y += strip.shape[0]
+                yield from _tiles_of(strip, tile)
+            if y != H:
+                raise ValueError(f"strips cover {y} rows, expected {H}")
+
+        with tifffile.TiffWriter(tmp, bigtiff=H * W * 3 > 2**31) as tw:
+            res = 1e4 / mpp
+            tw.write(level0_tiles(), shape=(H, W, 3), resolution=(res, res), description=desc0,
+                     subfiletype=0, **kwargs)
+            for k, m in enumerate(maps, start=1):
+                if k < len(maps):
+                    step = 4096
+                    for y in range(0, m.shape[0], step):
+                        half = _halve(np.asarray(m[y:y + step]))
+                        maps[k][y // 2:y // 2 + half.shape[0]] = half
+                res = 1e4 / (mpp * 2**k)
+                desc = f"Aperio Image Library ihcscore synthetic\n{W}x{H} -> {m.shape[1]}x{m.shape[0]} - "
+                tw.write(_tiles_of(m, tile), shape=m.shape, resolution=(res, res), description=desc,
+                         subfiletype=1, **kwargs)
+        del maps
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+        for f in Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
+    return path
+
+
 def _large_config(shape, mpp, seed, block_px, *, density_per_mm2, dab_location, cell_expansion_um,
                   membrane_width_um, thresholds, bin_probabilities, dab_margin_od, tissue_fraction, nest_fraction,
                   stains, background, hematoxylin_scale, gamma, noise_sd, residual_od_sd, blur_sigma_um):
@@ -1016,17 +1102,10 @@ def write_large_synthetic_slide(
     dict
         The truth JSON content.
     """
-    import tifffile
-
-    from .slide import _app_mag, _ensure_tifffile_jpeg
-
     shape = tuple(int(s) for s in shape)
     _check_common(shape, mpp, dab_location)
     if block_px % tile or block_px < 2 * tile:
         raise ValueError(f"block_px must be a multiple of tile ({tile}) and at least 2 tiles, got {block_px}")
-    comp = {"jpeg": "jpeg", "zlib": "zlib", None: None}.get(compression, "?")
-    if comp == "?":
-        raise ValueError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
     cfg, probs, dens = _large_config(
         shape, mpp, seed, block_px, density_per_mm2=density_per_mm2, dab_location=dab_location,
         cell_expansion_um=cell_expansion_um, membrane_width_um=membrane_width_um, thresholds=thresholds,
@@ -1038,98 +1117,46 @@ def write_large_synthetic_slide(
     H, W = shape
     nby, nbx = -(-H // block_px), -(-W // block_px)
     csv_path, json_path = _truth_paths(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp_csv = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
     score_cols = ["class", "cell_type", "dab_od"] + [f"dab_od_{c}" for c in COMPARTMENTS]
     kept = []
-    n_done = 0
-    next_label = 1
 
-    if comp == "jpeg":
-        _ensure_tifffile_jpeg()
-    kwargs = dict(tile=(tile, tile), photometric="rgb", compression=comp, resolutionunit="CENTIMETER",
-                  metadata=None, dtype=np.uint8)
-    if comp == "jpeg":
-        # 4:4:4: chroma subsampling would smear 1 µm DAB membranes into their neighbours.
-        kwargs.update(compressionargs={"level": int(quality)}, subsampling=(1, 1))
-    comp_name = {"jpeg": f"JPEG/RGB Q={int(quality)}", "zlib": "ZLIB/RGB", None: "RAW/RGB"}[comp]
-    desc0 = (f"Aperio Image Library ihcscore synthetic\n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile}) "
-             f"{comp_name}|AppMag = {_app_mag(mpp)}|MPP = {mpp:.6g}")
-
-    level_shapes = [(H, W)]
-    while True:
-        nh, nw = (level_shapes[-1][0] + 1) // 2, (level_shapes[-1][1] + 1) // 2
-        if max(nh, nw) < min_level_side or min(nh, nw) < 1:
-            break
-        level_shapes.append((nh, nw))
+    def strips(pool):
+        n_done, next_label = 0, 1
+        for by in range(nby):
+            jobs = [(cfg, by, bx) for bx in range(nbx)]
+            results = pool.map(_render_block_star, jobs) if pool else map(_render_block_star, jobs)
+            parts, truths = [], []
+            for rgb, truth in results:
+                parts.append(rgb)
+                truths.append(truth)
+                n_done += 1
+                if progress is not None:
+                    progress(n_done, nby * nbx)
+            truth = pd.concat(truths, ignore_index=True)
+            truth["label"] = np.arange(next_label, next_label + len(truth))
+            next_label += len(truth)
+            with open(tmp_csv, "a") as fh:
+                truth.to_csv(fh, index=False, header=by == 0, float_format="%.6g")
+            kept.append(truth[score_cols])
+            yield np.concatenate(parts, axis=1)
 
     pool = None
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         pool = ProcessPoolExecutor(max_workers=int(workers))
-
-    tmpdir = tempfile.mkdtemp(prefix=f".{path.stem}.", dir=path.parent)
     try:
-        maps = [np.lib.format.open_memmap(os.path.join(tmpdir, f"level{k}.npy"), mode="w+",
-                                          dtype=np.uint8, shape=s + (3,))
-                for k, s in enumerate(level_shapes[1:], start=1)]
-
-        def level0_tiles():
-            nonlocal n_done, next_label
-            header = True
-            for by in range(nby):
-                jobs = [(cfg, by, bx) for bx in range(nbx)]
-                results = pool.map(_render_block_star, jobs) if pool else map(_render_block_star, jobs)
-                strip_parts, truths = [], []
-                for rgb, truth in results:
-                    strip_parts.append(rgb)
-                    truths.append(truth)
-                    n_done += 1
-                    if progress is not None:
-                        progress(n_done, nby * nbx)
-                strip = np.concatenate(strip_parts, axis=1)
-                truth = pd.concat(truths, ignore_index=True)
-                truth["label"] = np.arange(next_label, next_label + len(truth))
-                next_label += len(truth)
-                with open(tmp_csv, "a") as fh:
-                    truth.to_csv(fh, index=False, header=header, float_format="%.6g")
-                header = False
-                kept.append(truth[score_cols])
-                if maps:
-                    y = by * block_px
-                    half = _halve(strip)
-                    maps[0][y // 2:y // 2 + half.shape[0]] = half
-                yield from _tiles_of(strip, tile)
-
-        bigtiff = H * W * 3 > 2**31
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-            res = 1e4 / mpp
-            tw.write(level0_tiles(), shape=(H, W, 3), resolution=(res, res), description=desc0,
-                     subfiletype=0, **kwargs)
-            for k, m in enumerate(maps, start=1):
-                if k < len(maps):
-                    # next level from this one, in row chunks
-                    step = 2 * block_px
-                    for y in range(0, m.shape[0], step):
-                        half = _halve(np.asarray(m[y:y + step]))
-                        maps[k][y // 2:y // 2 + half.shape[0]] = half
-                res = 1e4 / (mpp * 2**k)
-                desc = f"Aperio Image Library ihcscore synthetic\n{W}x{H} -> {m.shape[1]}x{m.shape[0]} - "
-                tw.write(_tiles_of(m, tile), shape=m.shape, resolution=(res, res), description=desc,
-                         subfiletype=1, **kwargs)
-        del maps
-        os.replace(tmp, path)
+        if tmp_csv.exists():
+            tmp_csv.unlink()
+        _write_pyramid(path, shape, mpp, strips(pool), tile=tile, compression=compression, quality=quality,
+                       min_level_side=min_level_side)
         os.replace(tmp_csv, csv_path)
     finally:
         if pool is not None:
             pool.shutdown()
-        for p in (tmp, tmp_csv):
-            if p.exists():
-                p.unlink()
-        for f in Path(tmpdir).glob("*"):
-            f.unlink()
-        os.rmdir(tmpdir)
+        if tmp_csv.exists():
+            tmp_csv.unlink()
 
     truth_all = pd.concat(kept, ignore_index=True) if kept else pd.DataFrame(columns=score_cols)
     params = dict(
