@@ -19,6 +19,7 @@ import numpy as np
 from . import __version__
 from .export import hash_params, is_complete, summary_row, write_failures, write_slide_outputs, write_summary_csv
 from .pipeline import analyze_slide
+from .report import write_cohort_index
 
 __all__ = ["SLIDE_EXTENSIONS", "find_slides", "slide_params_hash", "score_slide", "score_batch", "BatchResult",
            "dask_client"]
@@ -174,6 +175,8 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
         result.rows.append(row)
         write_summary_csv(out_root / "summary.csv", result.rows)
         write_failures(out_root, result.failures)
+        if report:
+            write_cohort_index(out_root / "index.html", result.rows)
         if on_slide_end:
             on_slide_end(path, row)
     return result

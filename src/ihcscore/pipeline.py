@@ -19,6 +19,7 @@ import math
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from . import __version__
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import label_polygons, measure_cells
+from .regions import region_summaries, score_grid, top_hotspots
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (StainVectors, deconvolve, estimate_background, estimate_stain_vectors, rgb_to_od,
                      stain_fit_report)
@@ -62,6 +64,7 @@ class SlideResult:
     tissue_mask: np.ndarray | None = None
     tissue_downsample: float = 1.0
     warnings: list = field(default_factory=list)
+    hotspot_grid: pd.DataFrame | None = None
 
 
 def detection_pixel_size(mpp: float, requested_um: float) -> float:
@@ -343,6 +346,8 @@ def analyze_slide(
     polygons: bool = False,
     progress=None,
     classifier=None,
+    hotspot_grid_um: float = 500.0,
+    hotspot_min_cells: int = 50,
 ) -> SlideResult:
     """Score a whole slide tile by tile.
 
@@ -365,6 +370,8 @@ def analyze_slide(
     classifier : ihcscore.classify.CellClassifier, optional
         Tumour / other classifier, applied to the whole slide's table (so
         neighbourhood features do not depend on tiles); default the morphology rule.
+    hotspot_grid_um, hotspot_min_cells : float, int
+        Grid of the H-score heat map (µm) and the fewest cells a square needs to count.
 
     Returns
     -------
@@ -428,12 +435,19 @@ def analyze_slide(
     cells = _score_table(cells, preset.scoring, classifier)
     summary = slide_summary(slide, preset, stains, cells, warnings)
     summary["classifier"] = getattr(classifier, "source", "trained") if classifier is not None else "morphology rule"
+    grid = score_grid(cells, preset.scoring, grid_um=hotspot_grid_um, min_cells=hotspot_min_cells)
+    summary["hotspots"] = {"grid_um": float(hotspot_grid_um), "min_cells": int(hotspot_min_cells),
+                           "top": top_hotspots(grid, 3)}
+    if isinstance(tissue, (str, Path)) and str(tissue).lower().endswith((".geojson", ".json")):
+        from .tissue import read_annotations
+
+        summary["regions"] = region_summaries(cells, read_annotations(tissue), preset.scoring, mpp0)
     summary["n_tiles"] = len(tasks)
     summary["tile_size_px"] = int(tile_size)
     summary["detection_pixel_size_um"] = px
     summary["runtime_s"] = round(time.perf_counter() - t0, 3)
     return SlideResult(cells=cells, summary=summary, stains=stains, tissue_mask=mask,
-                       tissue_downsample=mask_ds, warnings=warnings)
+                       tissue_downsample=mask_ds, warnings=warnings, hotspot_grid=grid)
 
 
 def _empty_cells(slide, preset, stains) -> pd.DataFrame:
