@@ -709,6 +709,11 @@ def slide_report_html(
     hot = summary.get("hotspots")
     if hot:
         parts.append("<h2>Hotspots</h2>")
+        if isinstance(hot, Mapping) and "top" in hot:
+            parts.append(f'<p class="sub">Highest-scoring squares of a {_e(hot.get("grid_um"))} µm grid '
+                         f'(squares with at least {_e(hot.get("min_cells"))} scored cells); '
+                         "x0, y0: top-left corner in µm.</p>")
+            hot = hot["top"] or [{"note": "no square has enough cells"}]
         recs = list(hot) if isinstance(hot, (list, tuple)) else [hot]
         if all(isinstance(r, Mapping) for r in recs):
             parts.append(_records_table(recs, "hotspots-table"))
