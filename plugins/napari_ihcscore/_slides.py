@@ -1,0 +1,125 @@
+"""Open slides once and share them between the reader and the widget."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+from ihcscore.slide import Slide, SlideError, open_slide
+
+__all__ = ["DEFAULT_MPP", "get_slide", "open_for_viewer", "layer_slide", "ArraySource"]
+
+#: Pixel size assumed for files that carry none (PNG/JPEG), µm/px; env ``IHCSCORE_DEFAULT_MPP``.
+DEFAULT_MPP = 0.5
+
+_LOCK = threading.Lock()
+_SLIDES: dict[tuple[str, float | None], Slide] = {}
+
+
+def _default_mpp() -> float:
+    try:
+        v = float(os.environ.get("IHCSCORE_DEFAULT_MPP", DEFAULT_MPP))
+        return v if v > 0 else DEFAULT_MPP
+    except ValueError:
+        return DEFAULT_MPP
+
+
+def get_slide(path, mpp: float | None = None) -> Slide:
+    """An open :class:`ihcscore.slide.Slide` for ``path`` (cached per path and mpp).
+
+    Raises
+    ------
+    ihcscore.slide.SlideError
+    """
+    key = (str(Path(path).resolve()), None if mpp is None else float(mpp))
+    with _LOCK:
+        s = _SLIDES.get(key)
+        if s is not None and not s._closed:
+            return s
+    s = open_slide(path, mpp=mpp)
+    with _LOCK:
+        _SLIDES[key] = s
+    return s
+
+
+def open_for_viewer(path) -> tuple[Slide, float | None, str | None]:
+    """Open a slide for display; a file without pixel size gets :data:`DEFAULT_MPP`.
+
+    Returns
+    -------
+    slide : Slide
+    mpp_override : float or None
+        The assumed pixel size, when the file has none.
+    warning : str or None
+        Set when the pixel size was assumed.
+    """
+    try:
+        return get_slide(path), None, None
+    except SlideError as e:
+        if "no pixel size" not in str(e):
+            raise
+        mpp = _default_mpp()
+        return get_slide(path, mpp=mpp), mpp, (f"{Path(path).name}: no pixel size in the file; assuming {mpp:g} µm/px "
+                                          "(set IHCSCORE_DEFAULT_MPP to change it)")
+
+
+class ArraySource:
+    """A Slide-like view of an in-memory RGB image layer (no file behind it).
+
+    Parameters
+    ----------
+    data : (H, W, 3) array-like
+        Level-0 pixels (numpy or dask).
+    mpp : float
+        µm per pixel.
+    name : str
+    """
+
+    def __init__(self, data, mpp: float, name: str = "image"):
+        self.data = data
+        self.mpp = float(mpp)
+        self.name = name
+        self.path = None
+        h, w = data.shape[:2]
+        self.dimensions = (int(w), int(h))
+        self.level_count = 1
+        self.level_dimensions = (self.dimensions,)
+        self.level_downsamples = (1.0,)
+
+    def read_region(self, location, level, size):
+        import numpy as np
+
+        if level != 0:
+            raise ValueError("an in-memory image has level 0 only")
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, np.uint8)
+        W, H = self.dimensions
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(self.data[y0:y1, x0:x1])[..., :3]
+        return out
+
+    def read_scaled(self, x0, y0, w0, h0, downsample):
+        import numpy as np
+
+        k = max(1, int(round(float(downsample))))
+        a = self.read_region((x0, y0), 0, (w0, h0))
+        return a[::k, ::k].copy() if k > 1 else a
+
+
+def layer_slide(layer):
+    """The slide (or :class:`ArraySource`) behind an RGB image layer.
+
+    Layers opened by this plugin carry ``metadata["ihcscore_path"]`` and
+    ``metadata["mpp"]`` (and ``"ihcscore_mpp_override"`` when the pixel size
+    was assumed); any other RGB layer is read from memory, its pixel
+    size from ``metadata["mpp"]`` or its ``scale``.
+    """
+    md = dict(getattr(layer, "metadata", {}) or {})
+    if md.get("ihcscore_path"):
+        return get_slide(md["ihcscore_path"], mpp=md.get("ihcscore_mpp_override"))
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    mpp = md.get("mpp") or float(layer.scale[-1])
+    return ArraySource(data, mpp, name=layer.name)
