@@ -46,6 +46,7 @@ from .stains import H_DAB_DEFAULT, StainVectors
 
 __all__ = [
     "CELL_TYPES",
+    "COMPARTMENTS",
     "DAB_LOCATIONS",
     "SyntheticLayout",
     "make_synthetic_layout",
