@@ -719,7 +719,7 @@ class IHCScoreWidget(QWidget):
 
         self.run_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        worker = create_worker(self._job, *args, _start_thread=False)
+        worker = create_worker(self._job, *args, _start_thread=False, _ignore_errors=True)  # errored -> _on_error
         worker.returned.connect(self._on_result)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)

@@ -1,0 +1,279 @@
+"""napari plugin: reader, dock widget (scores equal the engine's), threshold sliders, annotations, export.
+
+Run headless under a virtual X server: ``xvfb-run -a python -m pytest tests/test_napari_plugin.py``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from ihcscore.pipeline import analyze_region  # noqa: E402
+from ihcscore.scoring import assign_bins, score_counts, summarize  # noqa: E402
+from ihcscore.slide import SlideError, open_slide, write_pyramidal_tiff  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+MPP = 0.5
+PLUGIN = "ihcscore"  # npe2: the manifest name equals the distribution name
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    from skimage.data import immunohistochemistry
+
+    rgb = immunohistochemistry()  # 512 x 512
+    path = tmp_path_factory.mktemp("slides") / "ihc.tif"
+    write_pyramidal_tiff(path, rgb, MPP, compression="zlib", min_level_side=128, tile=128)
+    return path
+
+
+def _open(viewer, path):
+    layers = viewer.open(str(path), plugin=PLUGIN)
+    assert len(layers) == 1
+    return layers[0]
+
+
+def _widget(viewer):
+    from napari_ihcscore._widget import IHCScoreWidget
+
+    w = IHCScoreWidget(viewer)
+    viewer.window.add_dock_widget(w, name="IHC score", area="right")
+    w.preset_combo.setCurrentText("cxcr4")
+    return w
+
+
+def _rectangle(viewer, x0, y0, x1, y1, mpp=MPP, name="annotations"):
+    """A Shapes rectangle (µm) whose corners sit on the centres of level-0 pixels x0..x1, y0..y1."""
+    r = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float) * mpp
+    return viewer.add_shapes([r], shape_type="rectangle", name=name)
+
+
+def test_reader_opens_lazy_multiscale_in_um(make_napari_viewer, slide_path):
+    from napari_ihcscore._reader import napari_get_reader
+
+    assert napari_get_reader(str(slide_path)) is not None
+    assert napari_get_reader("notes.txt") is None
+    viewer = make_napari_viewer()
+    layer = _open(viewer, slide_path)
+    assert layer.rgb and layer.multiscale
+    assert tuple(layer.scale) == pytest.approx((MPP, MPP))
+    assert layer.metadata["mpp"] == pytest.approx(MPP)
+    assert layer.metadata["ihcscore_path"] == str(slide_path)
+    import dask.array as da
+
+    assert all(isinstance(level, da.Array) for level in layer.data)  # tiles read on demand
+    with open_slide(slide_path) as s:
+        assert len(layer.data) == s.level_count
+        want = s.read_region((128, 64), 0, (40, 30))
+    np.testing.assert_array_equal(np.asarray(layer.data[0][64:94, 128:168]), want)
+
+
+def test_reader_error_names_the_file(make_napari_viewer, tmp_path):
+    from napari_ihcscore._reader import napari_get_reader
+
+    bad = tmp_path / "broken.svs"
+    bad.write_bytes(b"this is not a slide" * 10)
+    reader = napari_get_reader(str(bad))
+    with pytest.raises(SlideError, match="broken.svs"):
+        reader(str(bad))
+    viewer = make_napari_viewer()
+    with pytest.raises(Exception, match="broken.svs"):
+        viewer.open(str(bad), plugin=PLUGIN)
+    assert len(viewer.layers) == 0
+
+
+def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slide_path, tmp_path):
+    from napari.layers import Labels, Points
+
+    from napari_ihcscore._core import bin_rgba
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, slide_path)
+    w = _widget(viewer)
+    _rectangle(viewer, 40, 30, 339, 259)
+    viewer.layers.selection.active = viewer.layers["annotations"]
+
+    # background run (thread_worker), GUI stays responsive; wait for it
+    worker = w.run()
+    assert worker is not None
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+    assert w.last_error is None, w.last_error
+    (region,) = w.last_regions
+    assert (region.x, region.y, region.w, region.h) == (40, 30, 300, 230)
+
+    # the engine on the same level-0 pixels with the same preset
+    with open_slide(slide_path) as s:
+        rgb = s.read_region((40, 30), 0, (300, 230))
+    preset = w.current_preset()
+    eng = analyze_region(rgb, MPP, preset, origin_px=(40, 30))
+    cells = w.result.cells
+    assert len(cells) == len(eng.cells) > 20
+    np.testing.assert_array_equal(cells["bin"].to_numpy(), eng.cells["bin"].to_numpy())
+    np.testing.assert_allclose(cells["x_um"].to_numpy(), eng.cells["x_um"].to_numpy())
+    comp = preset.scoring.compartment
+    for group in ("tumour", "all"):
+        for key in ("n", "n_0", "n_1", "n_2", "n_3", "h_score", "percent_positive", "allred", "irs"):
+            assert w.table_value("all regions", group, comp, key) == eng.summary[group][key], (group, key)
+        for c in ("nucleus", "cytoplasm", "membrane", "cell"):
+            assert w.table_value("all regions", group, c, "h_score") == eng.summary[group]["by_compartment"][c]["h_score"]
+
+    # layers: labels placed in µm over the slide, points at the centroids with the table as features
+    labels = viewer.layers["cells"]
+    points = viewer.layers["cell centroids"]
+    assert isinstance(labels, Labels) and isinstance(points, Points)
+    ds = eng.downsample
+    assert tuple(labels.scale) == pytest.approx((ds * MPP, ds * MPP))
+    assert tuple(labels.translate) == pytest.approx(((30 + 0.5 * ds - 0.5) * MPP, (40 + 0.5 * ds - 0.5) * MPP))
+    np.testing.assert_array_equal(labels.data, eng.segmentation.cells)
+    np.testing.assert_allclose(points.data, eng.cells[["y_um", "x_um"]].to_numpy())
+    assert list(points.features["bin"]) == list(eng.cells["bin"])
+    # a labelled pixel's world position is inside its cell: nucleus centroid maps back to its label
+    row = eng.cells.iloc[len(eng.cells) // 2]
+    data_yx = np.round(labels.world_to_data((row["y_um"], row["x_um"]))).astype(int)
+    assert eng.segmentation.nuclei[tuple(data_yx)] == row["label"]
+    np.testing.assert_allclose(points.face_color, bin_rgba(eng.cells["bin"].to_numpy()))
+    lab = int(row["label"])
+    np.testing.assert_allclose(labels.colormap.color_dict[lab], bin_rgba([row["bin"]])[0])
+
+    # move a threshold slider: bins and scores follow assign_bins/summarize on the same table, no re-detection
+    before = w.table_value("all regions", "tumour", comp, "h_score")
+    w.sliders[0].setValue(0.1)
+    qtbot.waitUntil(lambda: w.table_value("all regions", "tumour", comp, "h_score") != before, timeout=5000)
+    t = w.thresholds()
+    assert t == pytest.approx((0.1, 0.4, 0.6))
+    want_bins = assign_bins(eng.cells[preset.scoring.measurement].to_numpy(), t)
+    np.testing.assert_array_equal(w.result.cells["bin"].to_numpy(), want_bins)
+    tum = eng.cells["class"].to_numpy() == "tumour"
+    assert w.table_value("all regions", "tumour", comp, "h_score") == score_counts(want_bins[tum])["h_score"]
+    assert w.table_value("all regions", "all", comp, "n") == len(eng.cells)
+    np.testing.assert_allclose(points.face_color, bin_rgba(want_bins))
+    np.testing.assert_allclose(labels.colormap.color_dict[lab], bin_rgba([want_bins[row.name]])[0])
+
+    # a slider pushed past its neighbour keeps the thresholds increasing
+    w.sliders[2].setValue(0.3)
+    w.rescore()
+    t2, t3 = w.thresholds()[1:]
+    assert t2 < t3 == pytest.approx(0.3)
+
+    # exports through ihcscore.export
+    w.set_thresholds((0.2, 0.4, 0.6))
+    csv = w.export("csv", tmp_path / "cells.csv")
+    js = json.loads(w.export("json", tmp_path / "summary.json").read_text())
+    gj = json.loads(w.export("geojson", tmp_path / "cells.geojson").read_text())
+    import pandas as pd
+
+    assert len(pd.read_csv(csv)) == len(eng.cells)
+    assert js["tumour"]["h_score"] == eng.summary["tumour"]["h_score"]
+    assert len(gj["features"]) == len(eng.cells)
+    assert gj["features"][0]["geometry"]["type"] == "Polygon"
+    assert image in viewer.layers
+
+
+def test_classes_and_exclusion_rescore(make_napari_viewer, slide_path):
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    w.region_mode.setCurrentText("Visible field")
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    cells = w.result.cells.copy()
+    n = len(cells)
+    assert n > 50
+    w.add_annotation_layers()
+    # click one "other" cell into tumour and one tumour cell into non-tumour
+    other = cells.index[cells["class"] == "other"][0] if (cells["class"] == "other").any() else None
+    tumour = cells.index[cells["class"] == "tumour"][0]
+    if other is not None:
+        viewer.layers["tumour"].add(cells.loc[other, ["y_um", "x_um"]].to_numpy(float))
+    viewer.layers["non-tumour"].add(cells.loc[tumour, ["y_um", "x_um"]].to_numpy(float))
+    # exclude the left third of the field
+    W = cells["x_um"].max()
+    viewer.layers["exclude"].add_polygons([np.array([[-10, -10], [-10, W / 3], [1e4, W / 3], [1e4, -10]])])
+    info = w.apply_annotations()
+    got = w.result.cells
+    assert got.loc[tumour, "class"] == "other"
+    if other is not None and info["method"] == "override":
+        assert got.loc[other, "class"] == "tumour"
+    excluded = cells["x_um"].to_numpy() < W / 3
+    np.testing.assert_array_equal(w.result.excluded, excluded)
+    want = summarize(got[~excluded], w.scheme())
+    comp = w.scheme().compartment
+    assert w.table_value("all regions", "all", comp, "n") == want["all"]["n"] == int((~excluded).sum())
+    assert w.table_value("all regions", "tumour", comp, "h_score") == want["tumour"]["h_score"]
+    assert not viewer.layers["cell centroids"].shown[excluded].any()
+    w.reset_classes()
+    assert w.table_value("all regions", "all", comp, "n") == n
+
+
+def test_whole_slide_run_and_sample(make_napari_viewer, slide_path, qtbot, tmp_path):
+    from napari_ihcscore._sample_data import sample_skimage_ihc
+
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    w.region_mode.setCurrentText("Whole slide")
+    res = w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    assert res.kind == "slide" and len(res.cells) > 50
+    head = res.slide_summary
+    comp = w.scheme().compartment
+    assert w.table_value("all regions", "tumour", comp, "h_score") == head["tumour"]["h_score"]
+    assert "cells" not in viewer.layers  # analyze_slide returns no label images
+    assert len(viewer.layers["cell centroids"].data) == len(res.cells)
+
+    # sample data opens as an RGB layer in µm, and the widget scores an in-memory layer too
+    (data, kwargs, kind) = sample_skimage_ihc()[0]
+    assert kind == "image" and kwargs["rgb"]
+    layer = viewer.add_image(data, **kwargs)
+    w.image_combo.setCurrentText(layer.name)
+    w.region_mode.setCurrentText("Selected annotations")
+    _rectangle(viewer, 0, 0, 199, 199, mpp=layer.scale[-1], name="box")
+    viewer.layers.selection.active = viewer.layers["box"]
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    assert len(w.result.cells) > 5
+
+    img = viewer.screenshot(canvas_only=False, flash=False)
+    assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 5
+
+
+def test_several_annotations_polygon_and_cancel(make_napari_viewer, qtbot, slide_path):
+    from napari_ihcscore._core import points_in_polygons
+
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    shapes = _rectangle(viewer, 0, 0, 199, 149)
+    tri = np.array([[300, 250], [500, 250], [500, 480]], float)  # (y, x) level-0 px
+    shapes.add_polygons([tri * MPP])
+    shapes.selected_data = set()  # none selected: every shape of the active layer
+    viewer.layers.selection.active = shapes
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    r1, r2 = w.last_regions
+    assert r1.polygon is None and r2.polygon is not None
+    with open_slide(slide_path) as s:
+        eng = analyze_region(s.read_region((r2.x, r2.y), 0, (r2.w, r2.h)), MPP, w.current_preset(),
+                             origin_px=(r2.x, r2.y))
+    inside = points_in_polygons(eng.cells["x_px"], eng.cells["y_px"], [tri[:, ::-1]])
+    assert 0 < inside.sum() < len(eng.cells)
+    want = summarize(eng.cells[inside], w.scheme())
+    comp = w.scheme().compartment
+    assert w.table_value("annotations #2", "all", comp, "n") == want["all"]["n"]
+    assert w.table_value("annotations #2", "tumour", comp, "h_score") == want["tumour"]["h_score"]
+    n1 = w.table_value("annotations #1", "all", comp, "n")
+    assert w.table_value("all regions", "all", comp, "n") == n1 + want["all"]["n"]
+
+    # Cancel stops a background run at the next region; the previous result stays
+    before = w.result
+    shapes.add_rectangles([np.array([[0, 300], [200, 500]], float) * MPP])
+    w._relay.progress.connect(lambda done, total: w.cancel() if done >= 1 else None)
+    w.run()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+    assert w.last_error == "cancelled"
+    assert w.result is before
+    assert w.run_btn.isEnabled() and not w.cancel_btn.isEnabled()
