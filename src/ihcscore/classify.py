@@ -129,6 +129,11 @@ def feature_matrix(table: pd.DataFrame, feature_names=None):
     return np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0), list(feature_names)
 
 
+#: The only non-default types a classifier file may hold (the fitted trees of the two models).
+_TRUSTED_MODEL_TYPES = {"sklearn.tree._tree.Tree",
+                        "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"}
+
+
 @dataclass
 class CellClassifier:
     """A trained tumour / non-tumour classifier and the features it expects."""
@@ -162,7 +167,7 @@ class CellClassifier:
             untrusted = sio.get_untrusted_types(file=path)
         except Exception as e:
             raise ValueError(f"{path}: not an ihcscore classifier file ({e})") from None
-        allowed = [t for t in untrusted if t.startswith(("sklearn.", "numpy."))]
+        allowed = [t for t in untrusted if t in _TRUSTED_MODEL_TYPES]
         refused = sorted(set(untrusted) - set(allowed))
         if refused:
             raise ValueError(f"{path}: refusing to load types {refused}")
