@@ -225,6 +225,17 @@ def test_whole_slide_run_and_sample(make_napari_viewer, slide_path, qtbot, tmp_p
     assert "cells" not in viewer.layers  # analyze_slide returns no label images
     assert len(viewer.layers["cell centroids"].data) == len(res.cells)
 
+    # stain estimation from a rectangle and the H / DAB OD preview of the field on screen (engine calls)
+    _rectangle(viewer, 0, 0, 511, 511, name="stain box")
+    viewer.layers.selection.active = viewer.layers["stain box"]
+    sv = w.estimate_stains()
+    assert w.stains() == sv and w.current_preset().stains.dab == pytest.approx(sv.dab)
+    h_layer, dab_layer = w.preview()
+    assert h_layer.name == "Hematoxylin OD" and dab_layer.name == "DAB OD"
+    assert dab_layer.data.max() > 0.3 and h_layer.data.min() >= 0
+    w.set_stains(None)
+    viewer.layers.remove("stain box")
+
     # sample data opens as an RGB layer in µm, and the widget scores an in-memory layer too
     (data, kwargs, kind) = sample_skimage_ihc()[0]
     assert kind == "image" and kwargs["rgb"]

@@ -1,4 +1,7 @@
-"""Make the documentation screenshot: ``python -m napari_ihcscore._screenshot OUT.png [SLIDE]``.
+"""Documentation screenshots: ``python -m napari_ihcscore._screenshot docs/img/napari_widget.png [SLIDE]``.
+
+Writes the whole window to ``OUT`` and the dock scrolled to its results
+(table, histogram) to ``OUT`` with ``_widget`` replaced by ``_results``.
 
 Opens a sample slide (default: OS-2-ndpi from ``sample_slides/``, else the
 scikit-image sample), docks the "IHC score" widget, scores a rectangle and
@@ -37,7 +40,10 @@ def main(out: str, slide: str | None = None) -> None:
         data, kw, _ = _skimage_in_memory()[0]
         layer = viewer.add_image(data, **kw)
     w = IHCScoreWidget(viewer)
-    viewer.window.add_dock_widget(w, name="IHC score", area="right")
+    dock = viewer.window.add_dock_widget(w, name="IHC score", area="right")
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([dock], [560], Qt.Horizontal)
     if "ki67" in [w.preset_combo.itemText(i) for i in range(w.preset_combo.count())]:
         w.preset_combo.setCurrentText("ki67")
     # a rectangle of ~40 % of the slide, centred
@@ -66,6 +72,18 @@ def main(out: str, slide: str | None = None) -> None:
     import imageio.v3 as iio
 
     iio.imwrite(out, img)
+    # the results half of the dock (table and histogram), scrolled into view
+    from qtpy.QtWidgets import QScrollArea
+
+    scroll = w.findChild(QScrollArea)
+    scroll.verticalScrollBar().setValue(scroll.verticalScrollBar().maximum())
+    for _ in range(10):
+        QApplication.processEvents()
+        time.sleep(0.05)
+    results = out.replace(".png", "_results.png") if out.endswith("_widget.png") is False else \
+        out.replace("_widget.png", "_results.png")
+    w.grab().save(results)
+    print(f"wrote {results}")
     print(f"wrote {out} {img.shape}; {len(w.result.cells)} cells; tumour H-score "
           f"{w.summaries['all regions']['tumour']['h_score']}")
     viewer.close()
