@@ -144,16 +144,20 @@ def run_score(args) -> int:
             if client is not None:
                 client.close()
     if not args.quiet:
-        table = Table(title=f"ihcscore {__version__}: preset {preset.name}, {preset.scoring.measurement}, "
-                            f"thresholds {list(preset.scoring.thresholds)} OD")
+        table = Table(title=f"ihcscore {__version__}: preset {preset.name}, headline {preset.scoring.measurement}, "
+                            f"thresholds {list(preset.scoring.thresholds)} OD; H-score 0-300")
         for col in ("slide", "status", "cells", "tumour cells", "tumour H-score", "tumour % pos",
-                    "all H-score", "all % pos", "time s"):
+                    "tumour H nucleus", "H cytoplasm", "H membrane", "H cell", "all-cell H-score", "time s"):
             table.add_column(col, justify="left" if col in ("slide", "status") else "right")
         for r in result.rows:
             table.add_row(str(r["slide"]), str(r["status"]), _fmt(r.get("n_cells"), 0), _fmt(r.get("tumour_n"), 0),
                           _fmt(r.get("tumour_h_score")), _fmt(r.get("tumour_percent_positive")),
-                          _fmt(r.get("all_h_score")), _fmt(r.get("all_percent_positive")), _fmt(r.get("runtime_s")))
-        Console().print(table)
+                          *(_fmt(r.get(f"tumour_h_score_{c}")) for c in COMPARTMENT_CHOICES),
+                          _fmt(r.get("all_h_score")), _fmt(r.get("runtime_s")))
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=200)
+        out.print(table)
         for r in result.rows:
             if r.get("warnings"):
                 console.print(f"[yellow]warning:[/yellow] {r['warnings']}", highlight=False)

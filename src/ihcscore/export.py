@@ -136,6 +136,15 @@ SUMMARY_CSV_COLUMNS = (
     "all_allred",
     "all_irs",
     "runtime_s",
+    # Added after the contract's columns: the H-score of every compartment.
+    "tumour_h_score_nucleus",
+    "tumour_h_score_cytoplasm",
+    "tumour_h_score_membrane",
+    "tumour_h_score_cell",
+    "all_h_score_nucleus",
+    "all_h_score_cytoplasm",
+    "all_h_score_membrane",
+    "all_h_score_cell",
     "error",
     "warnings",
 )
@@ -909,6 +918,8 @@ def summary_row(
         g = summary.get(group) or {}
         for k in _SCORE_KEYS:
             row[f"{group}_{k}"] = g.get(k)
+        for comp, counts in (g.get("by_compartment") or {}).items():
+            row[f"{group}_h_score_{comp}"] = (counts or {}).get("h_score")
     row["runtime_s"] = runtime_s if runtime_s is not None else summary.get("runtime_s")
     row["error"] = error
     w = summary.get("warnings")
