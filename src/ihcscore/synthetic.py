@@ -981,8 +981,9 @@ def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", qu
                     raise ValueError(f"strip of shape {strip.shape} does not fit a {W} px wide, "
                                      f"{tile} px tiled level 0")
                 if maps:
-                    half = _halve(strip)
-                    maps[0][y // 2:y // 2 + half.shape[0]] = half
+                    for x in range(0, W, 2048):  # column chunks: no full-width uint16 copy
+                        half = _halve(strip[:, x:x + 2048])
+                        maps[0][y // 2:y // 2 + half.shape[0], x // 2:x // 2 + half.shape[1]] = half
                 y += strip.shape[0]
                 yield from _tiles_of(strip, tile)
             if y != H:
@@ -994,7 +995,7 @@ def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", qu
                      subfiletype=0, **kwargs)
             for k, m in enumerate(maps, start=1):
                 if k < len(maps):
-                    step = 4096
+                    step = 512  # rows per chunk: bounded memory for any width
                     for y in range(0, m.shape[0], step):
                         half = _halve(np.asarray(m[y:y + step]))
                         maps[k][y // 2:y // 2 + half.shape[0]] = half
