@@ -243,15 +243,29 @@ def read_detection_tile(slide, padded, ds: float) -> np.ndarray:
 
 
 _WORKER_SLIDES: dict = {}
+#: Slides a worker keeps open (persistent Dask workers see every slide of a batch).
+_WORKER_SLIDES_MAX = 2
 
 
 def _worker_slide(path, mpp):
+    """The worker's open handle on a slide; reopened when the file changed, at most a few kept open."""
+    import os
+
     from .slide import open_slide
 
-    key = (str(path), mpp)
-    if key not in _WORKER_SLIDES:
-        _WORKER_SLIDES[key] = open_slide(path, mpp=mpp)
-    return _WORKER_SLIDES[key]
+    st = os.stat(path)
+    key = (str(path), mpp, st.st_mtime_ns, st.st_size)
+    slide = _WORKER_SLIDES.pop(key, None)
+    if slide is None:
+        slide = open_slide(path, mpp=mpp)
+    _WORKER_SLIDES[key] = slide  # most recently used last
+    while len(_WORKER_SLIDES) > _WORKER_SLIDES_MAX:
+        old = _WORKER_SLIDES.pop(next(iter(_WORKER_SLIDES)))
+        try:
+            old.close()
+        except Exception:  # noqa: BLE001 - closing a stale handle must not fail a tile
+            pass
+    return slide
 
 
 def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: float, stains: StainVectors,
@@ -274,9 +288,12 @@ def _run_tasks(fn, tasks, workers: int, client=None):
     if client is not None:
         from distributed import as_completed as dask_as_completed
 
-        futures = client.map(fn, tasks, pure=False)
-        for fut in dask_as_completed(futures):
-            yield fut.result()
+        # Hold no list of futures: a result is released on the cluster as soon as it is fetched, so
+        # worker memory does not grow with the number of tiles (as_completed drops its reference too).
+        for fut in dask_as_completed(client.map(fn, tasks, pure=False)):
+            result = fut.result()
+            fut.release()
+            yield result
         return
     if workers <= 1:
         for t in tasks:
@@ -378,11 +395,15 @@ def analyze_slide(
     SlideResult
     """
     t0 = time.perf_counter()
-    if not getattr(slide, "is_brightfield_rgb", True):
+    modality = getattr(slide, "modality", "brightfield")
+    if modality == "fluorescence":
         from .slide import SlideError
 
-        raise SlideError(f"{slide.path}: not a brightfield RGB slide (fluorescence or single channel?): "
+        raise SlideError(f"{slide.path}: looks like a fluorescence image (dark background), not brightfield: "
                          "IHC scoring needs brightfield H-DAB")
+    early_warnings = []
+    if modality == "grayscale":
+        early_warnings.append(f"{slide.name}: grayscale image (no colour): DAB cannot be told from hematoxylin")
     mpp0 = float(slide.mpp)
     px = detection_pixel_size(mpp0, preset.detection.pixel_size_um)
     ds = px / mpp0
@@ -397,13 +418,16 @@ def analyze_slide(
         scale = ds / mask_ds  # mask pixels per detection pixel
 
         def keep(y0, x0, y1, x1):
-            sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
+            # One mask pixel of slack on every side: a cell centroid at the very edge of the core can
+            # round into the neighbouring mask pixel (cells are filtered by the mask exactly afterwards).
+            sub = mask[max(0, int(y0 * scale) - 1):int(math.ceil(y1 * scale)) + 1,
+                       max(0, int(x0 * scale) - 1):int(math.ceil(x1 * scale)) + 1]
             return bool(sub.any())
 
     tasks = plan_tiles(shape_det, int(tile_size), pad, keep)
 
     sample = _sample_tissue_rgb(slide, tasks, ds)
-    warnings = []
+    warnings = early_warnings
     if stains is None:
         if preset.stains.estimate:
             background = estimate_background(slide.thumbnail(1024)) if hasattr(slide, "thumbnail") else None
@@ -417,7 +441,8 @@ def analyze_slide(
     if tasks:
         warnings += stain_warnings(sample, stains, slide.name)
 
-    job = _TileJob(slide_path=str(slide.path), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
+    # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
+    job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
                    params=params, polygons=polygons)
     parts = []
     for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
