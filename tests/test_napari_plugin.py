@@ -170,6 +170,13 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     assert js["tumour"]["h_score"] == eng.summary["tumour"]["h_score"]
     assert len(gj["features"]) == len(eng.cells)
     assert gj["features"][0]["geometry"]["type"] == "Polygon"
+    # npe2 writers: the Points layer's features as a cell table, the Labels layer as a TIFF
+    saved = points.save(str(tmp_path / "points.csv"), plugin=PLUGIN)
+    assert len(pd.read_csv(saved[0])) == len(eng.cells)
+    import tifffile
+
+    saved = labels.save(str(tmp_path / "cells.tif"), plugin=PLUGIN)
+    np.testing.assert_array_equal(tifffile.imread(saved[0]), eng.segmentation.cells)
     assert image in viewer.layers
 
 

@@ -69,9 +69,11 @@ def main(out: str, slide: str | None = None) -> None:
 
     notification_manager.records.clear()
     img = viewer.screenshot(canvas_only=False, flash=False)
-    import imageio.v3 as iio
+    from PIL import Image
 
-    iio.imwrite(out, img)
+    # RGB with an adaptive 256-colour palette: a fraction of the size, no visible loss at this scale
+    Image.fromarray(img[..., :3]).quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+        out, optimize=True)
     # the results half of the dock (table and histogram), scrolled into view
     from qtpy.QtWidgets import QScrollArea
 
