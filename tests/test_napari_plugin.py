@@ -72,6 +72,25 @@ def test_reader_opens_lazy_multiscale_in_um(make_napari_viewer, slide_path):
     np.testing.assert_array_equal(np.asarray(layer.data[0][64:94, 128:168]), want)
 
 
+def test_widget_uses_the_file_mpp_when_another_reader_opened_it(make_napari_viewer, slide_path):
+    """napari's built-in reader may win for .tif: pixels in scale 1, no mpp; the widget asks the engine."""
+    from napari_ihcscore._slides import layer_slide
+
+    viewer = make_napari_viewer()
+    layer = viewer.open(str(slide_path), plugin="napari")[0]
+    assert tuple(layer.scale) == (1.0, 1.0)
+    assert layer_slide(layer).mpp == pytest.approx(MPP)
+    w = _widget(viewer)
+    _rectangle(viewer, 40, 30, 339, 259, mpp=1.0)
+    viewer.layers.selection.active = viewer.layers["annotations"]
+    res = w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    with open_slide(slide_path) as s:
+        eng = analyze_region(s.read_region((40, 30), 0, (300, 230)), MPP, w.current_preset(), origin_px=(40, 30))
+    assert len(res.cells) == len(eng.cells)
+    np.testing.assert_allclose(viewer.layers["cell centroids"].data, eng.cells[["y_px", "x_px"]].to_numpy())
+
+
 def test_reader_error_names_the_file(make_napari_viewer, tmp_path):
     from napari_ihcscore._reader import napari_get_reader
 

@@ -114,12 +114,47 @@ def layer_slide(layer):
 
     Layers opened by this plugin carry ``metadata["ihcscore_path"]`` and
     ``metadata["mpp"]`` (and ``"ihcscore_mpp_override"`` when the pixel size
-    was assumed); any other RGB layer is read from memory, its pixel
-    size from ``metadata["mpp"]`` or its ``scale``.
+    was assumed). A layer another reader opened from a file (``layer.source.path``)
+    is re-opened with the engine so the pixel size comes from the file. Any
+    other RGB layer is read from memory, its pixel size from
+    ``metadata["mpp"]``, else its ``scale`` when that is not 1, else
+    :data:`DEFAULT_MPP` (with a warning).
+
+    Coordinates never depend on this: the widget maps world to level-0 pixels
+    through the layer's own transform.
     """
     md = dict(getattr(layer, "metadata", {}) or {})
     if md.get("ihcscore_path"):
         return get_slide(md["ihcscore_path"], mpp=md.get("ihcscore_mpp_override"))
+    src = getattr(getattr(layer, "source", None), "path", None)
+    if src and Path(src).is_file() and not md.get("mpp"):
+        try:
+            slide, _, warning = open_for_viewer(src)
+            if warning:
+                _warn(warning)
+            data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+            if tuple(slide.dimensions) == (data.shape[1], data.shape[0]):
+                return slide
+        except SlideError:
+            pass
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    mpp = md.get("mpp") or float(layer.scale[-1])
+    mpp = md.get("mpp")
+    if not mpp:
+        scale = float(layer.scale[-1])
+        if abs(scale - 1.0) > 1e-12:
+            mpp = scale
+        else:
+            mpp = _default_mpp()
+            _warn(f"{layer.name}: pixel size unknown (layer scale 1, no metadata['mpp']); assuming {mpp:g} µm/px")
     return ArraySource(data, mpp, name=layer.name)
+
+
+def _warn(msg: str) -> None:
+    try:
+        from napari.utils.notifications import show_warning
+
+        show_warning(msg)
+    except ImportError:  # pragma: no cover - used without napari
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
