@@ -960,14 +960,15 @@ class IHCScoreWidget(QWidget):
         i_t, i_o = i_t[i_t >= 0], i_o[i_o >= 0]
         method = "none"
         if len(i_t) or len(i_o):
-            train = getattr(classify_mod, "train_classifier", None)
-            labelled = np.concatenate([i_t, i_o])
-            labels = np.array(["tumour"] * len(i_t) + ["other"] * len(i_o), dtype=object)
+            # Every cell goes in (unclicked ones labelled None): neighbourhood features need the whole table.
+            labels = np.full(len(res.cells), None, dtype=object)
+            labels[i_t] = "tumour"
+            labels[i_o] = "other"
             done = False
-            if train is not None and len(set(labels)) == 2:
+            if len(i_t) and len(i_o):
                 try:
-                    model = train(res.cells.iloc[labelled], labels)
-                    pred = model.predict(res.cells) if hasattr(model, "predict") else model(res.cells)
+                    model = classify_mod.train_classifier(res.cells, labels)
+                    pred = model.predict(res.cells)
                     classes = np.asarray(pred, dtype=object)
                     method = "classifier"
                     done = True

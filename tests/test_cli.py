@@ -1,0 +1,143 @@
+"""`ihcscore score` end to end: the output contract, flags, bad input, blank glass."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from ihcscore import __version__
+from ihcscore.cli import main
+from ihcscore.slide import write_pyramidal_tiff
+from ihcscore.synthetic import make_synthetic_slide
+
+SUMMARY_KEYS = {"slide", "mpp", "preset", "stain_vectors", "background_rgb", "thresholds", "compartment",
+                "n_cells", "tumour", "all", "software_version", "runtime_s"}
+GROUP_KEYS = {"n", "n_0", "n_1", "n_2", "n_3", "h_score", "percent_positive", "allred", "irs", "by_compartment"}
+SUMMARY_CSV = ["slide", "status", "n_cells", "tumour_n", "tumour_h_score", "tumour_percent_positive",
+               "tumour_allred", "tumour_irs", "all_n", "all_h_score", "all_percent_positive", "all_allred",
+               "all_irs", "runtime_s"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    slides = root / "slides"
+    slides.mkdir()
+    make_synthetic_slide(slides / "syn.tif", shape=(640, 640), mpp=0.5, seed=3, dab_location="cell")
+    write_pyramidal_tiff(slides / "glass.tif", np.full((400, 400, 3), 255, np.uint8), 0.5, compression="zlib")
+    out = root / "out"
+    rc = main(["score", str(slides), "--out", str(out), "--csv", "--quiet", "--tile-size", "512"])
+    return slides, out, rc
+
+
+def test_output_contract(scored):
+    slides, out, rc = scored
+    assert rc == 0
+    d = out / "syn"
+    summary = json.loads((d / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["preset"] == "cxcr4" and summary["compartment"] == "cell"
+    assert summary["software_version"] == __version__
+    for group in ("tumour", "all"):
+        assert GROUP_KEYS <= set(summary[group])
+        assert set(summary[group]["by_compartment"]) == {"nucleus", "cytoplasm", "membrane", "cell"}
+    truth = json.loads((slides / "syn.truth.json").read_text())["scores"]
+    assert abs(summary["tumour"]["h_score"] - truth["tumour"]["by_compartment"]["cell"]["h_score"]) <= 10
+
+    cells = pd.read_parquet(d / "cells.parquet")
+    assert len(cells) == summary["n_cells"]
+    for col in ("x_px", "y_px", "x_um", "y_um", "class", "bin", "Nucleus: Area µm^2", "Nucleus: DAB OD mean",
+                "Cell: DAB OD mean", "Membrane: DAB OD mean", "Cytoplasm: DAB OD mean"):
+        assert col in cells.columns
+    assert set(cells["class"]) <= {"tumour", "other"} and set(cells["bin"]) <= {0, 1, 2, 3}
+    assert np.allclose(cells["x_um"], cells["x_px"] * 0.5)
+    csv_cells = pd.read_csv(d / "cells.csv")
+    assert list(csv_cells.columns) == list(cells.columns)
+
+    gj = json.loads((d / "cells.geojson").read_text())
+    assert gj["type"] == "FeatureCollection" and len(gj["features"]) == len(cells)
+    f = gj["features"][0]
+    assert f["properties"]["objectType"] == "cell" and "nucleusGeometry" in f
+    assert "report.html" in {p.name for p in d.iterdir()}
+
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0].keys())[: len(SUMMARY_CSV)] == SUMMARY_CSV
+    assert {r["slide"]: r["status"] for r in rows} == {"glass": "ok", "syn": "ok"}
+    assert (out / "failures.csv").read_text().strip() == "slide,path,error"
+    assert (out / "index.html").is_file()
+
+
+def test_blank_glass_is_an_empty_result_with_null_scores(scored):
+    _, out, _ = scored
+    summary = json.loads((out / "glass" / "summary.json").read_text())
+    assert summary["n_cells"] == 0
+    assert summary["tumour"]["h_score"] is None and summary["all"]["percent_positive"] is None
+    assert len(pd.read_parquet(out / "glass" / "cells.parquet")) == 0
+
+
+def test_flags_single_threshold_and_compartment(scored, tmp_path):
+    slides, _, _ = scored
+    out = tmp_path / "o"
+    rc = main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report",
+               "--thresholds", "0.3", "--compartment", "nucleus", "--stains", "auto"])
+    assert rc == 0
+    s = json.loads((out / "syn" / "summary.json").read_text())
+    assert s["thresholds"] == [0.3] and s["compartment"] == "nucleus"
+    assert s["tumour"]["h_score"] is None and s["tumour"]["allred"] is None
+    assert s["tumour"]["percent_positive"] is not None
+    assert s["stain_vectors"]["name"] == "estimated"
+    cells = pd.read_parquet(out / "syn" / "cells.parquet")
+    expected = (cells["Nucleus: DAB OD mean"] >= 0.3).astype(int)
+    assert (cells["bin"] == expected).all()
+
+
+def test_annotations_give_per_region_scores(scored, tmp_path):
+    slides, _, _ = scored
+    gj = tmp_path / "regions.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"objectType": "annotation", "name": "left"},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [320, 0], [320, 640], [0, 640], [0, 0]]]}},
+        {"type": "Feature", "properties": {"objectType": "annotation", "name": "right"},
+         "geometry": {"type": "Polygon", "coordinates": [[[320, 0], [640, 0], [640, 640], [320, 640], [320, 0]]]}},
+    ]}))
+    out = tmp_path / "o"
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report",
+                 "--tissue", str(gj)]) == 0
+    s = json.loads((out / "syn" / "summary.json").read_text())
+    names = [r["name"] for r in s["regions"]]
+    assert names == ["left", "right"]
+    assert sum(r["n_cells"] for r in s["regions"]) == s["n_cells"]
+    assert s["regions"][0]["area_mm2"] == pytest.approx(320 * 640 * 0.25 / 1e6)
+
+
+def test_image_without_pixel_size_needs_mpp(tmp_path, capsys):
+    rgb = np.full((200, 200, 3), 240, np.uint8)
+    png = tmp_path / "plain.png"
+    Image.fromarray(rgb).save(png)
+    out = tmp_path / "o"
+    assert main(["score", str(png), "--out", str(out), "--quiet"]) == 1
+    err = (out / "failures.csv").read_text()
+    assert "plain.png" in err and "--mpp" in err
+    assert main(["score", str(png), "--out", str(out), "--quiet", "--mpp", "0.5"]) == 0
+
+
+def test_bad_preset_and_missing_input_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[detection]\nsigmaa_um = 2\n')
+    assert main(["score", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "detection.sigmaa_um" in err
+    assert main(["score", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.svs" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert __version__ in capsys.readouterr().out
