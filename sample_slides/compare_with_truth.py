@@ -1,8 +1,8 @@
 """Print ihcscore's scores next to the computed truth of the synthetic sample slides.
 
-    python sample_slides/compare_with_truth.py results/
+    python sample_slides/compare_with_truth.py results/cxcr4 results/ki67
 
-For every ``<slide>.truth.json`` beside this script with a ``results/<slide>/summary.json``,
+For every ``<slide>.truth.json`` beside this script with a ``<results>/<slide>/summary.json``,
 one row per compartment: true and measured tumour H-score, all-cell H-score and cell counts.
 """
 
@@ -13,13 +13,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def main(results: Path) -> int:
+def main(results_dirs) -> int:
     rows = []
     for truth_file in sorted(HERE.glob("*.truth.json")):
         stem = truth_file.name[: -len(".truth.json")]
-        summary_file = results / stem / "summary.json"
-        if not summary_file.is_file():
+        found = [d / stem / "summary.json" for d in results_dirs if (d / stem / "summary.json").is_file()]
+        if not found:
             continue
+        summary_file = found[0]
         truth = json.loads(truth_file.read_text())
         ours = json.loads(summary_file.read_text())
         for comp in ("nucleus", "cytoplasm", "membrane", "cell"):
@@ -29,7 +30,7 @@ def main(results: Path) -> int:
             rows.append((stem, comp, t["tumour"]["h_score"], o["tumour"].get("h_score"),
                          t["all"]["h_score"], o["all"].get("h_score"), t["tumour"]["n"], o["tumour"].get("n"), mark))
     if not rows:
-        print(f"no synthetic slide results with truth found in {results}")
+        print(f"no synthetic slide results with truth found in {', '.join(map(str, results_dirs))}")
         return 0
 
     def f(v):
@@ -44,4 +45,4 @@ def main(results: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1] if len(sys.argv) > 1 else "results")))
+    sys.exit(main([Path(a) for a in sys.argv[1:]] or [Path("results")]))

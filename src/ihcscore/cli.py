@@ -36,7 +36,8 @@ def _add_score_parser(sub):
                        description="Detect cells, measure DAB OD and report H-score, percent positive, Allred and "
                                    "IRS per slide. Writes DIR/<slide>/summary.json, cells.parquet, cells.geojson, "
                                    "report.html and DIR/summary.csv, DIR/failures.csv.")
-    p.add_argument("input", metavar="SLIDE_OR_FOLDER", help="a slide file or a folder of slides")
+    p.add_argument("input", metavar="SLIDE_OR_FOLDER", nargs="+",
+                   help="slide files and/or folders of slides (each folder's slides, not its subfolders)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.add_argument("--preset", default="cxcr4", metavar="NAME|FILE.toml",
                    help="marker preset: a packaged name (see `ihcscore presets`) or a TOML file (default: cxcr4)")
@@ -104,7 +105,7 @@ def run_score(args) -> int:
     console = Console(stderr=True, quiet=args.quiet)
     try:
         preset, stains = _build_preset(args)
-        paths = find_slides(args.input)
+        paths = list(dict.fromkeys(p for item in args.input for p in find_slides(item)))
         if args.classifier is not None:
             from .classify import CellClassifier
 
@@ -113,9 +114,14 @@ def run_score(args) -> int:
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 2
     if not paths:
-        console.print(f"[red]error:[/red] {args.input}: no slide files found", highlight=False)
+        console.print(f"[red]error:[/red] {' '.join(args.input)}: no slide files found", highlight=False)
         return 2
-    client = dask_client(args.dask, args.workers) if args.dask else None
+    try:
+        client = dask_client(args.dask, args.workers) if args.dask else None
+    except (OSError, ValueError, TimeoutError, ImportError) as e:
+        console.print(f"[red]error:[/red] --dask {args.dask}: cannot connect to the scheduler "
+                      f"({' '.join(str(e).split()) or type(e).__name__})", highlight=False)
+        return 2
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False, disable=args.quiet)
     with progress:
