@@ -1,0 +1,308 @@
+"""Whole-slide benchmark: end-to-end speed, peak memory, tile-decode rate and the naive pipeline, in one run.
+
+    .venv/bin/python benchmarks/bench_slide.py --size 16384            # 16384 x 16384 px at 0.5 µm/px
+    .venv/bin/python benchmarks/bench_slide.py --size 40000 --workers 4
+
+The synthetic slide is generated on demand (``ihcscore.synthetic.write_large_synthetic_slide``,
+block by block, bounded memory) into ``--out`` (default ``benchmarks/out/``, not committed) and reused
+by later runs. Then, each measured in this run on this machine:
+
+* **end to end**: ``ihcscore.pipeline.analyze_slide`` (tissue detection, tiles with overlap, detection,
+  measurement, classification, scoring) in a child process; slide megapixels (level 0) per second and per
+  core (worker), and the peak resident memory of the scoring process tree (sampled sum of the process and
+  its workers with psutil, and the largest single process from ``getrusage``);
+* **raw tile decode**: every level-0 tile of the file decoded with tifffile, one core: the ceiling for any
+  pipeline that reads level 0 once;
+* **naive scikit-image pipeline** (rgb2hed, Otsu, distance-transform watershed, regionprops: what one writes
+  first) on a 4096 x 4096 crop of the same slide, one core, held in memory;
+* **GPU** (``ihcscore.gpu``, CuPy) deconvolution + Gaussian rate when a GPU is present.
+
+and the ratios between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def naive_pipeline(rgb: np.ndarray, thresholds=(0.2, 0.4, 0.6)):
+    """What a scikit-image user writes first: rgb2hed, Otsu, watershed, regionprops (whole image in memory)."""
+    from scipy import ndimage as ndi
+    from skimage import color, feature, filters, measure, segmentation
+
+    hed = color.rgb2hed(rgb)
+    h, d = hed[..., 0], hed[..., 2]
+    mask = h > filters.threshold_otsu(h)
+    dist = ndi.distance_transform_edt(mask)
+    peaks = feature.peak_local_max(dist, min_distance=5, labels=measure.label(mask))
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = segmentation.watershed(-dist, markers, mask=mask)
+    props = measure.regionprops(labels, intensity_image=d)
+    dab = np.array([p.intensity_mean for p in props])
+    return len(props), np.digitize(dab, thresholds)
+
+
+def _rss_tree(proc) -> int:
+    """Resident bytes of a process and all its descendants (psutil)."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakSampler:
+    """Samples the summed RSS of a process tree every ``interval`` seconds in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_tree(self.proc))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+# ----------------------------------------------------------------------------- child: score the slide
+def _score_child(args) -> None:
+    """Runs in a child process so its peak RSS is the scoring's alone; prints one JSON line."""
+    import resource
+
+    from ihcscore.pipeline import analyze_slide
+    from ihcscore.preset import load_preset
+    from ihcscore.slide import open_slide
+
+    preset = load_preset(args.preset)
+    ticks = []
+    with PeakSampler(os.getpid()) as sampler, open_slide(args.slide) as slide:
+        t0 = time.perf_counter()
+        res = analyze_slide(slide, preset, tile_size=args.tile_size, workers=args.workers, tissue=args.tissue,
+                            polygons=args.polygons, progress=lambda d, n: ticks.append((d, n)))
+        dt = time.perf_counter() - t0
+        dims = slide.dimensions
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    print(json.dumps({
+        "seconds": dt, "n_cells": int(len(res.cells)), "n_tiles": int(res.summary["n_tiles"]),
+        "h_score": res.summary["all"]["h_score"], "width": dims[0], "height": dims[1],
+        "peak_rss_tree_bytes": sampler.peak, "maxrss_self_bytes": self_kb * 1024,
+        "maxrss_largest_child_bytes": child_kb * 1024,
+        "cells_table_bytes": int(res.cells.memory_usage(deep=True).sum()),
+    }), flush=True)
+
+
+# ----------------------------------------------------------------------------- measurements
+def ensure_slide(size: int, mpp: float, out: Path, workers: int) -> Path:
+    from ihcscore.synthetic import write_large_synthetic_slide
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"synthetic_{size}_{mpp:g}um.tif"
+    if path.is_file() and path.with_name(path.name.split(".")[0] + ".truth.json").is_file():
+        print(f"slide: {path} (reused)", flush=True)
+        return path
+    print(f"generating {path} ({size} x {size} px, {mpp} µm/px) ...", flush=True)
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def progress(done, total):
+        now = time.perf_counter()
+        if now - last[0] > 10 or done == total:
+            last[0] = now
+            print(f"  blocks {done}/{total}", flush=True)
+
+    write_large_synthetic_slide(path, shape=(size, size), mpp=mpp, seed=0, workers=workers, progress=progress)
+    print(f"  generated in {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 2**20:.0f} MiB", flush=True)
+    return path
+
+
+def decode_rate(path: Path, max_seconds: float = 120.0):
+    """Decode level-0 tiles with tifffile (one core); every tile unless that takes longer than max_seconds."""
+    import tifffile
+
+    from ihcscore.slide import _ensure_tifffile_jpeg
+
+    _ensure_tifffile_jpeg()
+    with tifffile.TiffFile(str(path)) as tf:
+        page = tf.pages[0]
+        n_total = len(page.dataoffsets)
+        fh = tf.filehandle
+        px = 0
+        n = 0
+        t0 = time.perf_counter()
+        for offset, count in zip(page.dataoffsets, page.databytecounts):
+            fh.seek(offset)
+            data = fh.read(count)
+            tile, _, shape = page.decode(data, n, jpegtables=page.jpegtables)
+            px += int(np.prod(tile.shape[1:3]))
+            n += 1
+            if time.perf_counter() - t0 > max_seconds:
+                break
+        dt = time.perf_counter() - t0
+    return {"tiles": n, "tiles_total": n_total, "seconds": dt, "mp_per_s": px / 1e6 / dt}
+
+
+def read_region_rate(path: Path, side: int = 4096, block: int = 1024):
+    """slide.read_region in 1024-px blocks over a level-0 square (one core; includes the slide reader)."""
+    from ihcscore.slide import open_slide
+
+    with open_slide(path) as s:
+        w, h = s.dimensions
+        x0, y0 = max(0, (w - side) // 2), max(0, (h - side) // 2)
+        t0 = time.perf_counter()
+        for y in range(y0, y0 + side, block):
+            for x in range(x0, x0 + side, block):
+                s.read_region((x, y), 0, (block, block))
+        dt = time.perf_counter() - t0
+    return {"seconds": dt, "mp_per_s": side * side / 1e6 / dt}
+
+
+def naive_rate(path: Path, side: int = 4096):
+    from ihcscore.slide import open_slide
+
+    with open_slide(path) as s:
+        w, h = s.dimensions
+        side = min(side, w, h)
+        x0, y0 = (w - side) // 2, (h - side) // 2
+        rgb = s.read_region((x0, y0), 0, (side, side))
+    t0 = time.perf_counter()
+    n, _ = naive_pipeline(rgb)
+    dt = time.perf_counter() - t0
+    return {"side": side, "seconds": dt, "mp_per_s": side * side / 1e6 / dt, "objects": n}
+
+
+def gpu_rate(path: Path, side: int = 4096):
+    from ihcscore import gpu
+
+    if not gpu.available():
+        return None
+    from ihcscore.slide import open_slide
+    from ihcscore.stains import H_DAB_DEFAULT
+
+    with open_slide(path) as s:
+        w, h = s.dimensions
+        side = min(side, w, h)
+        rgb = s.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side))
+    gpu.deconvolve_smooth(rgb, H_DAB_DEFAULT, sigma_px=3.0)  # warm-up (kernels, transfer)
+    t0 = time.perf_counter()
+    gpu.deconvolve_smooth(rgb, H_DAB_DEFAULT, sigma_px=3.0)
+    dt_gpu = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gpu.deconvolve_smooth_cpu(rgb, H_DAB_DEFAULT, sigma_px=3.0)
+    dt_cpu = time.perf_counter() - t0
+    return {"side": side, "gpu_mp_per_s": side * side / 1e6 / dt_gpu, "cpu_mp_per_s": side * side / 1e6 / dt_cpu,
+            "device": gpu.device_name()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=16384, help="slide side in pixels (level 0)")
+    ap.add_argument("--mpp", type=float, default=0.5, help="slide pixel size, µm/px (default 0.5)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tile worker processes")
+    ap.add_argument("--tile-size", type=int, default=1024, help="tile side at the detection resolution, px")
+    ap.add_argument("--tissue", default="auto", help="auto | all")
+    ap.add_argument("--preset", default="cxcr4")
+    ap.add_argument("--polygons", action="store_true",
+                    help="also keep nucleus/cell outlines (what `ihcscore score` does for cells.geojson)")
+    ap.add_argument("--out", type=Path, default=HERE / "out", help="where the generated slide is kept")
+    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    ap.add_argument("--_score", dest="score_slide", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.score_slide:
+        args.slide = args.score_slide
+        _score_child(args)
+        return 0
+
+    cores = max(1, args.workers)
+    print(f"ihcscore slide benchmark: {args.size} x {args.size} px at {args.mpp} µm/px, {args.workers} worker(s), "
+          f"tile {args.tile_size} px, tissue={args.tissue}, {os.cpu_count()} CPU(s) on this machine", flush=True)
+    path = ensure_slide(args.size, args.mpp, args.out, max(1, args.workers))
+
+    dec = decode_rate(path)
+    print(f"raw tile decode (tifffile, 1 core):  {dec['mp_per_s']:8.1f} MP/s  "
+          f"({dec['tiles']}/{dec['tiles_total']} level-0 tiles in {dec['seconds']:.1f} s)", flush=True)
+    rr = read_region_rate(path)
+    print(f"slide.read_region (1 core):          {rr['mp_per_s']:8.1f} MP/s  (4096² in 1024² blocks)", flush=True)
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_score", str(path), "--workers", str(args.workers),
+           "--tile-size", str(args.tile_size), "--tissue", args.tissue, "--preset", args.preset]
+    if args.polygons:
+        cmd.append("--polygons")
+    print("scoring (child process) ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, file=sys.stderr)
+        return 1
+    e2e = json.loads(proc.stdout.strip().splitlines()[-1])
+    mp = e2e["width"] * e2e["height"] / 1e6
+    rate = mp / e2e["seconds"]
+    print(f"end to end (analyze_slide):          {rate:8.2f} MP/s  = {rate / cores:.2f} MP/s per core  "
+          f"({mp:.0f} MP in {e2e['seconds']:.1f} s; {e2e['n_tiles']} tissue tiles, {e2e['n_cells']} cells, "
+          f"H-score {e2e['h_score']:.1f})", flush=True)
+    gib = 2**30
+    print(f"peak RSS, scoring process tree:      {e2e['peak_rss_tree_bytes'] / gib:8.2f} GiB (sampled sum; target < 2)"
+          f"\n  largest single process (getrusage): main {e2e['maxrss_self_bytes'] / gib:.2f} GiB, "
+          f"worker {e2e['maxrss_largest_child_bytes'] / gib:.2f} GiB; cell table {e2e['cells_table_bytes'] / gib:.2f} GiB",
+          flush=True)
+
+    nav = None
+    if not args.skip_naive:
+        nav = naive_rate(path)
+        print(f"naive scikit-image ({nav['side']}² crop, 1 core): {nav['mp_per_s']:6.2f} MP/s  "
+              f"({nav['objects']} objects in {nav['seconds']:.1f} s)", flush=True)
+    g = gpu_rate(path)
+    if g:
+        print(f"GPU deconvolution + Gaussian ({g['device']}): {g['gpu_mp_per_s']:.1f} MP/s vs CPU "
+              f"{g['cpu_mp_per_s']:.1f} MP/s ({g['gpu_mp_per_s'] / g['cpu_mp_per_s']:.1f}x)", flush=True)
+    else:
+        print("GPU: none (CuPy or a CUDA device missing); GPU rate not measured", flush=True)
+
+    print("ratios (same run, same machine):")
+    per_core = rate / cores
+    if nav:
+        print(f"  ihcscore per core / naive scikit-image (1 core): {per_core / nav['mp_per_s']:.2f}x")
+    print(f"  ihcscore per core / raw tile decode (1 core):    {per_core / dec['mp_per_s']:.3f} "
+          f"(decode is {dec['mp_per_s'] / per_core:.0f}x faster than scoring)")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "decode": dec,
+                                         "read_region": rr, "end_to_end": e2e, "naive": nav, "gpu": g}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Folders of slides: failures isolated, exit codes, resume, and a SIGKILL mid-slide."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ihcscore.cli import main
+from ihcscore.export import COMPLETE_MARKER
+from ihcscore.synthetic import make_synthetic_slide
+
+SCORE_ARGS = ["--tile-size", "256", "--no-report", "--quiet", "--tissue", "all"]
+
+
+def _read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _summary(out_dir):
+    s = json.loads((Path(out_dir) / "summary.json").read_text())
+    for k in ("runtime_s", "path"):
+        s.pop(k, None)
+    return s
+
+
+@pytest.fixture(scope="module")
+def good_slides(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slides")
+    make_synthetic_slide(root / "a.tif", shape=(768, 768), mpp=0.5, seed=1)
+    make_synthetic_slide(root / "b.tif", shape=(768, 768), mpp=0.5, seed=2)
+    return root
+
+
+@pytest.fixture()
+def folder(good_slides, tmp_path):
+    """a.tif, b.tif (good), c_corrupt.svs (not an image), d_truncated.tif (half a TIFF)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.tif", "b.tif"):
+        os.link(good_slides / name, d / name)
+    (d / "c_corrupt.svs").write_text("this is not a slide\n")
+    data = (good_slides / "b.tif").read_bytes()
+    (d / "d_truncated.tif").write_bytes(data[: len(data) // 2])
+    (d / "notes.txt").write_text("ignored: not a slide extension\n")
+    return d
+
+
+def test_failures_isolated_and_exit_code(folder, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["score", str(folder), "--out", str(out), *SCORE_ARGS])
+    assert rc == 1
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"a", "b", "c_corrupt", "d_truncated"}
+    assert rows["a"]["status"] == rows["b"]["status"] == "ok"
+    assert int(rows["a"]["n_cells"]) > 50 and int(rows["b"]["n_cells"]) > 50
+    fails = {r["slide"]: r for r in _read_csv(out / "failures.csv")}
+    assert set(fails) == {"c_corrupt", "d_truncated"}
+    assert "c_corrupt.svs" in fails["c_corrupt"]["error"]
+    assert "d_truncated.tif" in fails["d_truncated"]["error"]
+    for s in ("a", "b"):
+        assert (out / s / COMPLETE_MARKER).is_file() and (out / s / "cells.parquet").is_file()
+    assert not (out / "c_corrupt" / COMPLETE_MARKER).exists()
+    # only good slides: exit 0
+    good = tmp_path / "good"
+    good.mkdir()
+    os.link(folder / "a.tif", good / "a.tif")
+    assert main(["score", str(good), "--out", str(tmp_path / "out_good"), *SCORE_ARGS]) == 0
+
+
+def test_resume_skips_complete_and_redoes_partial_or_changed(folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS]) == 1
+    mtimes = {s: (out / s / "cells.parquet").stat().st_mtime_ns for s in ("a", "b")}
+    first = {s: _summary(out / s) for s in ("a", "b")}
+
+    # second run: both skipped (resumed, files untouched), the bad ones retried and failing again
+    assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS]) == 1
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert rows["a"]["resumed"] == rows["b"]["resumed"] == "True"
+    assert rows["c_corrupt"]["status"] == "failed"
+    assert {s: (out / s / "cells.parquet").stat().st_mtime_ns for s in ("a", "b")} == mtimes
+
+    # a partial folder (marker gone, half-written temp file left by a crash) is redone
+    (out / "b" / COMPLETE_MARKER).unlink()
+    (out / "b" / "cells.parquet.tmp-99999").write_bytes(b"half")
+    assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS]) == 1
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert rows["a"]["resumed"] == "True" and rows["b"]["resumed"] in ("", None)
+    assert (out / "b" / COMPLETE_MARKER).is_file()
+    assert not list((out / "b").glob("*.tmp-*"))
+    assert _summary(out / "b") == first["b"]
+
+    # other parameters (thresholds): nothing is taken as done
+    assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS, "--thresholds", "0.25,0.45,0.65"]) == 1
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert rows["a"]["resumed"] in ("", None) and rows["b"]["resumed"] in ("", None)
+    assert json.loads((out / "a" / "summary.json").read_text())["thresholds"] == [0.25, 0.45, 0.65]
+
+
+# ----------------------------------------------------------------------------- SIGKILL mid-slide
+
+DRIVER = r"""
+import os, signal, sys
+from pathlib import Path
+import ihcscore.pipeline as pipeline
+import ihcscore.export as export
+ticks = Path(sys.argv[1])
+mode = sys.argv[2]
+orig_tile = pipeline.analyze_tile
+def analyze_tile(*a, **k):
+    out = orig_tile(*a, **k)
+    with open(ticks, "a") as f:   # progress the test can see: one line per finished tile
+        f.write("tile\n")
+    return out
+pipeline.analyze_tile = analyze_tile
+if mode == "kill-while-writing":
+    orig_parquet = export.write_cells_parquet
+    def write_cells_parquet(path, cells):
+        if Path(path).parent.name == "big":   # summary.json is already written: die mid-folder
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_parquet(path, cells)
+    export.write_cells_parquet = write_cells_parquet
+from ihcscore.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def kill_folder(tmp_path_factory, good_slides):
+    d = tmp_path_factory.mktemp("kill")
+    os.link(good_slides / "a.tif", d / "a.tif")
+    make_synthetic_slide(d / "big.tif", shape=(1536, 1536), mpp=0.5, seed=4)  # 36 tiles of 256 px
+    return d
+
+
+@pytest.fixture(scope="module")
+def clean_run(kill_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert main(["score", str(kill_folder), "--out", str(out), *SCORE_ARGS]) == 0
+    return out
+
+
+def _assert_same_outputs(out, ref):
+    for s in ("a", "big"):
+        assert _summary(out / s) == _summary(ref / s)
+        pd.testing.assert_frame_equal(pd.read_parquet(out / s / "cells.parquet"),
+                                      pd.read_parquet(ref / s / "cells.parquet"), check_exact=True)
+        assert (out / s / "cells.geojson").stat().st_size == (ref / s / "cells.geojson").stat().st_size
+
+
+@pytest.mark.parametrize("mode", ["kill-mid-tiles", "kill-while-writing"])
+def test_sigkill_mid_slide_then_rerun_is_identical(kill_folder, clean_run, tmp_path, mode):
+    out = tmp_path / "out"
+    ticks = tmp_path / "ticks.txt"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, str(driver), str(ticks), mode, "score", str(kill_folder), "--out", str(out),
+           *SCORE_ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        if mode == "kill-mid-tiles":
+            # a.tif has 9 tiles; wait until big.tif has some done (and is not finished), then SIGKILL
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None:
+                n = len(ticks.read_text().splitlines()) if ticks.exists() else 0
+                if n >= 9 + 3:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "the run finished before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    n_ticks = len(ticks.read_text().splitlines())
+    if mode == "kill-mid-tiles":
+        assert n_ticks < 9 + 36  # killed before big.tif's last tile
+    # the finished slide is complete, the interrupted one is not taken as done
+    assert (out / "a" / COMPLETE_MARKER).is_file()
+    assert not (out / "big" / COMPLETE_MARKER).exists()
+    if mode == "kill-while-writing":
+        assert (out / "big" / "summary.json").is_file()  # half a folder: summary written, no cells, no marker
+        assert not (out / "big" / "cells.parquet").exists()
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"a"}  # summary.csv holds the finished slide only
+    a_mtime = (out / "a" / "cells.parquet").stat().st_mtime_ns
+
+    # rerun (plain CLI): a is skipped, big is redone, results identical to a clean run
+    rc = subprocess.run([sys.executable, "-m", "ihcscore.cli", "score", str(kill_folder), "--out", str(out),
+                         *SCORE_ARGS], capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert rows["a"]["resumed"] == "True" and rows["big"]["status"] == "ok"
+    assert (out / "a" / "cells.parquet").stat().st_mtime_ns == a_mtime
+    assert (out / "big" / COMPLETE_MARKER).is_file()
+    _assert_same_outputs(out, clean_run)

@@ -1,0 +1,98 @@
+"""The same tiles on dask.distributed (a LocalCluster on loopback) give results identical to the local run."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+distributed = pytest.importorskip("distributed")
+
+from ihcscore.cli import main  # noqa: E402
+from ihcscore.pipeline import analyze_slide  # noqa: E402
+from ihcscore.preset import load_preset  # noqa: E402
+from ihcscore.slide import open_slide  # noqa: E402
+from ihcscore.synthetic import make_synthetic_slide  # noqa: E402
+
+ARGS = ["--tile-size", "256", "--no-report", "--quiet", "--tissue", "all"]
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dask_in")
+    make_synthetic_slide(d / "s1.tif", shape=(1024, 768), mpp=0.5, seed=11)
+    make_synthetic_slide(d / "s2.tif", shape=(768, 768), mpp=0.5, seed=12)
+    return d
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local_out(slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dask_ref") / "out"
+    assert main(["score", str(slides), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def _strip(s):
+    s = dict(s)
+    for k in ("runtime_s", "path"):
+        s.pop(k, None)
+    return s
+
+
+def _same_outputs(out, ref):
+    for stem in ("s1", "s2"):
+        a = json.loads((Path(out) / stem / "summary.json").read_text())
+        b = json.loads((Path(ref) / stem / "summary.json").read_text())
+        assert _strip(a) == _strip(b)
+        pd.testing.assert_frame_equal(pd.read_parquet(Path(out) / stem / "cells.parquet"),
+                                      pd.read_parquet(Path(ref) / stem / "cells.parquet"), check_exact=True)
+
+
+def test_analyze_slide_on_client_equals_local(slides, cluster):
+    from distributed import Client
+
+    preset = load_preset("cxcr4")
+    with open_slide(slides / "s1.tif") as s:
+        local = analyze_slide(s, preset, tile_size=256, tissue="all")
+        with Client(cluster) as client:
+            assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+            remote = analyze_slide(s, preset, tile_size=256, tissue="all", client=client)
+            # the futures of a slide are released once fetched: nothing stays on the workers
+            assert not client.who_has()
+    assert len(local.cells) > 50
+    pd.testing.assert_frame_equal(local.cells.drop(columns=["nucleus_polygon", "cell_polygon"], errors="ignore"),
+                                  remote.cells.drop(columns=["nucleus_polygon", "cell_polygon"], errors="ignore"),
+                                  check_exact=True)
+    assert local.summary["all"] == remote.summary["all"]
+
+
+def test_cli_dask_scheduler_address(slides, cluster, local_out, tmp_path):
+    """`--dask tcp://127.0.0.1:PORT`: what a lab does with the address of its cluster's scheduler."""
+    out = tmp_path / "out"
+    assert main(["score", str(slides), "--out", str(out), *ARGS, "--dask", cluster.scheduler_address]) == 0
+    _same_outputs(out, local_out)
+
+
+def test_cli_dask_local(slides, local_out, tmp_path):
+    out = tmp_path / "out"
+    assert main(["score", str(slides), "--out", str(out), *ARGS, "--dask", "local", "--workers", "2"]) == 0
+    _same_outputs(out, local_out)
+
+
+def test_cli_dask_unreachable_scheduler(slides, tmp_path, capsys):
+    import dask
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        args = [a for a in ARGS if a != "--quiet"]  # --quiet silences errors too
+        rc = main(["score", str(slides), "--out", str(tmp_path / "out"), *args, "--dask", "tcp://127.0.0.1:9"])
+    assert rc == 2
+    assert "cannot connect" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Whole-slide tiling: seam-free across tile sizes and worker counts, deterministic, tissue-only tiles.
+
+The slide is a synthetic pyramid at 0.25 µm/px, so detection at 0.5 µm/px reads level 1 (and the
+resampling path is exercised for the tile reads of level 0 when a level is missing).
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.spatial import cKDTree
+
+from ihcscore.pipeline import analyze_slide, plan_tiles
+from ihcscore.preset import load_preset
+from ihcscore.slide import open_slide, write_pyramidal_tiff
+from ihcscore.synthetic import make_synthetic_region, make_synthetic_slide
+
+MPP = 0.25
+SIDE = 1536  # level-0 px: 384 µm, ~350 cells; 768 px at the detection resolution
+MATCH_UM = 1.0  # the same nucleus found twice: centroids closer than this
+
+
+@pytest.fixture(scope="module")
+def preset():
+    return load_preset("cxcr4")
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiling") / "slide.tif"
+    make_synthetic_slide(path, shape=(SIDE, SIDE), mpp=MPP, seed=3)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(slide_path, preset):
+    """Cells of the slide for (tile size, workers); 2048 is a single tile holding the whole slide."""
+    out = {}
+    for tile, workers in [(2048, 1), (256, 1), (384, 1), (256, 2), (384, 2)]:
+        with open_slide(slide_path) as s:
+            res = analyze_slide(s, preset, tile_size=tile, workers=workers, tissue="all")
+        out[(tile, workers)] = res
+    return out
+
+
+def _match(ref: pd.DataFrame, other: pd.DataFrame, tol_px: float):
+    """Indices into ``ref`` and ``other`` of mutual nearest neighbours closer than ``tol_px``."""
+    a = ref[["x_px", "y_px"]].to_numpy()
+    b = other[["x_px", "y_px"]].to_numpy()
+    d_ab, i_ab = cKDTree(a).query(b)
+    _, i_ba = cKDTree(b).query(a)
+    ok = (d_ab < tol_px) & (i_ba[i_ab] == np.arange(len(b)))
+    return i_ab[ok], np.nonzero(ok)[0]
+
+
+def _table(res):
+    return res.cells.drop(columns=[c for c in ("nucleus_polygon", "cell_polygon") if c in res.cells])
+
+
+def test_plan_tiles_cores_partition_the_plane():
+    tasks = plan_tiles((700, 500), 256, 40)
+    cover = np.zeros((700, 500), int)
+    for t in tasks:
+        y0, x0, y1, x1 = t.core
+        cover[y0:y1, x0:x1] += 1
+        assert t.padded == (y0 - 40, x0 - 40, y1 + 40, x1 + 40)
+    assert (cover == 1).all()
+
+
+def test_plan_covers_single_tile(runs):
+    assert runs[(2048, 1)].summary["n_tiles"] == 1
+    assert runs[(256, 1)].summary["n_tiles"] == 9
+    assert runs[(384, 1)].summary["n_tiles"] == 4
+    assert runs[(2048, 1)].summary["detection_pixel_size_um"] == 0.5
+
+
+@pytest.mark.parametrize("tile", [256, 384])
+def test_worker_count_gives_identical_results(runs, tile):
+    """Same tiles, other worker count: bit-identical table and summary."""
+    a, b = runs[(tile, 1)], runs[(tile, 2)]
+    pd.testing.assert_frame_equal(_table(a), _table(b), check_exact=True)
+    for key in ("n_cells", "tumour", "all"):
+        assert a.summary[key] == b.summary[key]
+
+
+def test_deterministic_run_to_run(slide_path, preset, runs):
+    with open_slide(slide_path) as s:
+        again = analyze_slide(s, preset, tile_size=256, workers=1, tissue="all")
+    pd.testing.assert_frame_equal(_table(runs[(256, 1)]), _table(again), check_exact=True)
+    assert json.dumps(again.summary["all"], sort_keys=True) == json.dumps(runs[(256, 1)].summary["all"],
+                                                                            sort_keys=True)
+
+
+@pytest.mark.parametrize("tile", [256, 384])
+def test_seam_free_across_tile_sizes(runs, tile):
+    """The issue's criterion: >= 99.5 % of matched cells in the same bin, H-score within 0.5."""
+    ref, res = runs[(2048, 1)], runs[(tile, 1)]
+    rc, tc = ref.cells, res.cells
+    assert len(rc) > 250
+    i_ref, i_t = _match(rc, tc, MATCH_UM / MPP)
+    # cell count: the same within 1 %
+    assert abs(len(tc) - len(rc)) <= max(1, 0.01 * len(rc))
+    # nearly every cell found in both runs (the remainder: see test_bit_identical_across_tile_sizes)
+    assert len(i_ref) >= 0.98 * len(rc) and len(i_t) >= 0.98 * len(tc)
+    same_bin = (rc["bin"].to_numpy()[i_ref] == tc["bin"].to_numpy()[i_t]).mean()
+    assert same_bin >= 0.995
+    for group in ("all", "tumour"):
+        assert abs(ref.summary[group]["h_score"] - res.summary[group]["h_score"]) <= 0.5, group
+        for k in ("n_0", "n_1", "n_2", "n_3"):
+            assert abs(ref.summary[group][k] - res.summary[group][k]) <= max(1, 0.01 * ref.summary[group]["n"])
+
+
+@pytest.mark.parametrize("tile", [256, 384])
+def test_tile_borders_lose_and_duplicate_nothing(runs, tile):
+    """Cells within 15 µm of a tile border: each single-tile cell is found once, none appears twice."""
+    ref, res = runs[(2048, 1)].cells, runs[(tile, 1)].cells
+    step = tile * 0.5 / MPP  # core side in level-0 px
+    band = 15.0 / MPP
+
+    def near_border(df):
+        x, y = df["x_px"].to_numpy(), df["y_px"].to_numpy()
+        dx = np.abs(x - np.round(x / step) * step)
+        dy = np.abs(y - np.round(y / step) * step)
+        inner = lambda v: (v > band) & (v < SIDE - band)  # noqa: E731 - slide edges are no tile borders
+        return ((dx < band) & inner(np.round(x / step) * step)) | ((dy < band) & inner(np.round(y / step) * step))
+
+    # no duplicates anywhere: two nuclei never have centroids within 1 µm
+    d, _ = cKDTree(res[["x_px", "y_px"]].to_numpy()).query(res[["x_px", "y_px"]].to_numpy(), k=2)
+    assert d[:, 1].min() > MATCH_UM / MPP
+    band_ref = ref[near_border(ref)]
+    band_res = res[near_border(res)]
+    assert len(band_ref) > 30
+    i_ref, i_t = _match(band_ref, res, MATCH_UM / MPP)
+    assert len(i_ref) >= 0.97 * len(band_ref)  # lost: at most 3 % (1 of ~60 here)
+    assert abs(len(band_res) - len(band_ref)) <= max(1, 0.03 * len(band_ref))
+
+
+@pytest.mark.xfail(reason="cells.py is not translation invariant: subtract_background's morphological "
+                          "reconstruction is unbounded and _split_touching's watershed breaks ties by the "
+                          "global heap order, so a few cells (~1-5 %) shift by < 1 px or split differently "
+                          "with the tile size. With both made local the tables are identical (see "
+                          "docs/scaling.md).", strict=False)
+def test_bit_identical_across_tile_sizes(runs):
+    ref, res = runs[(2048, 1)].cells, runs[(256, 1)].cells
+    assert len(ref) == len(res)
+    np.testing.assert_array_equal(ref[["x_px", "y_px"]].to_numpy(), res[["x_px", "y_px"]].to_numpy())
+
+
+# ----------------------------------------------------------------------------- tissue-only tiles
+
+@pytest.fixture(scope="module")
+def half_blank(tmp_path_factory):
+    """A 1024² slide at 0.5 µm/px whose right half is empty glass."""
+    rgb, _, _ = make_synthetic_region((1024, 1024), 0.5, seed=5, tissue_fraction=1.0)
+    rgb = rgb.copy()
+    rgb[:, 512:] = 245
+    path = write_pyramidal_tiff(tmp_path_factory.mktemp("half") / "half.tif", rgb, 0.5, min_level_side=256)
+    return path
+
+
+def test_blank_half_processes_fewer_tiles(half_blank, preset):
+    with open_slide(half_blank) as s:
+        auto = analyze_slide(s, preset, tile_size=256, tissue="auto")
+        everything = analyze_slide(s, preset, tile_size=256, tissue="all")
+    assert everything.summary["n_tiles"] == 16
+    assert auto.summary["n_tiles"] <= 10  # the 8 tissue tiles (+ the glass next to its edge at most)
+    assert auto.tissue_mask is not None and auto.tissue_mask.any()
+    assert len(everything.cells) > 100
+    assert (auto.cells["x_px"] < 512 + 8).all()
+    # the cells of the tissue half are the same either way
+    i_a, _ = _match(auto.cells, everything.cells, 2.0)
+    assert len(i_a) >= 0.98 * len(everything.cells[everything.cells["x_px"] < 500])
+
+
+def test_tissue_mask_png_and_geojson(half_blank, preset, tmp_path):
+    from PIL import Image
+
+    # PNG at 1/8 scale: only the top-left quadrant is tissue
+    m = np.zeros((128, 128), np.uint8)
+    m[:64, :64] = 255
+    png = tmp_path / "mask.png"
+    Image.fromarray(m).save(png)
+    # GeoJSON (level-0 px): a rectangle in the left half, rows 512-1024
+    gj = tmp_path / "roi.geojson"
+    ring = [[0, 512], [512, 512], [512, 1024], [0, 1024], [0, 512]]
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation", "name": "ROI"}}]}))
+    with open_slide(half_blank) as s:
+        by_png = analyze_slide(s, preset, tile_size=256, tissue=str(png))
+        by_gj = analyze_slide(s, preset, tile_size=256, tissue=str(gj))
+        everything = analyze_slide(s, preset, tile_size=256, tissue="all")
+    assert by_png.summary["n_tiles"] == 4 and by_gj.summary["n_tiles"] <= 6
+    for res, (x1, y0, y1) in ((by_png, (512, 0, 512)), (by_gj, (512, 512, 1024))):
+        c = res.cells
+        assert len(c) > 20
+        assert (c["x_px"] < x1).all() and (c["y_px"] >= y0).all() and (c["y_px"] < y1).all()
+        ref = everything.cells
+        ref = ref[(ref["x_px"] < x1 - 8) & (ref["y_px"] >= y0 + 8) & (ref["y_px"] < y1 - 8)]
+        i_ref, _ = _match(ref, c, 2.0)
+        assert len(i_ref) >= 0.98 * len(ref)
