@@ -115,6 +115,30 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
     return summary
 
 
+def _remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete ``<name>.tmp-<pid>`` files a killed run left behind (never those of a live process here)."""
+    import os
+
+    if not out_dir.is_dir():
+        return
+    for tmp in out_dir.glob("*.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # that process is alive: leave its file alone
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        if pid.isdigit() and int(pid) == os.getpid():
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
 def dask_client(address: str, workers: int = 2):
     """A ``dask.distributed.Client``: ``"local"`` starts a LocalCluster on loopback."""
     from distributed import Client, LocalCluster
@@ -161,6 +185,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
             else:
+                _remove_stale_temporaries(out_dir)
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
                                       report=report, progress=on_tile, classifier=classifier)
