@@ -22,6 +22,8 @@ def main(results_dirs) -> int:
             continue
         summary_file = found[0]
         truth = json.loads(truth_file.read_text())
+        if not truth.get("n_cells"):
+            continue  # blank glass: nothing to compare
         ours = json.loads(summary_file.read_text())
         for comp in ("nucleus", "cytoplasm", "membrane", "cell"):
             t = {g: truth["scores"][g]["by_compartment"][comp] for g in ("tumour", "all")}

@@ -440,6 +440,8 @@ def analyze_slide(
             stains = preset.stains.to_stain_vectors()
     if tasks:
         warnings += stain_warnings(sample, stains, slide.name)
+    else:
+        warnings = [f"{slide.name}: no tissue found: empty result (scores are null)"]
 
     # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
     job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,

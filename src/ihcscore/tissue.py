@@ -34,6 +34,12 @@ OD_SUM_FLOOR = 0.12
 OD_SUM_CAP = 0.30
 SATURATION_FLOOR = 0.05
 SATURATION_CAP = 0.20
+#: Default method ("glass"): tissue is anything at least this much darker (OD sum, after ~4 µm
+#: smoothing) than the glass, whose colour is the mode of the bright pixels. Otsu alone splits
+#: pale tissue into "nuclei vs the rest" when the thumbnail resolves nuclei.
+TISSUE_OD_ABOVE_GLASS = 0.05
+#: Coarsest useful mask pixel (µm): finer thumbnails are not needed to find tissue.
+MASK_PIXEL_UM = 2.0
 
 _IMAGE_MASK_EXT = {".png", ".tif", ".tiff", ".bmp", ".gif", ".jpg", ".jpeg"}
 _GEOJSON_EXT = {".geojson", ".json"}
@@ -43,11 +49,11 @@ class MaskError(ValueError):
     """A mask or annotation file cannot be used; one line naming the file."""
 
 
-def _thumb_and_downsample(slide, max_side):
+def _thumb_and_downsample(slide, max_side, min_downsample=1.0):
     if isinstance(slide, np.ndarray):
         return np.asarray(slide), 1.0
     w, h = slide.dimensions
-    ds = max(1.0, max(w, h) / float(max_side))
+    ds = max(1.0, float(min_downsample), max(w, h) / float(max_side))
     return slide.read_scaled(0, 0, w, h, ds), ds
 
 
@@ -65,7 +71,7 @@ def _otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values))
 
 
-def tissue_mask(slide, max_side=2048, method="otsu", *, min_object_um2=2000.0,
+def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
                 max_hole_um2=20000.0, mpp=None):
     """Detect tissue on a low-resolution thumbnail.
 
@@ -76,7 +82,9 @@ def tissue_mask(slide, max_side=2048, method="otsu", *, min_object_um2=2000.0,
         or an RGB image used as is (downsample 1).
     max_side : int
         Longer side of the thumbnail in pixels.
-    method : {"otsu", "saturation"}
+    method : {"glass", "otsu", "saturation"}
+        ``"glass"`` (default): OD sum at least ``TISSUE_OD_ABOVE_GLASS`` above the
+        glass's (estimated as the mode of bright pixels; white if none).
         ``"otsu"``: Otsu threshold of the optical-density sum (smoothed),
         clipped to [``OD_SUM_FLOOR``, ``OD_SUM_CAP``]. ``"saturation"``: Otsu on
         HSV saturation, clipped to [``SATURATION_FLOOR``, ``SATURATION_CAP``],
@@ -96,7 +104,9 @@ def tissue_mask(slide, max_side=2048, method="otsu", *, min_object_um2=2000.0,
     """
     from skimage.morphology import remove_small_holes, remove_small_objects
 
-    rgb, ds = _thumb_and_downsample(slide, max_side)
+    mpp_slide = None if isinstance(slide, np.ndarray) else getattr(slide, "mpp", None)
+    rgb, ds = _thumb_and_downsample(slide, max_side,
+                                    min_downsample=MASK_PIXEL_UM / mpp_slide if mpp_slide else 1.0)
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
         raise ValueError(f"tissue_mask needs an RGB image, got shape {rgb.shape}")
     rgb = rgb[..., :3]
@@ -107,7 +117,15 @@ def tissue_mask(slide, max_side=2048, method="otsu", *, min_object_um2=2000.0,
     f = rgb.astype(np.float32)
     # ~4 µm smoothing (at least half a pixel) so texture does not fragment the mask
     sigma = max(0.5, 4.0 / px_um)
-    if method == "otsu":
+    if method == "glass":
+        from .stains import estimate_background
+
+        od = -np.log10(np.maximum(f, 1.0) / 255.0)
+        feat = ndi.gaussian_filter(od.sum(axis=-1), sigma)
+        glass = np.asarray(estimate_background(rgb), dtype=np.float64)
+        glass_od = float(-np.log10(np.maximum(glass, 1.0) / 255.0).sum())
+        lo = hi = glass_od + TISSUE_OD_ABOVE_GLASS
+    elif method == "otsu":
         od = -np.log10(np.maximum(f, 1.0) / 255.0)
         feat = ndi.gaussian_filter(od.sum(axis=-1), sigma)
         lo, hi = OD_SUM_FLOOR, OD_SUM_CAP
@@ -117,8 +135,8 @@ def tissue_mask(slide, max_side=2048, method="otsu", *, min_object_um2=2000.0,
         feat = ndi.gaussian_filter(sat, sigma)
         lo, hi = SATURATION_FLOOR, SATURATION_CAP
     else:
-        raise ValueError(f"method must be 'otsu' or 'saturation', got {method!r}")
-    t = float(np.clip(_otsu(feat), lo, hi))
+        raise ValueError(f"method must be 'glass', 'otsu' or 'saturation', got {method!r}")
+    t = lo if lo == hi else float(np.clip(_otsu(feat), lo, hi))
     mask = feat > t
 
     min_px = int(round(min_object_um2 / px_um**2))
