@@ -20,7 +20,7 @@ resolution; no slide or file handling.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
+#: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
+MAX_EXTRA_OVERLAP = 0.2
 LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=np.float32)
 
 
@@ -61,6 +63,10 @@ class DetectionParams:
     split_by_shape: bool = True
     cell_expansion_um: float = 5.0
     membrane_width_um: float = 1.0
+    # ihcscore extension, not a QuPath setting (0 = off, QuPath's behaviour): with the "od_sum" image, also
+    # detect nuclei on the hematoxylin channel with this threshold and add those that the OD-sum detection
+    # missed (faint negative nuclei beside dark DAB, where one OD-sum threshold cannot serve both).
+    hematoxylin_threshold: float = 0.0
 
     def __post_init__(self):
         if self.image not in DETECTION_IMAGES:
@@ -242,6 +248,34 @@ def detect_nuclei(
     return nuclei
 
 
+def _add_hematoxylin_nuclei(nuclei, od, stain_od, params: DetectionParams) -> np.ndarray:
+    """Add nuclei found on the hematoxylin channel that the OD-sum detection missed.
+
+    One OD-sum threshold cannot separate both dark DAB-positive nuclei from
+    DAB-stained cytoplasm around them *and* pale hematoxylin-only nuclei from
+    the background: a threshold high enough for the first loses the second.
+    Hematoxylin detection (threshold ``params.hematoxylin_threshold``) finds
+    the pale negative nuclei; each is added (minus any pixels already taken)
+    when at most :data:`MAX_EXTRA_OVERLAP` of it overlaps an OD-sum nucleus
+    and what remains is still at least ``min_area_um2``.
+    """
+    hp = replace(params, image="hematoxylin", threshold=params.hematoxylin_threshold)
+    extra = detect_nuclei(detection_image(od, stain_od, hp), hp)
+    n_extra = int(extra.max(initial=0))
+    if n_extra == 0:
+        return nuclei
+    taken = nuclei > 0
+    total = np.bincount(extra.ravel(), minlength=n_extra + 1)
+    inside = np.bincount(extra[taken], minlength=n_extra + 1)
+    remain = (total - inside) * params.pixel_size_um ** 2
+    add = (inside <= MAX_EXTRA_OVERLAP * total) & (remain >= params.min_area_um2)
+    add[0] = False
+    n0 = int(nuclei.max(initial=0))
+    relabel = np.zeros(n_extra + 1, dtype=np.int32)
+    relabel[add] = np.arange(n0 + 1, n0 + 1 + int(add.sum()), dtype=np.int32)
+    return np.where(taken, nuclei, relabel[extra]).astype(np.int32)
+
+
 def expand_cells(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
     """Grow each nucleus by ``distance_px`` without overlap (nearest nucleus wins)."""
     if distance_px <= 0:
@@ -277,6 +311,8 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams)
     px = params.pixel_size_um
     image = detection_image(od, stain_od, params)
     nuclei, measure = detect_nuclei(image, params, return_measure_image=True)
+    if params.hematoxylin_threshold > 0 and params.image == "od_sum":
+        nuclei = _add_hematoxylin_nuclei(nuclei, od, stain_od, params)
     cells = expand_cells(nuclei, params.cell_expansion_um / px)
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
