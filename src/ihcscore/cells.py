@@ -26,6 +26,11 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import morphology, segmentation
 
+try:  # compiled kernels with the same results as the scipy/skimage calls they replace
+    from . import kernels as _k
+except ImportError:  # pragma: no cover - numba missing: pure scipy/skimage fallback
+    _k = None
+
 __all__ = [
     "DetectionParams",
     "Segmentation",
@@ -40,6 +45,8 @@ __all__ = [
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
 #: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
 MAX_EXTRA_OVERLAP = 0.2
+#: Gaussian sigma (px) on the distance map before finding ultimate eroded points (see _split_touching).
+EDM_SMOOTH_PX = 0.75
 LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=np.float32)
 
 
@@ -164,20 +171,34 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
     if radius_px <= 0:
         return image, invalid
     fp = morphology.disk(max(1, int(round(radius_px))), decomposition="sequence")
-    eroded = morphology.erosion(image, fp)
+    eroded = _k.grey_erosion_sequence(image, fp) if _k else morphology.erosion(image, fp)
     high = eroded > max_background
     if high.any():
-        invalid = ndi.binary_dilation(high, structure=_disk(2 * radius_px))
+        invalid = _k.binary_dilation_disk(high, 2 * radius_px) if _k else \
+            ndi.binary_dilation(high, structure=_disk(2 * radius_px))
         eroded = eroded.copy()
         eroded[invalid] = image.min()
-    background = morphology.reconstruction(np.minimum(eroded, image), image, method="dilation")
+    if _k:
+        background = _k.reconstruction_dilation(np.minimum(eroded, image), image)
+    else:
+        background = morphology.reconstruction(np.minimum(eroded, image), image, method="dilation")
     return (image - background).astype(np.float32), invalid
 
 
 def _split_touching(mask: np.ndarray) -> np.ndarray:
-    """Split touching blobs along distance-map watershed lines (ImageJ-style binary watershed)."""
+    """Split touching blobs along distance-map watershed lines (ImageJ-style binary watershed).
+
+    Seeds are the ultimate eroded points: maxima of the Euclidean distance map
+    standing at least 0.5 px above their saddle (ImageJ's tolerance). ImageJ
+    finds them on a sub-pixel-corrected EDM and tolerates a sorting error of
+    about 0.8 px along ridges; the raw discrete distance map has spurious ridge
+    maxima instead, which split elongated nuclei in two (+8 % cells against
+    QuPath on OS-2). A light Gaussian (:data:`EDM_SMOOTH_PX`) of the distance
+    map stands in for ImageJ's correction (docs/validation.md).
+    """
     dist = ndi.distance_transform_edt(mask)
-    # Ultimate eroded points: distance-map maxima standing at least 0.5 px above their saddle.
+    if EDM_SMOOTH_PX > 0:
+        dist = ndi.gaussian_filter(dist, EDM_SMOOTH_PX)
     peaks = morphology.h_maxima(dist, 0.5) & mask
     markers, _ = ndi.label(peaks, structure=np.ones((3, 3)))
     ws = segmentation.watershed(-dist, markers, mask=mask, watershed_line=True)
@@ -209,7 +230,8 @@ def detect_nuclei(
     foreground = log > 0
 
     # Over-segment the LoG at its regional maxima, then keep bright regions.
-    seeds = morphology.local_maxima(log, connectivity=2, allow_borders=True) & foreground
+    seeds = (_k.local_maxima(log) if _k else
+             morphology.local_maxima(log, connectivity=2, allow_borders=True)) & foreground
     markers, n_seeds = ndi.label(seeds, structure=np.ones((3, 3)))
     regions = segmentation.watershed(-log, markers, mask=foreground)
     index = np.arange(1, n_seeds + 1)
@@ -280,12 +302,16 @@ def expand_cells(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
     """Grow each nucleus by ``distance_px`` without overlap (nearest nucleus wins)."""
     if distance_px <= 0:
         return nuclei.copy()
+    if _k:
+        return _k.expand_labels(nuclei, distance_px)
     return segmentation.expand_labels(nuclei, distance=distance_px)
 
 
 def compartments(nuclei: np.ndarray, cells: np.ndarray, membrane_width_px: float):
     """Cytoplasm (cell minus nucleus) and membrane (ring within ``membrane_width_px`` of the cell boundary)."""
     cytoplasm = np.where(nuclei > 0, 0, cells).astype(cells.dtype)
+    if _k:  # same ring, by a small stencil instead of a distance transform
+        return cytoplasm, _k.membrane_ring(cells, membrane_width_px).astype(cells.dtype, copy=False)
     boundary = segmentation.find_boundaries(cells, mode="inner")
     # Distance of every pixel to the nearest boundary pixel (boundary pixels: 0).
     dist = ndi.distance_transform_edt(~boundary)
