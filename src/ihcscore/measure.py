@@ -15,6 +15,11 @@ from skimage import measure as skmeasure
 
 from .cells import Segmentation
 
+try:  # one-pass compiled label statistics (same numbers as the sort + reduceat path below)
+    from . import kernels as _k
+except ImportError:  # pragma: no cover - numba missing
+    _k = None
+
 __all__ = ["COMPARTMENT_PREFIX", "STAINS", "measure_cells", "label_statistics", "label_polygons"]
 
 COMPARTMENT_PREFIX = {"nucleus": "Nucleus", "cytoplasm": "Cytoplasm", "membrane": "Membrane", "cell": "Cell"}
@@ -28,6 +33,18 @@ def label_statistics(labels: np.ndarray, images: dict[str, np.ndarray], n_labels
     Returns a dict with ``count`` and ``"{name} {stat}"`` arrays of length
     ``n_labels`` (NaN for empty labels).
     """
+    if _k is not None and labels.ndim == 2:
+        counts, s, s2, mn, mx = _k.label_stats(labels, list(images.values()), n_labels)
+        out = {"count": counts}
+        for i, name in enumerate(images):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = s[i] / counts
+                var = np.maximum(s2[i] / counts - mean * mean, 0.0)
+            out[f"{name} mean"] = mean
+            out[f"{name} std dev"] = np.sqrt(var)
+            out[f"{name} max"] = mx[i]
+            out[f"{name} min"] = mn[i]
+        return out
     flat = labels.ravel()
     counts = np.bincount(flat, minlength=n_labels + 1)[1:n_labels + 1]
     out = {"count": counts}

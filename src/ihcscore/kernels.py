@@ -1,0 +1,1577 @@
+"""Compiled (numba) kernels for the engine's hot path.
+
+Each kernel has the same semantics as the scipy / scikit-image function it
+replaces; ``tests/test_kernels.py`` checks them against those functions.
+
+- :func:`reconstruction_dilation` = ``skimage.morphology.reconstruction(seed, mask,
+  method="dilation")`` (8-connectivity): Vincent's hybrid algorithm (raster and
+  anti-raster scans, then a FIFO queue). The result is a selection of seed and
+  mask values, so it is exactly equal.
+- :func:`h_maxima` = ``skimage.morphology.h_maxima`` (same float32/float64
+  "resolution" shift, same ``residue >= h`` test), returns ``bool``.
+- :func:`watershed` = ``skimage.segmentation.watershed(image, markers, mask=mask,
+  watershed_line=...)`` with connectivity 1: a port of the *algorithm* of
+  scikit-image 0.26 (binary heap ordered by (value, age), the same neighbour order
+  and the same heap sift rules), so ties are broken the same way and labels are
+  identical.
+- :func:`distance_transform_edt` (Felzenszwalb-Huttenlocher, exact squared
+  distances, so ``sqrt`` gives scipy's values bit for bit in float64) and
+  :func:`expand_labels` (nearest label within a distance; equal ties may pick a
+  different label than scipy's feature transform).
+- :func:`find_inner_boundaries` = ``find_boundaries(labels, mode="inner")``;
+  :func:`membrane_ring` = pixels of a label within ``width`` of such a boundary
+  pixel (what ``distance_transform_edt(~boundary) < width`` gives), by a stencil.
+- :func:`label_stats` = one pass count/sum/sum of squares/min/max per label.
+- :func:`grey_erosion_sequence` = ``skimage.morphology.erosion(image,
+  footprint_sequence)`` for sequences of 3x3 footprints ("reflect" borders).
+- :func:`binary_dilation_disk`, :func:`fill_holes`: exact replacements for
+  ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
+
+All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
+environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
+later processes load them from numba's cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "reconstruction_dilation",
+    "h_maxima",
+    "watershed",
+    "order_keys",
+    "distance_transform_edt",
+    "squared_edt",
+    "expand_labels",
+    "find_inner_boundaries",
+    "membrane_ring",
+    "label_stats",
+    "grey_erosion_sequence",
+    "binary_dilation_disk",
+    "fill_holes",
+    "local_maxima",
+    "warm_up",
+]
+
+_JIT = dict(cache=True, nogil=True)
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+@njit(**_JIT)
+def _reconstruct(J, I, W):
+    """In-place hybrid reconstruction by dilation of padded flat ``J`` under ``I``.
+
+    ``J`` and ``I`` are flattened ``(H+2, W+2)`` arrays whose one-pixel frame is
+    ``-inf`` in both (frame pixels never change and never propagate).
+    """
+    Wp = W + 2
+    n = J.size
+    Hp = n // Wp
+    # Raster scan: N+ = NW, N, NE, W.
+    for r in range(1, Hp - 1):
+        base = r * Wp
+        for c in range(1, Wp - 1):
+            p = base + c
+            v = J[p]
+            a = J[p - Wp - 1]
+            if a > v:
+                v = a
+            a = J[p - Wp]
+            if a > v:
+                v = a
+            a = J[p - Wp + 1]
+            if a > v:
+                v = a
+            a = J[p - 1]
+            if a > v:
+                v = a
+            m = I[p]
+            J[p] = v if v < m else m
+    # Anti-raster scan: N- = SE, S, SW, E; queue pixels that can still propagate.
+    cap = 1 << 16
+    queue = np.empty(cap, dtype=np.int64)
+    head = 0
+    size = 0
+    for r in range(Hp - 2, 0, -1):
+        base = r * Wp
+        for c in range(Wp - 2, 0, -1):
+            p = base + c
+            v = J[p]
+            a = J[p + Wp + 1]
+            if a > v:
+                v = a
+            a = J[p + Wp]
+            if a > v:
+                v = a
+            a = J[p + Wp - 1]
+            if a > v:
+                v = a
+            a = J[p + 1]
+            if a > v:
+                v = a
+            m = I[p]
+            if m < v:
+                v = m
+            J[p] = v
+            enq = False
+            q = p + Wp + 1
+            if J[q] < v and J[q] < I[q]:
+                enq = True
+            q = p + Wp
+            if J[q] < v and J[q] < I[q]:
+                enq = True
+            q = p + Wp - 1
+            if J[q] < v and J[q] < I[q]:
+                enq = True
+            q = p + 1
+            if J[q] < v and J[q] < I[q]:
+                enq = True
+            if enq:
+                if size == cap:
+                    queue = _grow(queue, head, size)
+                    cap = queue.size
+                    head = 0
+                queue[(head + size) & (cap - 1)] = p
+                size += 1
+    # FIFO propagation.
+    offs = np.array([-Wp - 1, -Wp, -Wp + 1, -1, 1, Wp - 1, Wp, Wp + 1], dtype=np.int64)
+    while size > 0:
+        p = queue[head]
+        head = (head + 1) & (cap - 1)
+        size -= 1
+        v = J[p]
+        for k in range(8):
+            q = p + offs[k]
+            jq = J[q]
+            iq = I[q]
+            if jq < v and iq != jq:
+                J[q] = v if v < iq else iq
+                if size == cap:
+                    queue = _grow(queue, head, size)
+                    cap = queue.size
+                    head = 0
+                queue[(head + size) & (cap - 1)] = q
+                size += 1
+
+
+@njit(**_JIT)
+def _grow(queue, head, size):
+    cap = queue.size
+    new = np.empty(cap * 2, dtype=queue.dtype)
+    for i in range(size):
+        new[i] = queue[(head + i) & (cap - 1)]
+    return new
+
+
+@njit(**_JIT)
+def _pad_into(src, dst, fill):
+    H, W = src.shape
+    Wp = W + 2
+    for c in range(Wp):
+        dst[c] = fill
+        dst[(H + 1) * Wp + c] = fill
+    for r in range(H):
+        base = (r + 1) * Wp
+        dst[base] = fill
+        dst[base + W + 1] = fill
+        for c in range(W):
+            dst[base + c + 1] = src[r, c]
+
+
+@njit(**_JIT)
+def _unpad(src, H, W, out):
+    Wp = W + 2
+    for r in range(H):
+        base = (r + 1) * Wp + 1
+        for c in range(W):
+            out[r, c] = src[base + c]
+
+
+@njit(**_JIT)
+def _any_greater(a, b):
+    for i in range(a.size):
+        if a.flat[i] > b.flat[i]:
+            return True
+    return False
+
+
+@njit(**_JIT)
+def _reconstruction_2d(seed, mask):
+    H, W = seed.shape
+    n = (H + 2) * (W + 2)
+    J = np.empty(n, dtype=seed.dtype)
+    I = np.empty(n, dtype=seed.dtype)
+    ninf = seed.dtype.type(-np.inf)
+    _pad_into(seed, J, ninf)
+    _pad_into(mask, I, ninf)
+    _reconstruct(J, I, W)
+    out = np.empty((H, W), dtype=seed.dtype)
+    _unpad(J, H, W, out)
+    return out
+
+
+def _float_dtype(dtype):
+    return np.float32 if np.dtype(dtype) in (np.float16, np.float32, np.uint8, np.int8, np.uint16,
+                                             np.int16, np.bool_) else np.float64
+
+
+def reconstruction_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grayscale reconstruction by dilation of ``seed`` under ``mask`` (8-connectivity, 2-D).
+
+    Same result as ``skimage.morphology.reconstruction(seed, mask, method="dilation")``
+    (computed in float32 for float32/small-integer masks, float64 otherwise, like skimage).
+    """
+    if seed.shape != mask.shape or seed.ndim != 2:
+        raise ValueError("seed and mask must be 2-D arrays of the same shape")
+    dt = _float_dtype(mask.dtype)
+    s = np.ascontiguousarray(seed, dtype=dt)
+    m = np.ascontiguousarray(mask, dtype=dt)
+    if _any_greater(s, m):
+        raise ValueError("Intensity of seed image must be less than that of the mask image "
+                         "for reconstruction by dilation.")
+    if s.size == 0:
+        return s.copy()
+    return _reconstruction_2d(s, m)
+
+
+def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+    """Maxima of height >= ``h`` (8-connectivity), like ``skimage.morphology.h_maxima``.
+
+    Float images are shifted by ``h`` plus skimage's relative "resolution"
+    (``2 * finfo(dtype).resolution * |image|``: 2e-6 relative for float32, 2e-15
+    for float64) before the reconstruction, and a pixel is a maximum when
+    ``image - reconstruction >= h``: the same arithmetic in the same dtype as
+    skimage, so the result is identical. Returns ``bool`` (skimage: ``uint8``).
+    """
+    image = np.asarray(image)
+    if image.size == 0 or h > np.ptp(image):
+        return np.zeros(image.shape, dtype=bool)
+    if h == 0:
+        raise ValueError("h = 0 is ambiguous, use local_maxima() instead?")
+    if not np.issubdtype(image.dtype, np.floating):
+        raise TypeError("h_maxima: float images only")
+    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
+    shifted = image - h - resolution
+    rec = reconstruction_dilation(shifted, image)
+    return (image - rec) >= h
+
+
+# --------------------------------------------------------------------------- watershed
+
+@njit(**_JIT)
+def _heap_push(hv, ha, hi, hl, n, v, a, idx, lab):
+    """Push onto a binary min-heap ordered by (value, age); scikit-image's sift-up rule."""
+    child = n
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        pv = hv[parent]
+        if v < pv or (v == pv and a < ha[parent]):
+            hv[child] = pv
+            ha[child] = ha[parent]
+            hi[child] = hi[parent]
+            hl[child] = hl[parent]
+            child = parent
+        else:
+            break
+    hv[child] = v
+    ha[child] = a
+    hi[child] = idx
+    hl[child] = lab
+
+
+@njit(**_JIT)
+def _heap_pop_fix(hv, ha, hi, hl, n):
+    """Move the last element (index ``n``, heap now holds ``n`` items) to the root and sift down.
+
+    Same rule as scikit-image's ``heappop``: the left child wins unless the right one
+    is strictly smaller.
+    """
+    v = hv[n]
+    a = ha[n]
+    idx = hi[n]
+    lab = hl[n]
+    i = 0
+    while True:
+        l = 2 * i + 1
+        if l >= n:
+            break
+        r = l + 1
+        best = i
+        bv = v
+        ba = a
+        lv = hv[l]
+        if lv < bv or (lv == bv and ha[l] < ba):
+            best = l
+            bv = lv
+            ba = ha[l]
+        if r < n:
+            rv = hv[r]
+            if rv < bv or (rv == bv and ha[r] < ba):
+                best = r
+        if best == i:
+            break
+        hv[i] = hv[best]
+        ha[i] = ha[best]
+        hi[i] = hi[best]
+        hl[i] = hl[best]
+        i = best
+    hv[i] = v
+    ha[i] = a
+    hi[i] = idx
+    hl[i] = lab
+
+
+@njit(**_JIT)
+def _watershed_flat(image, out, mask, Wp, wsl):
+    """Seeded watershed on padded flat arrays (frame: mask 0). ``out`` holds the markers."""
+    n_px = out.size
+    cap = 1024
+    hv = np.empty(cap, dtype=np.float64)
+    ha = np.empty(cap, dtype=np.int64)
+    hi = np.empty(cap, dtype=np.int64)
+    hl = np.empty(cap, dtype=out.dtype)
+    n = 0
+    offs = np.array([-Wp, -1, 1, Wp], dtype=np.int64)
+    for p in range(n_px):
+        lab = out[p]
+        if lab != 0:
+            if n == cap:
+                cap *= 2
+                hv = _grow_arr(hv, cap)
+                ha = _grow_arr(ha, cap)
+                hi = _grow_arr(hi, cap)
+                hl = _grow_arr(hl, cap)
+            _heap_push(hv, ha, hi, hl, n, np.float64(image[p]), 0, p, lab)
+            n += 1
+    age = 1
+    while n > 0:
+        ev = hv[0]
+        ea = ha[0]
+        p = hi[0]
+        lab = hl[0]
+        n -= 1
+        if n > 0:
+            _heap_pop_fix(hv, ha, hi, hl, n)
+        if wsl:
+            if out[p] != 0 and ea != 0:
+                continue  # already labelled from another neighbour
+            # Pixel with a differently labelled neighbour (not a line) becomes a line.
+            diff = mask[p] == 0
+            if not diff:
+                for k in range(4):
+                    q = p + offs[k]
+                    if mask[q] != 0:
+                        ql = out[q]
+                        if ql != 0 and ql != lab:
+                            diff = True
+                            mask[p] = 0
+                            break
+            if not diff:
+                out[p] = lab
+        for k in range(4):
+            q = p + offs[k]
+            if mask[q] == 0 or out[q] != 0:
+                continue
+            age += 1
+            v = np.float64(image[q])
+            if not wsl:
+                out[q] = lab
+            if v < ev:
+                v = ev
+            if n == cap:
+                cap *= 2
+                hv = _grow_arr(hv, cap)
+                ha = _grow_arr(ha, cap)
+                hi = _grow_arr(hi, cap)
+                hl = _grow_arr(hl, cap)
+            _heap_push(hv, ha, hi, hl, n, v, age, q, lab)
+            n += 1
+
+
+@njit(**_JIT)
+def _hp_push(heap, n, key, pay):
+    """Binary min-heap push of (key, payload) rows; scikit-image's sift-up rule."""
+    child = n
+    while child > 0:
+        parent = (child + 1) // 2 - 1
+        if key < heap[parent, 0]:
+            heap[child, 0] = heap[parent, 0]
+            heap[child, 1] = heap[parent, 1]
+            child = parent
+        else:
+            break
+    heap[child, 0] = key
+    heap[child, 1] = pay
+
+
+@njit(**_JIT)
+def _hp_fix(heap, n):
+    """After a pop: move row ``n`` to the root and sift down (left child wins ties)."""
+    key = heap[n, 0]
+    pay = heap[n, 1]
+    i = 0
+    while True:
+        l = 2 * i + 1
+        if l >= n:
+            break
+        best = i
+        bk = key
+        lk = heap[l, 0]
+        if lk < bk:
+            best = l
+            bk = lk
+        r = l + 1
+        if r < n and heap[r, 0] < bk:
+            best = r
+        if best == i:
+            break
+        heap[i, 0] = heap[best, 0]
+        heap[i, 1] = heap[best, 1]
+        i = best
+    heap[i, 0] = key
+    heap[i, 1] = pay
+
+
+@njit(**_JIT)
+def _grow_rows(a, cap):
+    new = np.empty((cap, a.shape[1]), dtype=a.dtype)
+    new[:a.shape[0]] = a
+    return new
+
+
+@njit(**_JIT)
+def _watershed_heap32(keys, out, mask, Wp, wsl):
+    """scikit-image's watershed loop with (value, age) packed into one uint64 heap key.
+
+    ``keys`` are uint32 ordered like the image values; heap rows are
+    ``(key << 32 | age, pixel << 32 | slot)`` where ``slot`` indexes the label
+    table. Same heap, same rules: identical results to skimage, ties included.
+    """
+    cap = 1 << 12
+    heap = np.empty((cap, 2), dtype=np.uint64)
+    n = 0
+    n_px = out.size
+    labels = np.empty(1024, dtype=out.dtype)
+    nlab = 0
+    # label table: one slot per marker pixel (payload carries the slot)
+    for p in range(n_px):
+        lab = out[p]
+        if lab != 0:
+            if nlab == labels.size:
+                labels = _grow_arr(labels, labels.size * 2)
+            labels[nlab] = lab
+            if n == cap:
+                cap *= 2
+                heap = _grow_rows(heap, cap)
+            _hp_push(heap, n, np.uint64(keys[p]) << np.uint64(32),
+                     (np.uint64(p) << np.uint64(32)) | np.uint64(nlab))
+            nlab += 1
+            n += 1
+    offs = np.array([-Wp, -1, 1, Wp], dtype=np.int64)
+    age = 1
+    mask32 = np.uint64(0xFFFFFFFF)
+    while n > 0:
+        ek = heap[0, 0]
+        pay = heap[0, 1]
+        n -= 1
+        if n > 0:
+            _hp_fix(heap, n)
+        p = np.int64(pay >> np.uint64(32))
+        slot = pay & mask32
+        lab = labels[slot]
+        if wsl:
+            if out[p] != 0 and (ek & mask32) != 0:
+                continue
+            diff = mask[p] == 0
+            if not diff:
+                for k in range(4):
+                    q = p + offs[k]
+                    if mask[q] != 0:
+                        ql = out[q]
+                        if ql != 0 and ql != lab:
+                            diff = True
+                            mask[p] = 0
+                            break
+            if not diff:
+                out[p] = lab
+        ev = ek >> np.uint64(32)
+        for k in range(4):
+            q = p + offs[k]
+            if mask[q] == 0 or out[q] != 0:
+                continue
+            age += 1
+            v = np.uint64(keys[q])
+            if v < ev:
+                v = ev
+            if not wsl:
+                out[q] = lab
+            if n == cap:
+                cap *= 2
+                heap = _grow_rows(heap, cap)
+            _hp_push(heap, n, (v << np.uint64(32)) | np.uint64(age),
+                     (np.uint64(q) << np.uint64(32)) | slot)
+            n += 1
+
+
+@njit(**_JIT)
+def _grow_ring(ring, head, size):
+    cap = ring.shape[0]
+    new = np.empty((cap * 2, ring.shape[1]), dtype=ring.dtype)
+    for i in range(size):
+        j = (head + i) & (cap - 1)
+        for c in range(ring.shape[1]):
+            new[i, c] = ring[j, c]
+    return new
+
+
+@njit(**_JIT)
+def _watershed_buckets(keys, out, mask, Wp, wsl):
+    """Watershed with a bucket queue: coarse bins of the uint32 keys, a small binary heap
+    of packed ``key << 32 | age`` for the current bin, plain lists for later bins.
+
+    Pop order is exactly (key, age); markers get ages ``0..M-1`` in raster order (skimage:
+    all 0, ordered by its heap), every other entry a later, increasing age.
+    """
+    n_px = out.size
+    # key range over the flooded pixels -> bins
+    kmin = np.uint64(0xFFFFFFFF)
+    kmax = np.uint64(0)
+    nmark = 0
+    for p in range(n_px):
+        if mask[p] != 0:
+            k = np.uint64(keys[p])
+            if k < kmin:
+                kmin = k
+            if k > kmax:
+                kmax = k
+            if out[p] != 0:
+                nmark += 1
+    if nmark == 0:
+        return
+    shift = np.uint64(0)
+    while ((kmax - kmin) >> shift) >= np.uint64(1 << 16):
+        shift += np.uint64(1)
+    nbins = np.int64((kmax - kmin) >> shift) + 1
+    bhead = np.full(nbins, -1, dtype=np.int64)
+    # node pool for entries waiting in later bins
+    ncap = 1 << 14
+    nodes = np.empty((ncap, 3), dtype=np.uint64)  # packed key, payload, next (+1; 0 = none)
+    nused = 0
+    free = -1
+    hcap = 1 << 12
+    heap = np.empty((hcap, 2), dtype=np.uint64)
+    n = 0
+    labels = np.empty(nmark, dtype=out.dtype)
+    mask32 = np.uint64(0xFFFFFFFF)
+    nm = np.uint64(nmark)
+    cur = nbins  # no current bin yet: everything goes to lists
+    slot = 0
+    for p in range(n_px):
+        lab = out[p]
+        if lab != 0 and mask[p] != 0:
+            labels[slot] = lab
+            k = np.uint64(keys[p])
+            pk = (k << np.uint64(32)) | np.uint64(slot)
+            pay = (np.uint64(p) << np.uint64(32)) | np.uint64(slot)
+            b = np.int64((k - kmin) >> shift)
+            if free >= 0:
+                node = free
+                free = np.int64(nodes[node, 2]) - 1
+            else:
+                if nused == ncap:
+                    ncap *= 2
+                    nodes = _grow_rows(nodes, ncap)
+                node = nused
+                nused += 1
+            nodes[node, 0] = pk
+            nodes[node, 1] = pay
+            nodes[node, 2] = np.uint64(bhead[b] + 1)
+            bhead[b] = node
+            slot += 1
+    cur = 0
+    offs = np.array([-Wp, -1, 1, Wp], dtype=np.int64)
+    age = nm
+    total = nmark
+    # Entries pushed at exactly the level being popped (clamped: "downhill") are the
+    # largest of that level so far: a FIFO keeps them in (key, age) order off the heap.
+    fcap = 1 << 12
+    fifo = np.empty((fcap, 2), dtype=np.uint64)
+    fh = 0
+    fn = 0
+    while total > 0:
+        if n == 0 and fn == 0:
+            while bhead[cur] < 0:
+                cur += 1
+            node = bhead[cur]
+            bhead[cur] = -1
+            while node >= 0:
+                if n == hcap:
+                    hcap *= 2
+                    heap = _grow_rows(heap, hcap)
+                _hp_push(heap, n, nodes[node, 0], nodes[node, 1])
+                n += 1
+                nxt = np.int64(nodes[node, 2]) - 1
+                nodes[node, 2] = np.uint64(free + 1)
+                free = node
+                node = nxt
+        if fn > 0 and (n == 0 or fifo[fh, 0] < heap[0, 0]):
+            ek = fifo[fh, 0]
+            pay = fifo[fh, 1]
+            fh = (fh + 1) & (fcap - 1)
+            fn -= 1
+        else:
+            ek = heap[0, 0]
+            pay = heap[0, 1]
+            n -= 1
+            if n > 0:
+                _hp_fix(heap, n)
+        total -= 1
+        p = np.int64(pay >> np.uint64(32))
+        sl = pay & mask32
+        lab = labels[sl]
+        if wsl:
+            if out[p] != 0 and (ek & mask32) >= nm:
+                continue
+            diff = mask[p] == 0
+            if not diff:
+                for k in range(4):
+                    q = p + offs[k]
+                    if mask[q] != 0:
+                        ql = out[q]
+                        if ql != 0 and ql != lab:
+                            diff = True
+                            mask[p] = 0
+                            break
+            if not diff:
+                out[p] = lab
+        ev = ek >> np.uint64(32)
+        for k in range(4):
+            q = p + offs[k]
+            if mask[q] == 0 or out[q] != 0:
+                continue
+            age += np.uint64(1)
+            v = np.uint64(keys[q])
+            if v < ev:
+                v = ev
+            if not wsl:
+                out[q] = lab
+            pk = (v << np.uint64(32)) | age
+            qp = (np.uint64(q) << np.uint64(32)) | sl
+            b = np.int64((v - kmin) >> shift)
+            if v == ev:
+                if fn == fcap:
+                    fifo = _grow_ring(fifo, fh, fn)
+                    fcap = fifo.shape[0]
+                    fh = 0
+                fifo[(fh + fn) & (fcap - 1), 0] = pk
+                fifo[(fh + fn) & (fcap - 1), 1] = qp
+                fn += 1
+            elif b == cur:
+                if n == hcap:
+                    hcap *= 2
+                    heap = _grow_rows(heap, hcap)
+                _hp_push(heap, n, pk, qp)
+                n += 1
+            else:
+                if free >= 0:
+                    node = free
+                    free = np.int64(nodes[node, 2]) - 1
+                else:
+                    if nused == ncap:
+                        ncap *= 2
+                        nodes = _grow_rows(nodes, ncap)
+                    node = nused
+                    nused += 1
+                nodes[node, 0] = pk
+                nodes[node, 1] = qp
+                nodes[node, 2] = np.uint64(bhead[b] + 1)
+                bhead[b] = node
+            total += 1
+
+
+@njit(**_JIT)
+def _rq_bucket(k, last):
+    x = k ^ last
+    b = 0
+    while x != 0:
+        x >>= 1
+        b += 1
+    return b
+
+
+@njit(**_JIT)
+def _watershed_radix(keys, out, mask, Wp, wsl):
+    """Seeded watershed on padded flat arrays with a radix heap of FIFO buckets.
+
+    ``keys`` (uint32 or uint64 ordered like the image values) are popped in
+    (key, push order) order, which is scikit-image's (value, age) order; only
+    markers with equal keys (age 0 in skimage) come off in raster order here
+    instead of skimage's heap order.
+    """
+    NB = 65
+    head = np.full(NB, -1, dtype=np.int64)
+    tail = np.full(NB, -1, dtype=np.int64)
+    cap = 1 << 12
+    nkey = np.empty(cap, dtype=np.uint64)
+    nidx = np.empty(cap, dtype=np.int64)
+    nlab = np.empty(cap, dtype=out.dtype)
+    nnext = np.empty(cap, dtype=np.int64)
+    nused = 0
+    free = -1
+    last = np.uint64(0)
+    count = 0
+    offs = np.array([-Wp, -1, 1, Wp], dtype=np.int64)
+    n_px = out.size
+    # markers, raster order
+    for p in range(n_px):
+        lab = out[p]
+        if lab != 0:
+            k = np.uint64(keys[p])
+            if free >= 0:
+                node = free
+                free = nnext[node]
+            else:
+                if nused == cap:
+                    cap *= 2
+                    nkey = _grow_arr(nkey, cap)
+                    nidx = _grow_arr(nidx, cap)
+                    nlab = _grow_arr(nlab, cap)
+                    nnext = _grow_arr(nnext, cap)
+                node = nused
+                nused += 1
+            nkey[node] = k
+            nidx[node] = -p - 1  # marker entry
+            nlab[node] = lab
+            nnext[node] = -1
+            b = _rq_bucket(k, last)
+            if tail[b] >= 0:
+                nnext[tail[b]] = node
+            else:
+                head[b] = node
+            tail[b] = node
+            count += 1
+    while count > 0:
+        if head[0] < 0:
+            b = 1
+            while head[b] < 0:
+                b += 1
+            # new minimum, then redistribute bucket b (in order) into lower buckets
+            node = head[b]
+            mn = nkey[node]
+            while node >= 0:
+                if nkey[node] < mn:
+                    mn = nkey[node]
+                node = nnext[node]
+            last = mn
+            node = head[b]
+            head[b] = -1
+            tail[b] = -1
+            while node >= 0:
+                nxt = nnext[node]
+                nnext[node] = -1
+                bb = _rq_bucket(nkey[node], last)
+                if tail[bb] >= 0:
+                    nnext[tail[bb]] = node
+                else:
+                    head[bb] = node
+                tail[bb] = node
+                node = nxt
+        node = head[0]
+        head[0] = nnext[node]
+        if head[0] < 0:
+            tail[0] = -1
+        ek = nkey[node]
+        p = nidx[node]
+        lab = nlab[node]
+        is_marker = p < 0
+        if is_marker:
+            p = -p - 1
+        nnext[node] = free
+        free = node
+        count -= 1
+        if wsl:
+            if out[p] != 0 and not is_marker:
+                continue  # already labelled from another neighbour
+            diff = mask[p] == 0
+            if not diff:
+                for k in range(4):
+                    q = p + offs[k]
+                    if mask[q] != 0:
+                        ql = out[q]
+                        if ql != 0 and ql != lab:
+                            diff = True
+                            mask[p] = 0
+                            break
+            if not diff:
+                out[p] = lab
+        for k in range(4):
+            q = p + offs[k]
+            if mask[q] == 0 or out[q] != 0:
+                continue
+            kq = np.uint64(keys[q])
+            if kq < ek:
+                kq = ek
+            if not wsl:
+                out[q] = lab
+            if free >= 0:
+                node = free
+                free = nnext[node]
+            else:
+                if nused == cap:
+                    cap *= 2
+                    nkey = _grow_arr(nkey, cap)
+                    nidx = _grow_arr(nidx, cap)
+                    nlab = _grow_arr(nlab, cap)
+                    nnext = _grow_arr(nnext, cap)
+                node = nused
+                nused += 1
+            nkey[node] = kq
+            nidx[node] = q
+            nlab[node] = lab
+            nnext[node] = -1
+            b = _rq_bucket(kq, last)
+            if tail[b] >= 0:
+                nnext[tail[b]] = node
+            else:
+                head[b] = node
+            tail[b] = node
+            count += 1
+
+
+@njit(**_JIT)
+def _grow_arr(a, cap):
+    new = np.empty(cap, dtype=a.dtype)
+    new[:a.size] = a
+    return new
+
+
+@njit(**_JIT)
+def _prepare_ws(image, markers, mask, img_p, out_p, mask_p):
+    H, W = image.shape
+    Wp = W + 2
+    for i in range(out_p.size):
+        out_p[i] = 0
+        mask_p[i] = 0
+        img_p[i] = 0
+    for r in range(H):
+        base = (r + 1) * Wp + 1
+        for c in range(W):
+            m = mask[r, c]
+            img_p[base + c] = image[r, c]
+            if m:
+                mask_p[base + c] = 1
+                out_p[base + c] = markers[r, c]
+
+
+def order_keys(image: np.ndarray) -> np.ndarray:
+    """Unsigned integers ordered exactly like the float values of ``image`` (ties kept).
+
+    float32 (and smaller) images give uint32 keys, float64 images uint64 keys.
+    """
+    image = np.asarray(image)
+    if image.dtype in (np.float32, np.float16, np.uint8, np.int8, np.uint16, np.int16, np.bool_):
+        f = np.ascontiguousarray(image, dtype=np.float32) + np.float32(0.0)  # -0.0 -> +0.0
+        b = f.view(np.uint32)
+        return np.where(b >> 31 != 0, ~b, b | np.uint32(0x80000000))
+    f = np.ascontiguousarray(image, dtype=np.float64) + 0.0
+    b = f.view(np.uint64)
+    return np.where(b >> 63 != 0, ~b, b | np.uint64(1 << 63))
+
+
+def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None,
+              watershed_line: bool = False, *, ties: str = "raster", keys: np.ndarray | None = None
+              ) -> np.ndarray:
+    """Seeded watershed, connectivity 1 (4-neighbours), 2-D.
+
+    Same algorithm as ``skimage.segmentation.watershed(image, markers, mask=mask,
+    watershed_line=watershed_line)`` in scikit-image 0.26: pixels come off a
+    priority queue in (value, age) order, a neighbour's cost is never below its
+    parent's, and with ``watershed_line`` pixels are labelled when popped and a
+    pixel touching another label becomes a 0 line.
+
+    ties : "raster" (default) or "skimage"
+        Markers (age 0 in skimage) with exactly equal values come off skimage's
+        binary heap in an order that depends on the whole heap. ``"skimage"`` runs a
+        port of that heap (identical labels, scikit-image's speed); ``"raster"`` uses a
+        radix queue with FIFO buckets (every other tie is broken the same way, by
+        age) and takes equal-valued markers in raster order: labels can differ where
+        two such markers' floods meet at equal values.
+    keys : optional unsigned-integer array ordered like ``image`` (e.g. negated
+        squared distances); used instead of ``order_keys(image)`` with ``ties="raster"``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError("watershed: 2-D images only")
+    H, W = image.shape
+    if mask is None:
+        mask = np.ones((H, W), dtype=bool)
+    markers = np.asarray(markers)
+    if markers.dtype.kind not in "iu":
+        raise TypeError("markers must be an integer label image")
+    ldt = np.int32 if markers.dtype.itemsize <= 4 and markers.dtype != np.uint32 else np.int64
+    n = (H + 2) * (W + 2)
+    out_p = np.empty(n, dtype=ldt)
+    mask_p = np.empty(n, dtype=np.uint8)
+    if ties == "skimage":
+        vdt = np.float32 if image.dtype in (np.float32, np.uint8, np.int8, np.uint16, np.int16, np.bool_) \
+            else np.float64
+        img_p = np.empty(n, dtype=vdt)
+        _prepare_ws(np.ascontiguousarray(image, dtype=vdt), np.ascontiguousarray(markers, dtype=ldt),
+                    np.ascontiguousarray(mask, dtype=bool), img_p, out_p, mask_p)
+        _watershed_flat(img_p, out_p, mask_p, W + 2, bool(watershed_line))
+    elif ties == "raster":
+        if keys is None:
+            keys = order_keys(image)
+        keys = np.ascontiguousarray(keys)
+        if keys.dtype.kind != "u" or keys.shape != (H, W):
+            raise ValueError("keys must be an unsigned integer array of the image's shape")
+        key_p = np.empty(n, dtype=keys.dtype)
+        _prepare_ws(keys, np.ascontiguousarray(markers, dtype=ldt),
+                    np.ascontiguousarray(mask, dtype=bool), key_p, out_p, mask_p)
+        if keys.dtype == np.uint32 and n < (1 << 32):
+            _watershed_buckets(key_p, out_p, mask_p, W + 2, bool(watershed_line))
+        else:
+            _watershed_radix(key_p, out_p, mask_p, W + 2, bool(watershed_line))
+    else:
+        raise ValueError("ties must be 'raster' or 'skimage'")
+    return out_p.reshape(H + 2, W + 2)[1:-1, 1:-1].copy()
+
+
+# --------------------------------------------------------------------------- distance transforms
+
+_BIG = np.int64(1) << 60
+
+
+@njit(**_JIT)
+def _edt_1d_rows(g, H, W, out, want_idx, fidx):
+    """Row pass of Felzenszwalb-Huttenlocher on squared column distances ``g`` (int64, BIG = none).
+
+    ``out`` receives squared distances (int64); with ``want_idx`` ``fidx`` holds, on
+    input, the feature row for each (r, q) and, on output, the flat index of the
+    nearest feature pixel (-1 if none).
+    """
+    v = np.empty(W, dtype=np.int64)
+    z = np.empty(W + 1, dtype=np.float64)
+    frow = np.empty(W, dtype=np.int64)
+    for r in range(H):
+        k = -1
+        for q in range(W):
+            gq = g[r, q]
+            if gq >= _BIG:
+                continue
+            fq = gq + q * q
+            while k >= 0:
+                vk = v[k]
+                s = ((fq - (g[r, vk] + vk * vk)) / (2.0 * (q - vk)))
+                if s <= z[k]:
+                    k -= 1
+                else:
+                    break
+            k += 1
+            v[k] = q
+            if k == 0:
+                z[k] = -np.inf
+            else:
+                vk = v[k - 1]
+                z[k] = ((fq - (g[r, vk] + vk * vk)) / (2.0 * (q - vk)))
+            z[k + 1] = np.inf
+        if k < 0:
+            for q in range(W):
+                out[r, q] = _BIG
+                if want_idx:
+                    frow[q] = -1
+            if want_idx:
+                for q in range(W):
+                    fidx[r, q] = -1
+            continue
+        j = 0
+        for q in range(W):
+            while z[j + 1] < q:
+                j += 1
+            vj = v[j]
+            d = q - vj
+            out[r, q] = g[r, vj] + d * d
+            if want_idx:
+                frow[q] = fidx[r, vj] * W + vj
+        if want_idx:
+            for q in range(W):
+                fidx[r, q] = frow[q]
+
+
+@njit(**_JIT)
+def _edt_columns(feature, H, W, g, want_idx, fidx):
+    """Squared distance along each column to the nearest feature pixel (``feature`` True)."""
+    for c in range(W):
+        last = -1
+        for r in range(H):
+            if feature[r, c]:
+                last = r
+                g[r, c] = 0
+                if want_idx:
+                    fidx[r, c] = r
+            elif last >= 0:
+                g[r, c] = r - last
+                if want_idx:
+                    fidx[r, c] = last
+            else:
+                g[r, c] = _BIG
+        last = -1
+        for r in range(H - 1, -1, -1):
+            if feature[r, c]:
+                last = r
+            elif last >= 0:
+                d = last - r
+                if d < g[r, c]:
+                    g[r, c] = d
+                    if want_idx:
+                        fidx[r, c] = last
+        for r in range(H):
+            d = g[r, c]
+            if d < _BIG:
+                g[r, c] = d * d
+
+
+@njit(**_JIT)
+def _sq_edt(feature, want_idx):
+    H, W = feature.shape
+    g = np.empty((H, W), dtype=np.int64)
+    fidx = np.empty((H, W) if want_idx else (1, 1), dtype=np.int64)
+    _edt_columns(feature, H, W, g, want_idx, fidx)
+    out = np.empty((H, W), dtype=np.int64)
+    _edt_1d_rows(g, H, W, out, want_idx, fidx)
+    return out, fidx
+
+
+@njit(**_JIT)
+def _is_zero(x):
+    H, W = x.shape
+    out = np.empty((H, W), dtype=np.bool_)
+    for r in range(H):
+        for c in range(W):
+            out[r, c] = x[r, c] == 0
+    return out
+
+
+@njit(**_JIT)
+def _sqrt_into(d2, out):
+    H, W = d2.shape
+    for r in range(H):
+        for c in range(W):
+            out[r, c] = np.sqrt(np.float64(d2[r, c]))
+
+
+def squared_edt(image: np.ndarray) -> np.ndarray:
+    """Exact squared Euclidean distance (int64) of every pixel to the nearest zero of ``image``.
+
+    Pixels with no zero in the image get ``2**60``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError("2-D images only")
+    d2, _ = _sq_edt(_is_zero(image), False)
+    return d2
+
+
+def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``scipy.ndimage.distance_transform_edt(image)`` for 2-D images (unit sampling).
+
+    Squared distances are exact integers, so ``dtype=np.float64`` reproduces scipy
+    bit for bit and float32 is scipy's value rounded to float32. An image with no
+    zero falls back to scipy (its result is then not a distance).
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError("2-D images only")
+    zero = _is_zero(image)
+    if not zero.any():
+        from scipy import ndimage as ndi
+        return ndi.distance_transform_edt(image).astype(dtype)
+    d2, _ = _sq_edt(zero, False)
+    out = np.empty(image.shape, dtype=dtype)
+    _sqrt_into(d2, out)
+    return out
+
+
+@njit(**_JIT)
+def _expand(labels, fidx, d2, max_d2, out):
+    H, W = labels.shape
+    for r in range(H):
+        for c in range(W):
+            f = fidx[r, c]
+            if f >= 0 and d2[r, c] <= max_d2:
+                out[r, c] = labels[f // W, f % W]
+            else:
+                out[r, c] = 0
+
+
+def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
+    """Grow labels by ``distance`` px without overlap: each background pixel takes the
+    label of its nearest labelled pixel if that is at most ``distance`` away.
+
+    Same as ``skimage.segmentation.expand_labels`` except where two labels are at
+    exactly the same distance (the tie may be broken differently).
+    """
+    labels = np.ascontiguousarray(labels)
+    if labels.ndim != 2:
+        raise ValueError("2-D images only")
+    d2, fidx = _sq_edt(labels != 0, True)
+    # distance (float64, like scipy) <= distance  <=>  d2 <= the largest integer whose sqrt is <= it
+    max_d2 = _max_sq_within(distance, strict=False)
+    out = np.empty_like(labels)
+    _expand(labels, fidx, d2, max_d2, out)
+    return out
+
+
+def _max_sq_within(distance: float, strict: bool) -> int:
+    """Largest integer ``k`` with ``sqrt(k) <= distance`` (``< distance`` when strict), -1 if none."""
+    if not distance >= 0:
+        return -1
+    k = int(np.floor(float(distance) ** 2)) + 2
+    while k >= 0:
+        s = np.sqrt(np.float64(k))
+        if (s < distance) if strict else (s <= distance):
+            return k
+        k -= 1
+    return -1
+
+
+# --------------------------------------------------------------------------- boundaries, membrane
+
+@njit(**_JIT)
+def _inner_boundaries(lab, out):
+    H, W = lab.shape
+    for r in range(H):
+        for c in range(W):
+            v = lab[r, c]
+            b = False
+            if v != 0:
+                if r > 0 and lab[r - 1, c] != v:
+                    b = True
+                elif r < H - 1 and lab[r + 1, c] != v:
+                    b = True
+                elif c > 0 and lab[r, c - 1] != v:
+                    b = True
+                elif c < W - 1 and lab[r, c + 1] != v:
+                    b = True
+            out[r, c] = b
+
+
+def find_inner_boundaries(labels: np.ndarray) -> np.ndarray:
+    """``skimage.segmentation.find_boundaries(labels, mode="inner")`` (connectivity 1)."""
+    labels = np.ascontiguousarray(labels)
+    out = np.empty(labels.shape, dtype=bool)
+    _inner_boundaries(labels, out)
+    return out
+
+
+@njit(**_JIT)
+def _ring(lab, bnd, dys, dxs, out):
+    H, W = lab.shape
+    K = dys.size
+    for r in range(H):
+        for c in range(W):
+            v = lab[r, c]
+            res = 0
+            if v != 0:
+                for k in range(K):
+                    rr = r + dys[k]
+                    cc = c + dxs[k]
+                    if 0 <= rr < H and 0 <= cc < W and bnd[rr, cc]:
+                        res = v
+                        break
+            out[r, c] = res
+
+
+def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
+    """Label pixels within ``width`` px (strictly less) of an inner-boundary pixel, 0 elsewhere.
+
+    Equal to ``np.where((labels > 0) & (distance_transform_edt(~find_boundaries(labels,
+    mode="inner")) < width), labels, 0)``.
+    """
+    labels = np.ascontiguousarray(labels)
+    bnd = find_inner_boundaries(labels)
+    kmax = _max_sq_within(width, strict=True)
+    out = np.empty_like(labels)
+    if kmax < 0:
+        out[...] = 0
+        return out
+    r = int(np.floor(np.sqrt(kmax)))
+    if (2 * r + 1) ** 2 > 121:
+        # Wide rings: a distance transform is cheaper than a large stencil.
+        d2 = squared_edt(~bnd)
+        return np.where((labels != 0) & (d2 <= kmax), labels, 0).astype(labels.dtype)
+    dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
+    sel = (dy * dy + dx * dx) <= kmax
+    # Nearest offsets first: most ring pixels stop at the first hit.
+    order = np.argsort((dy * dy + dx * dx)[sel], kind="stable")
+    _ring(labels, bnd, dy[sel][order].astype(np.int64), dx[sel][order].astype(np.int64), out)
+    return out
+
+
+# --------------------------------------------------------------------------- label statistics
+
+@njit(**_JIT)
+def _label_stats(labels, images, n, count, s, s2, mn, mx):
+    H, W = labels.shape
+    K = len(images)
+    for r in range(H):
+        for c in range(W):
+            lab = labels[r, c]
+            if lab <= 0 or lab > n:
+                continue
+            i = lab - 1
+            count[i] += 1
+            for k in range(K):
+                v = np.float64(images[k][r, c])
+                s[k, i] += v
+                s2[k, i] += v * v
+                if v < mn[k, i]:
+                    mn[k, i] = v
+                if v > mx[k, i]:
+                    mx[k, i] = v
+
+
+def label_stats(labels: np.ndarray, images, n: int):
+    """Per-label count, sum, sum of squares, min and max of several images in one pass.
+
+    Parameters
+    ----------
+    labels : (M, N) int array, labels ``1..n`` (others ignored)
+    images : (K, M, N) array or sequence of (M, N) arrays
+    n : int
+
+    Returns
+    -------
+    count : (n,) int64; ``sum``, ``sumsq``, ``min``, ``max`` : (K, n) float64
+    (min/max are NaN for empty labels). Sums accumulate in raster order in float64,
+    like ``np.bincount(labels, weights=...)``, so they are bit-identical to it.
+    """
+    labels = np.ascontiguousarray(labels)
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = list(images)
+    ims = [np.asarray(im) for im in images]
+    if any(im.shape != labels.shape for im in ims):
+        raise ValueError("images must have the labels' shape")
+    # one dtype for the tuple the kernel receives; views (e.g. stain_od[..., 1]) are not copied
+    dt = np.result_type(*[im.dtype for im in ims]) if ims else np.float64
+    stack = tuple(im if im.dtype == dt else im.astype(dt) for im in ims)
+    K = len(stack)
+    count = np.zeros(n, dtype=np.int64)
+    s = np.zeros((K, n))
+    s2 = np.zeros((K, n))
+    mn = np.full((K, n), np.inf)
+    mx = np.full((K, n), -np.inf)
+    if n > 0 and K > 0:
+        _label_stats(labels, stack, n, count, s, s2, mn, mx)
+    empty = count == 0
+    mn[:, empty] = np.nan
+    mx[:, empty] = np.nan
+    return count, s, s2, mn, mx
+
+
+# --------------------------------------------------------------------------- grey / binary morphology
+
+@njit(**_JIT)
+def _erode3x3(src, fp, dst):
+    """Grey erosion by a 3x3 footprint, scipy "reflect" borders (outside = mirrored inside)."""
+    H, W = src.shape
+    for r in range(H):
+        for c in range(W):
+            v = src[r, c]
+            for dy in range(-1, 2):
+                rr = r + dy
+                if rr < 0:
+                    rr = -rr - 1
+                elif rr >= H:
+                    rr = 2 * H - rr - 1
+                for dx in range(-1, 2):
+                    if not fp[dy + 1, dx + 1]:
+                        continue
+                    cc = c + dx
+                    if cc < 0:
+                        cc = -cc - 1
+                    elif cc >= W:
+                        cc = 2 * W - cc - 1
+                    a = src[rr, cc]
+                    if a < v:
+                        v = a
+            dst[r, c] = v
+
+
+@njit(**_JIT)
+def _erode_cross_interior(src, dst):
+    """3x3 cross erosion; interior fast path, borders with reflect rules."""
+    H, W = src.shape
+    for r in range(H):
+        ru = r - 1 if r > 0 else 0
+        rd = r + 1 if r < H - 1 else H - 1
+        for c in range(W):
+            v = src[r, c]
+            a = src[ru, c]
+            if a < v:
+                v = a
+            a = src[rd, c]
+            if a < v:
+                v = a
+            if c > 0:
+                a = src[r, c - 1]
+                if a < v:
+                    v = a
+            if c < W - 1:
+                a = src[r, c + 1]
+                if a < v:
+                    v = a
+            dst[r, c] = v
+
+
+@njit(**_JIT)
+def _erode_square(src, dst, tmp):
+    """3x3 square erosion (separable), reflect borders."""
+    H, W = src.shape
+    for r in range(H):
+        for c in range(W):
+            v = src[r, c]
+            if c > 0 and src[r, c - 1] < v:
+                v = src[r, c - 1]
+            if c < W - 1 and src[r, c + 1] < v:
+                v = src[r, c + 1]
+            tmp[r, c] = v
+    for r in range(H):
+        ru = r - 1 if r > 0 else 0
+        rd = r + 1 if r < H - 1 else H - 1
+        for c in range(W):
+            v = tmp[r, c]
+            a = tmp[ru, c]
+            if a < v:
+                v = a
+            a = tmp[rd, c]
+            if a < v:
+                v = a
+            dst[r, c] = v
+
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+_SQUARE = np.ones((3, 3), dtype=bool)
+
+
+def grey_erosion_sequence(image: np.ndarray, footprints) -> np.ndarray:
+    """``skimage.morphology.erosion(image, footprints)`` for a footprint sequence of
+    ``(3x3 footprint, repeats)`` pairs (``disk(r, decomposition="sequence")``), or
+    one 3x3 footprint; borders as skimage's default ``mode="reflect"``.
+    """
+    image = np.ascontiguousarray(image)
+    if isinstance(footprints, np.ndarray):
+        footprints = [(footprints, 1)]
+    cur = image.copy()
+    nxt = np.empty_like(cur)
+    tmp = np.empty_like(cur)
+    for fp, reps in footprints:
+        fp = np.asarray(fp, dtype=bool)
+        if fp.shape != (3, 3):
+            raise ValueError("grey_erosion_sequence: 3x3 footprints only")
+        for _ in range(int(reps)):
+            if np.array_equal(fp, _CROSS):
+                _erode_cross_interior(cur, nxt)
+            elif np.array_equal(fp, _SQUARE):
+                _erode_square(cur, nxt, tmp)
+            else:
+                _erode3x3(cur, fp, nxt)
+            cur, nxt = nxt, cur
+    return cur
+
+
+def binary_dilation_disk(x: np.ndarray, radius: float, eps: float = 1e-6) -> np.ndarray:
+    """``ndi.binary_dilation(x, structure=disk)`` with the disk ``dy² + dx² <= radius² + eps``
+    (``floor(radius)`` half-width), through an exact squared distance transform."""
+    x = np.asarray(x, dtype=bool)
+    if not x.any():
+        return np.zeros(x.shape, dtype=bool)
+    r = int(np.floor(radius))
+    lim = radius * radius + eps
+    # Offsets are bounded by the structure's half-width r in each axis as well.
+    ks = [dy * dy + dx * dx for dy in range(-r, r + 1) for dx in range(-r, r + 1)
+          if dy * dy + dx * dx <= lim]
+    kmax = max(ks)
+    # Exact when every offset with dy² + dx² <= kmax is in the structure (true unless the
+    # radius sits within eps below an integer); otherwise use scipy.
+    R = int(np.ceil(np.sqrt(kmax)))
+    if any(dy * dy + dx * dx <= kmax and (abs(dy) > r or abs(dx) > r or dy * dy + dx * dx > lim)
+           for dy in range(-R, R + 1) for dx in range(-R, R + 1)):
+        from scipy import ndimage as ndi
+        yy, xx = np.ogrid[-r:r + 1, -r:r + 1]
+        return ndi.binary_dilation(x, structure=(xx * xx + yy * yy) <= lim)
+    d2 = squared_edt(~x)
+    return d2 <= kmax
+
+
+@njit(**_JIT)
+def _fill_holes(mask, out):
+    """Background 4-connected components not touching the border become foreground."""
+    H, W = mask.shape
+    reach = np.zeros((H, W), dtype=np.bool_)
+    stack = np.empty(H * W if H * W < 1 << 16 else 1 << 16, dtype=np.int64)
+    sp = 0
+    for r in range(H):
+        for c in range(W):
+            if (r == 0 or c == 0 or r == H - 1 or c == W - 1) and not mask[r, c] and not reach[r, c]:
+                reach[r, c] = True
+                if sp == stack.size:
+                    stack = _grow_arr(stack, stack.size * 2)
+                stack[sp] = r * W + c
+                sp += 1
+                while sp > 0:
+                    sp -= 1
+                    p = stack[sp]
+                    pr = p // W
+                    pc = p - pr * W
+                    for k in range(4):
+                        qr = pr
+                        qc = pc
+                        if k == 0:
+                            qr -= 1
+                        elif k == 1:
+                            qr += 1
+                        elif k == 2:
+                            qc -= 1
+                        else:
+                            qc += 1
+                        if 0 <= qr < H and 0 <= qc < W and not mask[qr, qc] and not reach[qr, qc]:
+                            reach[qr, qc] = True
+                            if sp == stack.size:
+                                stack = _grow_arr(stack, stack.size * 2)
+                            stack[sp] = qr * W + qc
+                            sp += 1
+    for r in range(H):
+        for c in range(W):
+            out[r, c] = mask[r, c] or not reach[r, c]
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` (default cross structure), 2-D."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    out = np.empty(mask.shape, dtype=bool)
+    if mask.size:
+        _fill_holes(mask, out)
+    return out
+
+
+@njit(**_JIT)
+def _local_maxima(img, out):
+    """Plateaus (8-connected) with no 8-neighbour higher, borders allowed."""
+    H, W = img.shape
+    state = np.zeros((H, W), dtype=np.uint8)  # 0 unknown, 1 max, 2 not max
+    stack = np.empty(1024, dtype=np.int64)
+    members = np.empty(1024, dtype=np.int64)
+    for r0 in range(H):
+        for c0 in range(W):
+            if state[r0, c0] != 0:
+                continue
+            v = img[r0, c0]
+            # quick rejection: a strictly higher neighbour
+            higher = False
+            equal = False
+            for dy in range(-1, 2):
+                rr = r0 + dy
+                if rr < 0 or rr >= H:
+                    continue
+                for dx in range(-1, 2):
+                    cc = c0 + dx
+                    if (dy == 0 and dx == 0) or cc < 0 or cc >= W:
+                        continue
+                    a = img[rr, cc]
+                    if a > v:
+                        higher = True
+                    elif a == v:
+                        equal = True
+            if higher:
+                state[r0, c0] = 2
+                continue
+            if not equal:
+                state[r0, c0] = 1
+                continue
+            # flood the plateau
+            sp = 0
+            nm = 0
+            is_max = True
+            state[r0, c0] = 3
+            stack[sp] = r0 * W + c0
+            sp += 1
+            while sp > 0:
+                sp -= 1
+                p = stack[sp]
+                if nm == members.size:
+                    members = _grow_arr(members, members.size * 2)
+                members[nm] = p
+                nm += 1
+                pr = p // W
+                pc = p - pr * W
+                for dy in range(-1, 2):
+                    rr = pr + dy
+                    if rr < 0 or rr >= H:
+                        continue
+                    for dx in range(-1, 2):
+                        cc = pc + dx
+                        if (dy == 0 and dx == 0) or cc < 0 or cc >= W:
+                            continue
+                        a = img[rr, cc]
+                        if a > v:
+                            is_max = False
+                        elif a == v and state[rr, cc] != 3:
+                            state[rr, cc] = 3
+                            if sp == stack.size:
+                                stack = _grow_arr(stack, stack.size * 2)
+                            stack[sp] = rr * W + cc
+                            sp += 1
+            fin = 1 if is_max else 2
+            for i in range(nm):
+                p = members[i]
+                state[p // W, p % W] = fin
+    for r in range(H):
+        for c in range(W):
+            out[r, c] = state[r, c] == 1
+
+
+def local_maxima(image: np.ndarray) -> np.ndarray:
+    """``skimage.morphology.local_maxima(image, connectivity=2, allow_borders=True)`` (bool), 2-D."""
+    image = np.ascontiguousarray(image)
+    out = np.empty(image.shape, dtype=bool)
+    if image.size:
+        _local_maxima(image, out)
+    return out
+
+
+# --------------------------------------------------------------------------- warm-up
+
+def warm_up() -> float:
+    """Compile (or load from cache) every kernel on tiny inputs; returns seconds taken."""
+    import time
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    img = rng.random((16, 16)).astype(np.float32)
+    reconstruction_dilation(img - 0.5, img)
+    h_maxima(img.astype(np.float64), 0.5)
+    h_maxima(img, 0.5)
+    mk = np.zeros((16, 16), np.int32)
+    mk[2, 2] = 1
+    mk[12, 12] = 2
+    watershed(-img, mk, img > 0.1)
+    watershed(-img, mk, img > 0.1, watershed_line=True)
+    watershed(-img.astype(np.float64), mk, img > 0.1, watershed_line=True)
+    for wsl in (False, True):
+        watershed(-img, mk, img > 0.1, watershed_line=wsl, ties="skimage")
+        watershed(-img.astype(np.float64), mk, img > 0.1, watershed_line=wsl, ties="skimage")
+    distance_transform_edt(img > 0.3)
+    distance_transform_edt(img > 0.3, dtype=np.float64)
+    expand_labels(mk, 3)
+    membrane_ring(mk, 2.0)
+    label_stats(mk, np.stack([img, img]), 2)
+    od3 = np.stack([img, img, img], axis=-1)
+    label_stats(mk, [od3[..., 0], od3[..., 1]], 2)
+    grey_erosion_sequence(img, [(_CROSS, 1), (_SQUARE, 1)])
+    binary_dilation_disk(img > 0.9, 2.5)
+    fill_holes(img > 0.5)
+    local_maxima(img)
+    return time.perf_counter() - t0
