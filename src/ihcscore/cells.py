@@ -196,10 +196,10 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
     QuPath on OS-2). A light Gaussian (:data:`EDM_SMOOTH_PX`) of the distance
     map stands in for ImageJ's correction (docs/validation.md).
     """
-    dist = ndi.distance_transform_edt(mask)
+    dist = _k.distance_transform_edt(mask, np.float64) if _k else ndi.distance_transform_edt(mask)
     if EDM_SMOOTH_PX > 0:
         dist = ndi.gaussian_filter(dist, EDM_SMOOTH_PX)
-    peaks = morphology.h_maxima(dist, 0.5) & mask
+    peaks = (_k.h_maxima(dist, 0.5) if _k else morphology.h_maxima(dist, 0.5)) & mask
     markers, _ = ndi.label(peaks, structure=np.ones((3, 3)))
     ws = segmentation.watershed(-dist, markers, mask=mask, watershed_line=True)
     return ws > 0

@@ -1302,6 +1302,54 @@ def _erode3x3(src, fp, dst):
 
 
 @njit(**_JIT)
+def _erode_fp(src, fp, dst):
+    """Grey erosion by any 3x3 footprint: fixed-offset interior loop, reflect rules on the frame."""
+    H, W = src.shape
+    if H < 3 or W < 3:
+        _erode3x3(src, fp, dst)
+        return
+    dys = np.empty(9, dtype=np.int64)
+    dxs = np.empty(9, dtype=np.int64)
+    K = 0
+    for dy in range(-1, 2):
+        for dx in range(-1, 2):
+            if fp[dy + 1, dx + 1]:
+                dys[K] = dy
+                dxs[K] = dx
+                K += 1
+    for r in range(1, H - 1):
+        for c in range(1, W - 1):
+            v = src[r + dys[0], c + dxs[0]]
+            for k in range(1, K):
+                a = src[r + dys[k], c + dxs[k]]
+                if a < v:
+                    v = a
+            dst[r, c] = v
+    # frame: reflect borders
+    for r in range(H):
+        step = 1 if (r == 0 or r == H - 1) else W - 1
+        for c in range(0, W, step):
+            v = src[r, c]
+            first = True
+            for k in range(K):
+                rr = r + dys[k]
+                if rr < 0:
+                    rr = -rr - 1
+                elif rr >= H:
+                    rr = 2 * H - rr - 1
+                cc = c + dxs[k]
+                if cc < 0:
+                    cc = -cc - 1
+                elif cc >= W:
+                    cc = 2 * W - cc - 1
+                a = src[rr, cc]
+                if first or a < v:
+                    v = a
+                    first = False
+            dst[r, c] = v
+
+
+@njit(**_JIT)
 def _erode_cross_interior(src, dst):
     """3x3 cross erosion; interior fast path, borders with reflect rules."""
     H, W = src.shape
@@ -1377,8 +1425,10 @@ def grey_erosion_sequence(image: np.ndarray, footprints) -> np.ndarray:
                 _erode_cross_interior(cur, nxt)
             elif np.array_equal(fp, _SQUARE):
                 _erode_square(cur, nxt, tmp)
+            elif fp.any():
+                _erode_fp(cur, fp, nxt)
             else:
-                _erode3x3(cur, fp, nxt)
+                nxt[...] = cur.dtype.type(np.inf) if cur.dtype.kind == "f" else np.iinfo(cur.dtype).max
             cur, nxt = nxt, cur
     return cur
 
