@@ -1003,32 +1003,36 @@ def _edt_1d_rows(g, H, W, out, want_idx, fidx):
 
 @njit(**_JIT)
 def _edt_columns(feature, H, W, g, want_idx, fidx):
-    """Squared distance along each column to the nearest feature pixel (``feature`` True)."""
-    for c in range(W):
-        last = -1
-        for r in range(H):
+    """Squared distance along each column to the nearest feature pixel (``feature`` True).
+
+    Row-major sweeps (down, then up) with one running "last feature row" per column.
+    """
+    last = np.full(W, -1, dtype=np.int64)
+    for r in range(H):
+        for c in range(W):
             if feature[r, c]:
-                last = r
+                last[c] = r
                 g[r, c] = 0
                 if want_idx:
                     fidx[r, c] = r
-            elif last >= 0:
-                g[r, c] = r - last
+            elif last[c] >= 0:
+                g[r, c] = r - last[c]
                 if want_idx:
-                    fidx[r, c] = last
+                    fidx[r, c] = last[c]
             else:
                 g[r, c] = _BIG
-        last = -1
-        for r in range(H - 1, -1, -1):
+    for c in range(W):
+        last[c] = -1
+    for r in range(H - 1, -1, -1):
+        for c in range(W):
             if feature[r, c]:
-                last = r
-            elif last >= 0:
-                d = last - r
+                last[c] = r
+            elif last[c] >= 0:
+                d = last[c] - r
                 if d < g[r, c]:
                     g[r, c] = d
                     if want_idx:
-                        fidx[r, c] = last
-        for r in range(H):
+                        fidx[r, c] = last[c]
             d = g[r, c]
             if d < _BIG:
                 g[r, c] = d * d
@@ -1510,9 +1514,19 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def _local_maxima(img, out):
-    """Plateaus (8-connected) with no 8-neighbour higher, borders allowed."""
+    """Plateaus (8-connected) with no 8-neighbour higher, borders allowed (not at the minimum)."""
     H, W = img.shape
     state = np.zeros((H, W), dtype=np.uint8)  # 0 unknown, 1 max, 2 not max
+    # skimage pads with the image minimum, so a plateau at the minimum is never a maximum
+    gmin = img[0, 0]
+    for r in range(H):
+        for c in range(W):
+            if img[r, c] < gmin:
+                gmin = img[r, c]
+    for r in range(H):
+        for c in range(W):
+            if img[r, c] == gmin:
+                state[r, c] = 2
     stack = np.empty(1024, dtype=np.int64)
     members = np.empty(1024, dtype=np.int64)
     for r0 in range(H):

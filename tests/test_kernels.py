@@ -1,0 +1,144 @@
+"""Compiled kernels against the scipy / scikit-image functions they replace."""
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+from skimage import morphology, segmentation
+
+from ihcscore import kernels as K
+from ihcscore.measure import label_statistics
+
+
+def _images(n=12, seed=0):
+    """Random smooth float32 images of odd shapes, some quantised (plateaus, exact ties)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = rng.integers(3, 70, 2)
+        img = ndi.gaussian_filter(rng.random((h, w)).astype(np.float32), rng.random() * 3)
+        if i % 2:
+            img = np.round(img * 8).astype(np.float32) / 8
+        yield img
+
+
+@pytest.fixture(scope="module")
+def region():
+    """A realistic detection image: OD sum of a synthetic H-DAB region and its nuclei."""
+    from ihcscore.synthetic import make_synthetic_region
+    from ihcscore.stains import rgb_to_od
+    rgb, _, _ = make_synthetic_region((384, 384), 0.5, seed=3)
+    img = rgb_to_od(rgb).sum(-1).astype(np.float32)
+    smooth = ndi.gaussian_filter(img, 2)
+    nuclei, _ = ndi.label(smooth > np.quantile(smooth, 0.8))
+    return img, nuclei.astype(np.int32)
+
+
+def test_reconstruction_equals_skimage(region):
+    for img in list(_images()) + [region[0]]:
+        seed = img - np.float32(0.2) * np.random.default_rng(1).random(img.shape).astype(np.float32)
+        ero = morphology.erosion(img, morphology.disk(3))
+        for s in (seed, np.minimum(ero, img)):
+            a = K.reconstruction_dilation(s, img)
+            b = morphology.reconstruction(s, img, method="dilation")
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    with pytest.raises(ValueError):
+        K.reconstruction_dilation(np.ones((3, 3)), np.zeros((3, 3)))
+
+
+def test_h_maxima_equals_skimage(region):
+    for img in list(_images()) + [region[0]]:
+        for dt in (np.float32, np.float64):
+            x = img.astype(dt)
+            for h in (0.05, 0.5):
+                assert np.array_equal(K.h_maxima(x, h), morphology.h_maxima(x, h).astype(bool))
+    # the split's input: distance map of nuclei
+    d = ndi.distance_transform_edt(region[1] > 0)
+    assert np.array_equal(K.h_maxima(d, 0.5), morphology.h_maxima(d, 0.5).astype(bool))
+
+
+@pytest.mark.parametrize("line", [False, True])
+def test_watershed_skimage_ties_is_identical(region, line):
+    for img in list(_images()):
+        m = img > np.median(img)
+        mk, _ = ndi.label(K.local_maxima(img) & m, structure=np.ones((3, 3)))
+        for im in (-img, -img.astype(np.float64)):
+            a = K.watershed(im, mk, m, line, ties="skimage")
+            assert np.array_equal(a, segmentation.watershed(im, mk, mask=m, watershed_line=line))
+    d = ndi.distance_transform_edt(region[1] > 0)
+    mk, _ = ndi.label(morphology.h_maxima(d, 0.5).astype(bool) & (region[1] > 0), structure=np.ones((3, 3)))
+    a = K.watershed(-d, mk, region[1] > 0, line, ties="skimage")
+    assert np.array_equal(a, segmentation.watershed(-d, mk, mask=region[1] > 0, watershed_line=line))
+
+
+def test_watershed_bucket_queue_matches_on_realistic_input(region):
+    img = region[0]
+    log = ndi.convolve(ndi.gaussian_filter(img, 2.0), np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]],
+                                                                 np.float32))
+    fg = log > 0
+    mk, _ = ndi.label(K.local_maxima(log) & fg, structure=np.ones((3, 3)))
+    a = K.watershed(-log, mk, fg)
+    b = segmentation.watershed(-log, mk, mask=fg)
+    assert (a != b).mean() <= 1e-3
+
+
+def test_edt_and_expand_labels(region):
+    for img in list(_images()):
+        m = img > np.median(img)
+        if (~m).any():
+            assert np.array_equal(K.distance_transform_edt(m, np.float64), ndi.distance_transform_edt(m))
+            assert np.allclose(K.distance_transform_edt(m), ndi.distance_transform_edt(m), atol=1e-4)
+        lab, _ = ndi.label(m)
+        for dist in (0, 1.5, 3, 10):
+            a, b = K.expand_labels(lab, dist), segmentation.expand_labels(lab, dist)
+            # equal except where two labels are exactly equally near
+            assert (a != b).mean() < 0.01
+            assert np.array_equal(a > 0, b > 0)
+    lab = region[1]
+    a, b = K.expand_labels(lab, 10), segmentation.expand_labels(lab, 10)
+    assert (a != b).mean() < 1e-3
+
+
+def test_membrane_ring_and_boundaries(region):
+    cells = segmentation.expand_labels(region[1], 5)
+    b = segmentation.find_boundaries(cells, mode="inner")
+    assert np.array_equal(K.find_inner_boundaries(cells), b)
+    dist = ndi.distance_transform_edt(~b)
+    for w in (0.5, 1.0, 2.0, 2.27, 3.0, 7.5):
+        ref = np.where((cells > 0) & (dist < w), cells, 0)
+        assert np.array_equal(K.membrane_ring(cells, w), ref), w
+
+
+def test_label_stats_equal_label_statistics(region):
+    img, lab = region
+    cells = segmentation.expand_labels(lab, 4)
+    n = int(cells.max()) + 2  # two empty labels at the end
+    rng = np.random.default_rng(0)
+    od = np.stack([img, rng.random(img.shape).astype(np.float32)], -1)
+    count, s, s2, mn, mx = K.label_stats(cells, [od[..., 0], od[..., 1]], n)
+    flat = cells.ravel()
+    assert np.array_equal(count, np.bincount(flat, minlength=n + 1)[1:])
+    for k in range(2):
+        v = od[..., k].ravel().astype(np.float64)
+        assert np.array_equal(s[k], np.bincount(flat, weights=v, minlength=n + 1)[1:])
+        assert np.array_equal(s2[k], np.bincount(flat, weights=v * v, minlength=n + 1)[1:])
+        assert np.array_equal(mx[k][:-2], ndi.maximum(v.reshape(img.shape), cells, np.arange(1, n - 1)))
+        assert np.array_equal(mn[k][:-2], ndi.minimum(v.reshape(img.shape), cells, np.arange(1, n - 1)))
+        assert np.isnan(mx[k][-1]) and np.isnan(mn[k][-1])
+    stats = label_statistics(cells, {"A": od[..., 0]}, n)
+    assert np.allclose(stats["A mean"][:-2], ndi.mean(od[..., 0], cells, np.arange(1, n - 1)))
+
+
+def test_morphology_helpers(region):
+    for img in list(_images()) + [region[0]]:
+        for r in (1, 3, 16):
+            fp = morphology.disk(r, decomposition="sequence")
+            assert np.array_equal(K.grey_erosion_sequence(img, fp), morphology.erosion(img, fp))
+        assert np.array_equal(K.local_maxima(img),
+                              morphology.local_maxima(img, connectivity=2, allow_borders=True).astype(bool))
+        m = img > np.quantile(img, 0.6)
+        assert np.array_equal(K.fill_holes(m), ndi.binary_fill_holes(m))
+        hi = img > np.quantile(img, 0.97)
+        for R in (2.5, 4.0, 6.3):
+            rr = int(np.floor(R))
+            y, x = np.ogrid[-rr:rr + 1, -rr:rr + 1]
+            ref = ndi.binary_dilation(hi, structure=(x * x + y * y) <= R * R + 1e-6)
+            assert np.array_equal(K.binary_dilation_disk(hi, R), ref)
