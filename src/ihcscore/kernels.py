@@ -253,10 +253,33 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
         raise ValueError("h = 0 is ambiguous, use local_maxima() instead?")
     if not np.issubdtype(image.dtype, np.floating):
         raise TypeError("h_maxima: float images only")
-    resolution = 2 * np.finfo(image.dtype).resolution * np.abs(image)
-    shifted = image - h - resolution
+    image = np.ascontiguousarray(image)
+    dt = image.dtype.type
+    # skimage: shifted = image - h - 2 * finfo.resolution * |image|, same ops and dtype here
+    two_res = dt(2 * np.finfo(image.dtype).resolution)
+    shifted = np.empty_like(image)
+    _hmax_shift(image, dt(h), two_res, shifted)
     rec = reconstruction_dilation(shifted, image)
-    return (image - rec) >= h
+    out = np.empty(image.shape, dtype=bool)
+    _hmax_residue(image, rec, dt(h), out)
+    return out
+
+
+@njit(**_JIT)
+def _hmax_shift(image, h, two_res, out):
+    H, W = image.shape
+    for r in range(H):
+        for c in range(W):
+            x = image[r, c]
+            out[r, c] = (x - h) - two_res * abs(x)
+
+
+@njit(**_JIT)
+def _hmax_residue(image, rec, h, out):
+    H, W = image.shape
+    for r in range(H):
+        for c in range(W):
+            out[r, c] = (image[r, c] - rec[r, c]) >= h
 
 
 # --------------------------------------------------------------------------- watershed
