@@ -230,8 +230,7 @@ def detect_nuclei(
     foreground = log > 0
 
     # Over-segment the LoG at its regional maxima, then keep bright regions.
-    seeds = (_k.local_maxima(log) if _k else
-             morphology.local_maxima(log, connectivity=2, allow_borders=True)) & foreground
+    seeds = morphology.local_maxima(log, connectivity=2, allow_borders=True) & foreground
     markers, n_seeds = ndi.label(seeds, structure=np.ones((3, 3)))
     regions = segmentation.watershed(-log, markers, mask=foreground)
     index = np.arange(1, n_seeds + 1)
