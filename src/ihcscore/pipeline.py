@@ -339,6 +339,10 @@ def _tissue(slide, tissue):
     return tissue_mod.mask_from_file(tissue, slide)
 
 
+#: Side (detection px) of the windows sampled for stain estimation and checks (12 at most: ~3 MP).
+SAMPLE_WINDOW_PX = 512
+
+
 def _sample_tissue_rgb(slide, tasks, ds, max_tiles: int = 12) -> np.ndarray:
     """A few tissue tiles at detection resolution, for stain estimation and checks."""
     if not tasks:
@@ -418,15 +422,16 @@ def analyze_slide(
         scale = ds / mask_ds  # mask pixels per detection pixel
 
         def keep(y0, x0, y1, x1):
-            # One mask pixel of slack on every side: a cell centroid at the very edge of the core can
-            # round into the neighbouring mask pixel (cells are filtered by the mask exactly afterwards).
-            sub = mask[max(0, int(y0 * scale) - 1):int(math.ceil(y1 * scale)) + 1,
-                       max(0, int(x0 * scale) - 1):int(math.ceil(x1 * scale)) + 1]
+            # A cell owned by this core has u = (centroid + 0.5) / ds in [x0, x1) (see analyze_tile) and is
+            # kept below iff mask[floor(u_y * scale), floor(u_x * scale)]: those are the mask pixels to look at.
+            sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
             return bool(sub.any())
 
     tasks = plan_tiles(shape_det, int(tile_size), pad, keep)
 
-    sample = _sample_tissue_rgb(slide, tasks, ds)
+    # Stain estimation and checks read a few tissue windows of a fixed grid: the sample (so the estimated
+    # vectors and everything after them) must not depend on the tile size, and its memory stays bounded.
+    sample = _sample_tissue_rgb(slide, plan_tiles(shape_det, SAMPLE_WINDOW_PX, 0, keep), ds)
     warnings = early_warnings
     if stains is None:
         if preset.stains.estimate:
@@ -453,8 +458,13 @@ def analyze_slide(
             progress(done, len(tasks))
     cells = pd.concat(parts, ignore_index=True) if parts else _empty_cells(slide, preset, stains)
     if mask is not None and len(cells):
-        my = np.clip((cells["y_px"].to_numpy() / mask_ds).astype(int), 0, mask.shape[0] - 1)
-        mx = np.clip((cells["x_px"].to_numpy() / mask_ds).astype(int), 0, mask.shape[1] - 1)
+        # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
+        # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
+        # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
+        uy = (cells["y_px"].to_numpy() + 0.5) / ds
+        ux = (cells["x_px"].to_numpy() + 0.5) / ds
+        my = np.clip(np.floor(uy * scale).astype(int), 0, mask.shape[0] - 1)
+        mx = np.clip(np.floor(ux * scale).astype(int), 0, mask.shape[1] - 1)
         cells = cells[mask[my, mx]]
     cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
     cells["label"] = np.arange(1, len(cells) + 1)
