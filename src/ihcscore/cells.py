@@ -45,6 +45,8 @@ __all__ = [
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
 #: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
 MAX_EXTRA_OVERLAP = 0.2
+#: Tolerance (OD/px²) of the LoG regional maxima that seed the over-segmentation (QuPath step 7).
+SEED_TOLERANCE = 0.001
 #: Gaussian sigma (px) on the distance map before finding ultimate eroded points (see _split_touching).
 EDM_SMOOTH_PX = 0.75
 LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=np.float32)
@@ -230,7 +232,9 @@ def detect_nuclei(
     foreground = log > 0
 
     # Over-segment the LoG at its regional maxima, then keep bright regions.
-    seeds = morphology.local_maxima(log, connectivity=2, allow_borders=True) & foreground
+    # QuPath's regional maxima with a 0.001 tolerance: maxima rising less than that above their saddle
+    # merge with their neighbour (plain local maxima split noise plateaus; OS-2: 1336 -> 1332 cells).
+    seeds = morphology.h_maxima(log, SEED_TOLERANCE).astype(bool) & foreground
     markers, n_seeds = ndi.label(seeds, structure=np.ones((3, 3)))
     regions = segmentation.watershed(-log, markers, mask=foreground)
     index = np.arange(1, n_seeds + 1)
