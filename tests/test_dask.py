@@ -84,7 +84,7 @@ def test_cli_dask_scheduler_address(slides, cluster, local_out, tmp_path):
 
 def test_cli_dask_local(slides, local_out, tmp_path):
     out = tmp_path / "out"
-    assert main(["score", str(slides), "--out", str(out), *ARGS, "--dask", "local", "--workers", "2"]) == 0
+    assert main(["score", str(slides), "--out", str(out), *ARGS, "--dask", "local", "--workers", "1"]) == 0
     _same_outputs(out, local_out)
 
 
