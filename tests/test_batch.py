@@ -204,3 +204,34 @@ def test_sigkill_mid_slide_then_rerun_is_identical(kill_folder, clean_run, tmp_p
     assert (out / "a" / "cells.parquet").stat().st_mtime_ns == a_mtime
     assert (out / "big" / COMPLETE_MARKER).is_file()
     _assert_same_outputs(out, clean_run)
+
+
+def test_sigkill_of_the_main_process_ends_its_tile_workers(kill_folder, tmp_path):
+    """`kill -9` of `ihcscore score --workers 2` alone (not its group) leaves no orphaned workers behind."""
+    psutil = pytest.importorskip("psutil")
+    ticks = tmp_path / "ticks.txt"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, str(driver), str(ticks), "kill-mid-tiles", "score", str(kill_folder / "big.tif"),
+           "--out", str(tmp_path / "out"), *SCORE_ARGS, "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ticks.exists() and len(ticks.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"orphaned workers: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this test's own session
+        except ProcessLookupError:
+            pass
