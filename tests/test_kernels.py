@@ -142,3 +142,44 @@ def test_morphology_helpers(region):
             y, x = np.ogrid[-rr:rr + 1, -rr:rr + 1]
             ref = ndi.binary_dilation(hi, structure=(x * x + y * y) <= R * R + 1e-6)
             assert np.array_equal(K.binary_dilation_disk(hi, R), ref)
+
+
+@pytest.mark.parametrize("line", [False, True])
+def test_watershed_components_equals_raster_watershed(region, line):
+    """Flooding each mask component alone gives exactly the whole-image (value, age) flood."""
+    rng = np.random.default_rng(5)
+    for img in list(_images()):
+        m = img > np.quantile(img, 0.4)
+        mk, _ = ndi.label(K.local_maxima(img) & m, structure=np.ones((3, 3)))
+        # also several markers with one label (a component then needs no flood)
+        mk = np.where(mk > 0, (mk + 1) // 2, 0).astype(np.int32)
+        for im in (-img, -img.astype(np.float64)):
+            assert np.array_equal(K.watershed_components(im, mk, m, line), K.watershed(im, mk, m, line))
+    img = rng.integers(0, 4, (60, 70)).astype(np.float32)  # many exact ties
+    m = rng.random(img.shape) < 0.8
+    mk = np.where(rng.random(img.shape) < 0.05, rng.integers(1, 9, img.shape), 0).astype(np.int32)
+    assert np.array_equal(K.watershed_components(img, mk, m, line), K.watershed(img, mk, m, line))
+    assert np.array_equal(K.watershed_components(img, mk, None, line), K.watershed(img, mk, None, line))
+
+
+def test_watershed_components_equals_skimage_on_log(region):
+    """The over-segmentation (LoG, no line): identical to skimage on a realistic detection image."""
+    from ihcscore.cells import LAPLACIAN, SEED_TOLERANCE, subtract_background
+    measure, _ = subtract_background(region[0], 16, 2.0)
+    for sigma in (1.5, 3.0):
+        log = ndi.convolve(ndi.gaussian_filter(measure, sigma, mode="nearest"), LAPLACIAN, mode="nearest")
+        fg = log > 0
+        for seeds in (K.local_maxima(log), K.h_maxima(log, SEED_TOLERANCE)):
+            mk, _ = ndi.label(seeds & fg, structure=np.ones((3, 3)))
+            a = K.watershed_components(-log, mk, fg)
+            assert np.array_equal(a, segmentation.watershed(-log, mk, mask=fg))
+
+
+def test_watershed_components_split_differs_only_at_ties(region):
+    """The distance-map split: equal to skimage up to equal-valued markers (a handful of pixels)."""
+    m = region[1] > 0
+    d = ndi.gaussian_filter(ndi.distance_transform_edt(m), 0.75)
+    mk, _ = ndi.label(K.h_maxima(d, 0.5) & m, structure=np.ones((3, 3)))
+    a = K.watershed_components(-d, mk, m, watershed_line=True)
+    b = segmentation.watershed(-d, mk, mask=m, watershed_line=True)
+    assert (a != b).sum() <= 0.001 * m.sum()

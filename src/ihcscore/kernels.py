@@ -41,6 +41,7 @@ __all__ = [
     "reconstruction_dilation",
     "h_maxima",
     "watershed",
+    "watershed_components",
     "order_keys",
     "distance_transform_edt",
     "squared_edt",
@@ -963,6 +964,340 @@ def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = 
     return out_p.reshape(H + 2, W + 2)[1:-1, 1:-1].copy()
 
 
+# --------------------------------------------------------------------------- watershed by components
+
+@njit(**_JIT)
+def _cc_push(hv, ha, hp, hl, n, v, a, p, lab):
+    """Binary min-heap push ordered by (value, age); ages are unique, so the order is total."""
+    child = n
+    while child > 0:
+        parent = (child - 1) >> 1
+        pv = hv[parent]
+        if v < pv or (v == pv and a < ha[parent]):
+            hv[child] = pv
+            ha[child] = ha[parent]
+            hp[child] = hp[parent]
+            hl[child] = hl[parent]
+            child = parent
+        else:
+            break
+    hv[child] = v
+    ha[child] = a
+    hp[child] = p
+    hl[child] = lab
+
+
+@njit(**_JIT)
+def _cc_fix(hv, ha, hp, hl, n):
+    """After taking the root of a heap now holding ``n`` items: move item ``n`` to the root, sift down."""
+    v = hv[n]
+    a = ha[n]
+    p = hp[n]
+    lab = hl[n]
+    i = 0
+    while True:
+        l = 2 * i + 1
+        if l >= n:
+            break
+        r = l + 1
+        if r < n and (hv[r] < hv[l] or (hv[r] == hv[l] and ha[r] < ha[l])):
+            l = r
+        if hv[l] < v or (hv[l] == v and ha[l] < a):
+            hv[i] = hv[l]
+            ha[i] = ha[l]
+            hp[i] = hp[l]
+            hl[i] = hl[l]
+            i = l
+        else:
+            break
+    hv[i] = v
+    ha[i] = a
+    hp[i] = p
+    hl[i] = lab
+
+
+@njit(**_JIT)
+def _cc_collect(wf, outf, H, W, comp, marks, st):
+    """Breadth-first collection of one 4-connected mask component (resumable).
+
+    ``st`` = [next, count, n_markers, first label, several labels]; returns 0 when
+    done, 1 when ``comp`` and 2 when ``marks`` must grow first (then call again).
+    Arrays are parameters, never reassigned here: no reference counting in the loop.
+    """
+    i = st[0]
+    m = st[1]
+    nmk = st[2]
+    lab1 = st[3]
+    multi = st[4]
+    status = 0
+    while i < m:
+        if m + 4 > comp.size:
+            status = 1
+            break
+        p = comp[i]
+        lv = outf[p]
+        if lv != 0:
+            if nmk == marks.size:
+                status = 2
+                break
+            marks[nmk] = p
+            nmk += 1
+            if lab1 == 0:
+                lab1 = lv
+            elif lv != lab1:
+                multi = 1
+        i += 1
+        r = p // W
+        c = p - r * W
+        if r > 0 and wf[p - W] == 1:
+            wf[p - W] = 2
+            comp[m] = p - W
+            m += 1
+        if c > 0 and wf[p - 1] == 1:
+            wf[p - 1] = 2
+            comp[m] = p - 1
+            m += 1
+        if c < W - 1 and wf[p + 1] == 1:
+            wf[p + 1] = 2
+            comp[m] = p + 1
+            m += 1
+        if r < H - 1 and wf[p + W] == 1:
+            wf[p + W] = 2
+            comp[m] = p + W
+            m += 1
+    st[0] = i
+    st[1] = m
+    st[2] = nmk
+    st[3] = lab1
+    st[4] = multi
+    return status
+
+
+@njit(**_JIT)
+def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st):
+    """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
+
+    Returns 1 when the heap must grow before the next pop (then call again), 0 when done.
+    skimage's rules: pop in (value, age) order; a neighbour's value is never below its
+    parent's; with ``wsl`` pixels are labelled when popped and one touching another
+    label becomes a line (0); markers are the entries with age < ``nmk``.
+    """
+    n = st[0]
+    age = st[1]
+    cap = hv.size
+    status = 0
+    while n > 0:
+        if n + 4 > cap:
+            status = 1
+            break
+        ev = hv[0]
+        ea = ha[0]
+        p = hp[0]
+        lab = hl[0]
+        n -= 1
+        if n > 0:
+            _cc_fix(hv, ha, hp, hl, n)
+        r = p // W
+        c = p - r * W
+        if wsl:
+            if outf[p] != 0 and ea >= nmk:
+                continue  # already labelled from another neighbour
+            diff = wf[p] == 0
+            if not diff:
+                for k in range(4):
+                    if k == 0:
+                        if r == 0:
+                            continue
+                        q = p - W
+                    elif k == 1:
+                        if c == 0:
+                            continue
+                        q = p - 1
+                    elif k == 2:
+                        if c == W - 1:
+                            continue
+                        q = p + 1
+                    else:
+                        if r == H - 1:
+                            continue
+                        q = p + W
+                    if wf[q] != 0:
+                        ql = outf[q]
+                        if ql != 0 and ql != lab:
+                            diff = True
+                            wf[p] = 0
+                            break
+            if not diff:
+                outf[p] = lab
+        for k in range(4):
+            if k == 0:
+                if r == 0:
+                    continue
+                q = p - W
+            elif k == 1:
+                if c == 0:
+                    continue
+                q = p - 1
+            elif k == 2:
+                if c == W - 1:
+                    continue
+                q = p + 1
+            else:
+                if r == H - 1:
+                    continue
+                q = p + W
+            if wf[q] == 0 or outf[q] != 0:
+                continue
+            v = np.float64(imf[q])
+            if v < ev:
+                v = ev
+            if not wsl:
+                outf[q] = lab
+            _cc_push(hv, ha, hp, hl, n, v, age, q, lab)
+            age += 1
+            n += 1
+    st[0] = n
+    st[1] = age
+    return status
+
+
+@njit(**_JIT)
+def _next_equal(a, start, v):
+    """First index >= ``start`` where flat ``a`` equals ``v`` (``a.size`` if none)."""
+    for i in range(start, a.size):
+        if a[i] == v:
+            return i
+    return a.size
+
+
+@njit(**_JIT)
+def _watershed_cc(image, out, work, wsl):
+    """Seeded watershed (4-connectivity) one connected component of the mask at a time.
+
+    ``out`` holds the markers (0 outside the mask) and receives the labels; ``work`` is
+    the mask as uint8 (1 inside) and is used as scratch. Components of the mask never
+    interact in the flood, so each is flooded alone with a heap that stays small (in
+    cache). A component with markers of at most one label is that label (or 0) entirely.
+    The pop order inside a component is (value, age) with markers aged in raster order:
+    the same as :func:`watershed` with ``ties="raster"``.
+    """
+    H, W = image.shape
+    imf = image.ravel()
+    outf = out.ravel()
+    wf = work.ravel()
+    n_px = H * W
+    comp = np.empty(1 << 14, dtype=np.int64)
+    marks = np.empty(1 << 10, dtype=np.int64)
+    st = np.zeros(5, dtype=np.int64)
+    fst = np.zeros(2, dtype=np.int64)
+    cap = 1 << 12
+    hv = np.empty(cap, dtype=np.float64)
+    ha = np.empty(cap, dtype=np.int64)
+    hp = np.empty(cap, dtype=np.int64)
+    hl = np.empty(cap, dtype=out.dtype)
+    p0 = -1
+    while True:
+        # (the scan is a call: arrays reassigned in this loop would cost reference counting per pixel)
+        p0 = _next_equal(wf, p0 + 1, 1)
+        if p0 >= n_px:
+            break
+        wf[p0] = 2
+        comp[0] = p0
+        st[0] = 0
+        st[1] = 1
+        st[2] = 0
+        st[3] = 0
+        st[4] = 0
+        while True:
+            s = _cc_collect(wf, outf, H, W, comp, marks, st)
+            if s == 0:
+                break
+            if s == 1:
+                comp = _grow_arr(comp, 2 * comp.size)
+            else:
+                marks = _grow_arr(marks, 2 * marks.size)
+        m = st[1]
+        nmk = st[2]
+        if st[4] == 0:
+            lab1 = st[3]
+            if lab1 != 0:
+                for j in range(m):
+                    outf[comp[j]] = lab1
+            continue
+        # several labels: flood, markers first in raster order (ages 0..nmk-1)
+        mk = np.sort(marks[:nmk])
+        if cap < nmk + 4:
+            while cap < nmk + 4:
+                cap *= 2
+            hv = np.empty(cap, dtype=np.float64)
+            ha = np.empty(cap, dtype=np.int64)
+            hp = np.empty(cap, dtype=np.int64)
+            hl = np.empty(cap, dtype=out.dtype)
+        n = 0
+        for j in range(nmk):
+            p = mk[j]
+            _cc_push(hv, ha, hp, hl, n, np.float64(imf[p]), j, p, outf[p])
+            n += 1
+        fst[0] = n
+        fst[1] = nmk
+        while _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, fst) != 0:
+            cap *= 2
+            hv = _grow_arr(hv, cap)
+            ha = _grow_arr(ha, cap)
+            hp = _grow_arr(hp, cap)
+            hl = _grow_arr(hl, cap)
+
+
+@njit(**_JIT)
+def _cc_prepare(markers, mask, out, work):
+    H, W = mask.shape
+    for r in range(H):
+        for c in range(W):
+            if mask[r, c]:
+                out[r, c] = markers[r, c]
+                work[r, c] = 1
+            else:
+                out[r, c] = 0
+                work[r, c] = 0
+
+
+def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None,
+                         watershed_line: bool = False) -> np.ndarray:
+    """Seeded watershed, connectivity 1, flooding each connected component of ``mask`` alone.
+
+    Identical to :func:`watershed` with ``ties="raster"`` (the same (value, age) pop
+    order inside every component; components never interact), so it equals
+    ``skimage.segmentation.watershed(image, markers, mask=mask, watershed_line=...)``
+    except where markers of different labels have exactly equal values and their
+    floods meet at equal values. Components whose markers all carry one label (most
+    nuclei) are filled with it without a flood, and the heap of a flooded component
+    stays in cache: several times faster than a flood of the whole image.
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError("watershed_components: 2-D images only")
+    if image.dtype not in (np.float32, np.float64):
+        image = image.astype(np.float64)
+    image = np.ascontiguousarray(image)
+    H, W = image.shape
+    markers = np.ascontiguousarray(markers)
+    if markers.shape != (H, W):
+        raise ValueError("markers must have the image's shape")
+    if markers.dtype.kind not in "iu":
+        raise TypeError("markers must be an integer label image")
+    ldt = np.int32 if markers.dtype.itemsize <= 4 and markers.dtype != np.uint32 else np.int64
+    markers = markers.astype(ldt, copy=False)
+    mask = np.ones((H, W), dtype=bool) if mask is None else np.ascontiguousarray(mask, dtype=bool)
+    if mask.shape != (H, W):
+        raise ValueError("mask must have the image's shape")
+    out = np.empty((H, W), dtype=ldt)
+    work = np.empty((H, W), dtype=np.uint8)
+    if out.size:
+        _cc_prepare(markers, mask, out, work)
+        _watershed_cc(image, out, work, bool(watershed_line))
+    return out
+
+
 # --------------------------------------------------------------------------- distance transforms
 
 _BIG = np.int64(1) << 60
@@ -1650,6 +1985,9 @@ def warm_up() -> float:
     for wsl in (False, True):
         watershed(-img, mk, img > 0.1, watershed_line=wsl, ties="skimage")
         watershed(-img.astype(np.float64), mk, img > 0.1, watershed_line=wsl, ties="skimage")
+    for im in (-img, -img.astype(np.float64)):
+        watershed_components(im, mk, img > 0.1)
+        watershed_components(im, mk, img > 0.1, watershed_line=True)
     distance_transform_edt(img > 0.3)
     distance_transform_edt(img > 0.3, dtype=np.float64)
     expand_labels(mk, 3)
