@@ -63,15 +63,38 @@ _JIT = dict(cache=True, nogil=True)
 
 @njit(**_JIT)
 def _reconstruct(J, I, W):
-    """In-place hybrid reconstruction by dilation of padded flat ``J`` under ``I``.
+    """In-place reconstruction by dilation of padded flat ``J`` under ``I``.
 
     ``J`` and ``I`` are flattened ``(H+2, W+2)`` arrays whose one-pixel frame is
     ``-inf`` in both (frame pixels never change and never propagate).
+    Vincent's hybrid algorithm, with the propagation phase ordered by value (a
+    max-heap instead of a FIFO): a pixel popped at value ``v`` is final, so each
+    is processed about once (a FIFO raised some pixels many times in small steps:
+    5.6 M pops on a 4 M px LoG, 0.85 M with the heap). The result is the same
+    fixpoint whatever the order: a selection of seed and mask values.
     """
+    _rec_scans(J, I, W)
+    ncand = _rec_candidates(J, I, W, np.empty(0, dtype=np.int64), False)
+    cap = 4096
+    while cap < ncand + 16:
+        cap *= 2
+    hp = np.empty(cap, dtype=np.int64)
+    _rec_candidates(J, I, W, hp, True)
+    hv = np.empty(cap, dtype=J.dtype)
+    st = np.zeros(1, dtype=np.int64)
+    _rec_heapify(J, hv, hp, ncand, st)
+    while _rec_propagate(J, I, W, hv, hp, st) != 0:
+        cap *= 2
+        hv = _grow_arr(hv, cap)
+        hp = _grow_arr(hp, cap)
+
+
+@njit(**_JIT)
+def _rec_scans(J, I, W):
+    """Raster (N+ = NW, N, NE, W) then anti-raster (N- = SE, S, SW, E) scans."""
     Wp = W + 2
     n = J.size
     Hp = n // Wp
-    # Raster scan: N+ = NW, N, NE, W.
     for r in range(1, Hp - 1):
         base = r * Wp
         for c in range(1, Wp - 1):
@@ -91,11 +114,6 @@ def _reconstruct(J, I, W):
                 v = a
             m = I[p]
             J[p] = v if v < m else m
-    # Anti-raster scan: N- = SE, S, SW, E; queue pixels that can still propagate.
-    cap = 1 << 16
-    queue = np.empty(cap, dtype=np.int64)
-    head = 0
-    size = 0
     for r in range(Hp - 2, 0, -1):
         base = r * Wp
         for c in range(Wp - 2, 0, -1):
@@ -114,9 +132,25 @@ def _reconstruct(J, I, W):
             if a > v:
                 v = a
             m = I[p]
-            if m < v:
-                v = m
-            J[p] = v
+            J[p] = v if v < m else m
+
+
+@njit(**_JIT)
+def _rec_candidates(J, I, W, out, store):
+    """Pixels that can still raise an N- neighbour after the scans (Vincent's queue seeds).
+
+    (Evaluated after the anti-raster scan: a pixel's N- neighbours were final by the
+    time the scan reached it, so this is the test the scan itself would make.)
+    """
+    Wp = W + 2
+    n = J.size
+    Hp = n // Wp
+    k = 0
+    for r in range(1, Hp - 1):
+        base = r * Wp
+        for c in range(1, Wp - 1):
+            p = base + c
+            v = J[p]
             enq = False
             q = p + Wp + 1
             if J[q] < v and J[q] < I[q]:
@@ -131,31 +165,99 @@ def _reconstruct(J, I, W):
             if J[q] < v and J[q] < I[q]:
                 enq = True
             if enq:
-                if size == cap:
-                    queue = _grow(queue, head, size)
-                    cap = queue.size
-                    head = 0
-                queue[(head + size) & (cap - 1)] = p
-                size += 1
-    # FIFO propagation.
-    offs = np.array([-Wp - 1, -Wp, -Wp + 1, -1, 1, Wp - 1, Wp, Wp + 1], dtype=np.int64)
-    while size > 0:
-        p = queue[head]
-        head = (head + 1) & (cap - 1)
-        size -= 1
-        v = J[p]
+                if store:
+                    out[k] = p
+                k += 1
+    return k
+
+
+@njit(**_JIT)
+def _rec_sift_down(hv, hp, i, n):
+    v = hv[i]
+    p = hp[i]
+    while True:
+        l = 2 * i + 1
+        if l >= n:
+            break
+        r = l + 1
+        if r < n and hv[r] > hv[l]:
+            l = r
+        if hv[l] > v:
+            hv[i] = hv[l]
+            hp[i] = hp[l]
+            i = l
+        else:
+            break
+    hv[i] = v
+    hp[i] = p
+
+
+@njit(**_JIT)
+def _rec_heapify(J, hv, hp, n, st):
+    for i in range(n):
+        hv[i] = J[hp[i]]
+    for i in range(n // 2 - 1, -1, -1):
+        _rec_sift_down(hv, hp, i, n)
+    st[0] = n
+
+
+@njit(**_JIT)
+def _rec_propagate(J, I, W, hv, hp, st):
+    """Max-heap propagation (resumable: ``st`` = [heap size]; returns 1 when the heap must grow)."""
+    Wp = W + 2
+    n = st[0]
+    cap = hv.size
+    status = 0
+    while n > 0:
+        if n + 8 > cap:
+            status = 1
+            break
+        v = hv[0]
+        p = hp[0]
+        n -= 1
+        if n > 0:
+            hv[0] = hv[n]
+            hp[0] = hp[n]
+            _rec_sift_down(hv, hp, 0, n)
+        if J[p] != v:
+            continue  # raised again since it was pushed: a later entry carries it
         for k in range(8):
-            q = p + offs[k]
+            if k == 0:
+                q = p - Wp - 1
+            elif k == 1:
+                q = p - Wp
+            elif k == 2:
+                q = p - Wp + 1
+            elif k == 3:
+                q = p - 1
+            elif k == 4:
+                q = p + 1
+            elif k == 5:
+                q = p + Wp - 1
+            elif k == 6:
+                q = p + Wp
+            else:
+                q = p + Wp + 1
             jq = J[q]
             iq = I[q]
             if jq < v and iq != jq:
-                J[q] = v if v < iq else iq
-                if size == cap:
-                    queue = _grow(queue, head, size)
-                    cap = queue.size
-                    head = 0
-                queue[(head + size) & (cap - 1)] = q
-                size += 1
+                nv = v if v < iq else iq
+                J[q] = nv
+                # sift up
+                i = n
+                while i > 0:
+                    par = (i - 1) >> 1
+                    if hv[par] < nv:
+                        hv[i] = hv[par]
+                        hp[i] = hp[par]
+                        i = par
+                    else:
+                        break
+                hv[i] = nv
+                hp[i] = q
+                n += 1
+    st[0] = n
+    return status
 
 
 @njit(**_JIT)
