@@ -360,12 +360,43 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     dt = image.dtype.type
     # skimage: shifted = image - h - 2 * finfo.resolution * |image|, same ops and dtype here
     two_res = dt(2 * np.finfo(image.dtype).resolution)
-    shifted = np.empty_like(image)
-    _hmax_shift(image, dt(h), two_res, shifted)
-    rec = reconstruction_dilation(shifted, image)
     out = np.empty(image.shape, dtype=bool)
-    _hmax_residue(image, rec, dt(h), out)
+    _h_maxima_2d(image, dt(h), two_res, out)
     return out
+
+
+@njit(**_JIT)
+def _h_maxima_2d(image, h, two_res, out):
+    """Shift into the padded seed, reconstruct, residue test: no intermediate full-size arrays.
+
+    (The shifted seed is never above the image for h > 0, so the seed <= mask check is moot.)
+    """
+    H, W = image.shape
+    Wp = W + 2
+    n = (H + 2) * Wp
+    J = np.empty(n, dtype=image.dtype)
+    I = np.empty(n, dtype=image.dtype)
+    ninf = image.dtype.type(-np.inf)
+    for c in range(Wp):
+        J[c] = ninf
+        I[c] = ninf
+        J[(H + 1) * Wp + c] = ninf
+        I[(H + 1) * Wp + c] = ninf
+    for r in range(H):
+        base = (r + 1) * Wp
+        J[base] = ninf
+        I[base] = ninf
+        J[base + W + 1] = ninf
+        I[base + W + 1] = ninf
+        for c in range(W):
+            x = image[r, c]
+            I[base + c + 1] = x
+            J[base + c + 1] = (x - h) - two_res * abs(x)
+    _reconstruct(J, I, W)
+    for r in range(H):
+        base = (r + 1) * Wp + 1
+        for c in range(W):
+            out[r, c] = (image[r, c] - J[base + c]) >= h
 
 
 @njit(**_JIT)
@@ -1781,14 +1812,20 @@ def _erode_fp(src, fp, dst):
                 dys[K] = dy
                 dxs[K] = dx
                 K += 1
+    # interior, one offset at a time over a whole row (contiguous, branch-free: vectorised);
+    # per pixel the same comparisons in the same order as a pixel-by-pixel loop
     for r in range(1, H - 1):
+        d = dst[r]
+        s = src[r + dys[0]]
+        o = dxs[0]
         for c in range(1, W - 1):
-            v = src[r + dys[0], c + dxs[0]]
-            for k in range(1, K):
-                a = src[r + dys[k], c + dxs[k]]
-                if a < v:
-                    v = a
-            dst[r, c] = v
+            d[c] = s[c + o]
+        for k in range(1, K):
+            s = src[r + dys[k]]
+            o = dxs[k]
+            for c in range(1, W - 1):
+                a = s[c + o]
+                d[c] = a if a < d[c] else d[c]
     # frame: reflect borders
     for r in range(H):
         step = 1 if (r == 0 or r == H - 1) else W - 1
