@@ -265,11 +265,11 @@ def estimate_stain_vectors(
     lo, hi = np.percentile(angles, [percentile, 100 - percentile])
     v1 = np.cos(lo) * basis[0] + np.sin(lo) * basis[1]
     v2 = np.cos(hi) * basis[0] + np.sin(hi) * basis[1]
-    v1, v2 = np.abs(v1), np.abs(v2)
-    h_ref = np.asarray(H_DAB_DEFAULT.hematoxylin)
-    c1 = np.dot(v1 / np.linalg.norm(v1), h_ref)
-    c2 = np.dot(v2 / np.linalg.norm(v2), h_ref)
-    h, d = (v1, v2) if c1 >= c2 else (v2, v1)
+    v1, v2 = np.abs(v1) / np.linalg.norm(v1), np.abs(v2) / np.linalg.norm(v2)
+    # Assign the pair jointly: naming each vector by its own nearest default swaps the stains when
+    # both are about equally close to the default hematoxylin (a scanner with a greyer DAB).
+    h_ref, d_ref = np.asarray(H_DAB_DEFAULT.hematoxylin), np.asarray(H_DAB_DEFAULT.dab)
+    h, d = (v1, v2) if v1 @ h_ref + v2 @ d_ref >= v2 @ h_ref + v1 @ d_ref else (v2, v1)
     return StainVectors(hematoxylin=h, dab=d, background=background, name="estimated")
 
 
