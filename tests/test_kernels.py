@@ -183,3 +183,18 @@ def test_watershed_components_split_differs_only_at_ties(region):
     a = K.watershed_components(-d, mk, m, watershed_line=True)
     b = segmentation.watershed(-d, mk, mask=m, watershed_line=True)
     assert (a != b).sum() <= 0.001 * m.sum()
+
+
+def test_reconstruction_candidate_overflow_path(region):
+    """More queue seeds than the first candidate list holds: they are listed again, same result."""
+    img = region[0]
+    seed = np.minimum(morphology.erosion(img, morphology.disk(4)), img)
+    H, W = img.shape
+    J = np.empty((H + 2) * (W + 2), np.float32)
+    I = np.empty_like(J)
+    K._pad_into(seed, J, -np.inf)
+    K._pad_into(img, I, -np.inf)
+    K._reconstruct(J, I, W, True)
+    out = np.empty_like(img)
+    K._unpad(J, H, W, out)
+    assert np.array_equal(out, morphology.reconstruction(seed, img, method="dilation"))

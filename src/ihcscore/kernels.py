@@ -62,7 +62,7 @@ _JIT = dict(cache=True, nogil=True)
 # --------------------------------------------------------------------------- reconstruction
 
 @njit(**_JIT)
-def _reconstruct(J, I, W):
+def _reconstruct(J, I, W, small_queue=False):
     """In-place reconstruction by dilation of padded flat ``J`` under ``I``.
 
     ``J`` and ``I`` are flattened ``(H+2, W+2)`` arrays whose one-pixel frame is
@@ -73,13 +73,17 @@ def _reconstruct(J, I, W):
     5.6 M pops on a 4 M px LoG, 0.85 M with the heap). The result is the same
     fixpoint whatever the order: a selection of seed and mask values.
     """
-    _rec_scans(J, I, W)
-    ncand = _rec_candidates(J, I, W, np.empty(0, dtype=np.int64), False)
-    cap = 4096
-    while cap < ncand + 16:
+    # room for the scans' candidate list (usually 1-5 % of the pixels); more are found again after
+    cap = 16 if small_queue else 4096
+    while not small_queue and cap < J.size // 16:
         cap *= 2
     hp = np.empty(cap, dtype=np.int64)
-    _rec_candidates(J, I, W, hp, True)
+    ncand = _rec_scans(J, I, W, hp)
+    if ncand + 16 > cap:
+        while cap < ncand + 16:
+            cap *= 2
+        hp = np.empty(cap, dtype=np.int64)
+        _rec_candidates(J, I, W, hp, True)
     hv = np.empty(cap, dtype=J.dtype)
     st = np.zeros(1, dtype=np.int64)
     _rec_heapify(J, hv, hp, ncand, st)
@@ -90,8 +94,12 @@ def _reconstruct(J, I, W):
 
 
 @njit(**_JIT)
-def _rec_scans(J, I, W):
-    """Raster (N+ = NW, N, NE, W) then anti-raster (N- = SE, S, SW, E) scans."""
+def _rec_scans(J, I, W, cand):
+    """Raster (N+ = NW, N, NE, W) then anti-raster (N- = SE, S, SW, E) scans.
+
+    The anti-raster scan lists the pixels that can still raise an N- neighbour in
+    ``cand`` (as far as it holds them) and returns how many there are.
+    """
     Wp = W + 2
     n = J.size
     Hp = n // Wp
@@ -114,6 +122,7 @@ def _rec_scans(J, I, W):
                 v = a
             m = I[p]
             J[p] = v if v < m else m
+    k = 0
     for r in range(Hp - 2, 0, -1):
         base = r * Wp
         for c in range(Wp - 2, 0, -1):
@@ -132,7 +141,22 @@ def _rec_scans(J, I, W):
             if a > v:
                 v = a
             m = I[p]
-            J[p] = v if v < m else m
+            if m < v:
+                v = m
+            J[p] = v
+            q = p + Wp + 1
+            enq = J[q] < v and J[q] < I[q]
+            q = p + Wp
+            enq = enq or (J[q] < v and J[q] < I[q])
+            q = p + Wp - 1
+            enq = enq or (J[q] < v and J[q] < I[q])
+            q = p + 1
+            enq = enq or (J[q] < v and J[q] < I[q])
+            if enq:
+                if k < cand.size:
+                    cand[k] = p
+                k += 1
+    return k
 
 
 @njit(**_JIT)
