@@ -1,6 +1,7 @@
 """The same tiles on dask.distributed (a LocalCluster on loopback) give results identical to the local run."""
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -66,7 +67,11 @@ def test_analyze_slide_on_client_equals_local(slides, cluster):
         with Client(cluster) as client:
             assert client.scheduler.address.startswith("tcp://127.0.0.1:")
             remote = analyze_slide(s, preset, tile_size=256, tissue="all", client=client)
-            # the futures of a slide are released once fetched: nothing stays on the workers
+            # the futures of a slide are released once fetched: nothing stays on the workers (the
+            # release reaches the scheduler asynchronously)
+            deadline = time.monotonic() + 20
+            while client.who_has() and time.monotonic() < deadline:
+                time.sleep(0.1)
             assert not client.who_has()
     assert len(local.cells) > 50
     pd.testing.assert_frame_equal(local.cells.drop(columns=["nucleus_polygon", "cell_polygon"], errors="ignore"),
