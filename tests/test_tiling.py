@@ -146,10 +146,9 @@ def test_tile_borders_lose_and_duplicate_nothing(runs, tile):
 
 
 @pytest.mark.xfail(reason="cells.py is not translation invariant: subtract_background's morphological "
-                          "reconstruction is unbounded and _split_touching's watershed breaks ties by the "
-                          "global heap order, so a few cells (~1-5 %) shift by < 1 px or split differently "
-                          "with the tile size. With both made local the tables are identical (see "
-                          "docs/scaling.md).", strict=False)
+                          "reconstruction is unbounded, so ~1-2 % of cells shift by < 1 px (or split differently) "
+                          "with the tile size. Bounded to 2 x the background radius, the tables are identical "
+                          "(see docs/scaling.md).", strict=False)
 def test_bit_identical_across_tile_sizes(runs):
     ref, res = runs[(2048, 1)].cells, runs[(256, 1)].cells
     assert len(ref) == len(res)
