@@ -198,3 +198,24 @@ def test_reconstruction_candidate_overflow_path(region):
     out = np.empty_like(img)
     K._unpad(J, H, W, out)
     assert np.array_equal(out, morphology.reconstruction(seed, img, method="dilation"))
+
+
+def test_bincount_sum_and_shape_sums(region):
+    img, lab = region
+    n = int(lab.max())
+    c, s = K.bincount_sum(lab, img, n)
+    assert np.array_equal(c, np.bincount(lab.ravel(), minlength=n + 1))
+    assert np.array_equal(s, np.bincount(lab.ravel(), weights=img.ravel(), minlength=n + 1))
+    c, s = K.bincount_sum(lab, img, n - 1)  # labels beyond n: numpy's longer result
+    assert np.array_equal(s, np.bincount(lab.ravel(), weights=img.ravel(), minlength=n))
+    rows, cols = np.indices(lab.shape, dtype=np.float64)
+    flat = lab.ravel()
+    count, raw, edges = K.shape_sums(lab, n + 1)  # one empty label at the end
+    assert np.array_equal(count, np.bincount(flat, minlength=n + 2)[1:])
+    for i, w in enumerate((rows, cols, rows * rows, cols * cols, rows * cols)):
+        assert np.array_equal(raw[i], np.bincount(flat, weights=w.ravel(), minlength=n + 2)[1:])
+    ref = np.zeros(n + 2)
+    padded = np.pad(lab, 1)
+    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+        ref += np.bincount(lab[shifted != lab], minlength=n + 2)
+    assert np.array_equal(edges, ref[1:])

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
+#: Geodesic reach of the background reconstruction, in background radii.
+BACKGROUND_RECONSTRUCTION_RADII = 4.0
 #: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
 MAX_EXTRA_OVERLAP = 0.2
 #: Tolerance (OD/px²) of the LoG regional maxima that seed the over-segmentation (QuPath step 7).
@@ -95,7 +97,8 @@ class DetectionParams:
 
         Tiles must overlap by at least this on each side for seam-free results.
         """
-        return 10.0 + self.cell_expansion_um + self.background_radius_um + 3 * self.sigma_um
+        return (10.0 + self.cell_expansion_um + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
+                + 3 * self.sigma_um)
 
 
 @dataclass
@@ -159,7 +162,7 @@ def detection_image(od: np.ndarray, stain_od: np.ndarray, params: DetectionParam
 
 
 def subtract_background(image: np.ndarray, radius_px: float, max_background: float):
-    """Opening-by-reconstruction background subtraction.
+    """Opening-by-reconstruction background subtraction (reconstruction bounded to 2 radii).
 
     Returns
     -------
@@ -180,10 +183,20 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
             ndi.binary_dilation(high, structure=_disk(2 * radius_px))
         eroded = eroded.copy()
         eroded[invalid] = image.min()
+    # Reconstruction limited to 2 radii of geodesic propagation: QuPath's is unbounded, so its
+    # background (and its nuclei) depend on where a tile ends. Bounded, a pixel's result depends only
+    # on pixels within 3 radii, which the tile overlap covers (DetectionParams.context_um).
+    seed = np.minimum(eroded, image)
+    steps = int(np.ceil(BACKGROUND_RECONSTRUCTION_RADII * radius_px))
     if _k:
-        background = _k.reconstruction_dilation(np.minimum(eroded, image), image)
+        background = _k.bounded_reconstruction_dilation(seed, image, steps)
     else:
-        background = morphology.reconstruction(np.minimum(eroded, image), image, method="dilation")
+        background = seed
+        for _ in range(steps):
+            grown = np.minimum(ndi.grey_dilation(background, size=(3, 3)), image)
+            if np.array_equal(grown, background):
+                break
+            background = grown
     return (image - background).astype(np.float32), invalid
 
 
@@ -241,8 +254,11 @@ def detect_nuclei(
     regions = _k.watershed_components(-log, markers, foreground) if _k else \
         segmentation.watershed(-log, markers, mask=foreground)
     index = np.arange(1, n_seeds + 1)
-    counts = np.bincount(regions.ravel(), minlength=n_seeds + 1)
-    sums = np.bincount(regions.ravel(), weights=measure.ravel(), minlength=n_seeds + 1)
+    if _k:
+        counts, sums = _k.bincount_sum(regions, measure, n_seeds)
+    else:
+        counts = np.bincount(regions.ravel(), minlength=n_seeds + 1)
+        sums = np.bincount(regions.ravel(), weights=measure.ravel(), minlength=n_seeds + 1)
     bright = sums[index] > params.threshold * np.maximum(counts[index], 1)
     if invalid.any():
         touched = np.bincount(regions.ravel(), weights=invalid.ravel(), minlength=n_seeds + 1) > 0
@@ -253,7 +269,7 @@ def detect_nuclei(
 
     # Merge neighbouring regions of one nucleus, then split touching nuclei by shape.
     mask = ndi.binary_dilation(mask, structure=np.ones((3, 3))) & foreground
-    mask = ndi.binary_fill_holes(mask)
+    mask = _k.fill_holes(mask) if _k else ndi.binary_fill_holes(mask)
     if params.split_by_shape:
         mask = _split_touching(mask)
 
@@ -263,8 +279,12 @@ def detect_nuclei(
         mask = (fine & mask) | ndi.binary_erosion(mask, structure=np.ones((3, 3)))
 
     labels, n = ndi.label(mask)  # 4-connectivity
-    counts = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
-    sums = np.bincount(labels.ravel(), weights=measure.ravel(), minlength=n + 1)
+    if _k:
+        counts, sums = _k.bincount_sum(labels, measure, n)
+        counts = counts.astype(np.float64)
+    else:
+        counts = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+        sums = np.bincount(labels.ravel(), weights=measure.ravel(), minlength=n + 1)
     area_um2 = counts * px * px
     ok = (sums >= params.threshold * counts) & (area_um2 >= params.min_area_um2) & (area_um2 <= params.max_area_um2)
     ok[0] = False

@@ -49,6 +49,8 @@ __all__ = [
     "find_inner_boundaries",
     "membrane_ring",
     "label_stats",
+    "bincount_sum",
+    "shape_sums",
     "grey_erosion_sequence",
     "binary_dilation_disk",
     "fill_holes",
@@ -362,6 +364,89 @@ def reconstruction_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if s.size == 0:
         return s.copy()
     return _reconstruction_2d(s, m)
+
+
+@njit(**_JIT)
+def _bounded_reconstruction_2d(seed, mask, n_steps):
+    h, w = mask.shape
+    out = np.minimum(seed, mask)
+    n = h * w
+    flat = out.ravel()
+    mflat = mask.ravel()
+    stamp = np.full(n, -1, np.int64)
+    cand = np.empty(n, np.int64)
+    new_idx = np.empty(n, np.int64)
+    new_val = np.empty(n, flat.dtype)
+    n_cand = n
+    for i in range(n):
+        cand[i] = i
+    for step in range(n_steps):
+        # Synchronous (Jacobi) step: every value comes from the previous step, so a value travels exactly
+        # one pixel per step whatever the raster order: the result is translation invariant.
+        n_new = 0
+        for k in range(n_cand):
+            p = cand[k]
+            r, c = p // w, p % w
+            v = flat[p]
+            best = v
+            for dr in range(-1, 2):
+                rr = r + dr
+                if rr < 0 or rr >= h:
+                    continue
+                for dc in range(-1, 2):
+                    cc = c + dc
+                    if cc < 0 or cc >= w:
+                        continue
+                    q = flat[rr * w + cc]
+                    if q > best:
+                        best = q
+            if best > mflat[p]:
+                best = mflat[p]
+            if best > v:
+                new_idx[n_new] = p
+                new_val[n_new] = best
+                n_new += 1
+        if n_new == 0:
+            break
+        for k in range(n_new):
+            flat[new_idx[k]] = new_val[k]
+        n_cand = 0
+        for k in range(n_new):
+            p = new_idx[k]
+            r, c = p // w, p % w
+            for dr in range(-1, 2):
+                rr = r + dr
+                if rr < 0 or rr >= h:
+                    continue
+                for dc in range(-1, 2):
+                    cc = c + dc
+                    if cc < 0 or cc >= w:
+                        continue
+                    q = rr * w + cc
+                    if stamp[q] != step:
+                        stamp[q] = step
+                        cand[n_cand] = q
+                        n_cand += 1
+    return out
+
+
+def bounded_reconstruction_dilation(seed: np.ndarray, mask: np.ndarray, n_steps: int) -> np.ndarray:
+    """Reconstruction by dilation limited to ``n_steps`` geodesic steps (8-connectivity, 2-D).
+
+    Each step is one 3x3 dilation of the current image clipped to ``mask``; after ``n_steps`` steps a
+    value has travelled at most ``n_steps`` pixels. Equals the full reconstruction wherever it would
+    settle within that distance; unlike it, the result at a pixel depends only on pixels within
+    ``n_steps`` (plus the seed's own support), which is what makes tiled results seam-free.
+    Only pixels next to a change are revisited, so most of the image is touched once or twice.
+    """
+    if seed.shape != mask.shape or seed.ndim != 2:
+        raise ValueError("seed and mask must be 2-D arrays of the same shape")
+    dt = _float_dtype(mask.dtype)
+    s = np.ascontiguousarray(seed, dtype=dt)
+    m = np.ascontiguousarray(mask, dtype=dt)
+    if s.size == 0 or n_steps <= 0:
+        return np.minimum(s, m)
+    return _bounded_reconstruction_2d(s, m, int(n_steps))
 
 
 def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
@@ -1791,6 +1876,92 @@ def label_stats(labels: np.ndarray, images, n: int):
     return count, s, s2, mn, mx
 
 
+
+@njit(**_JIT)
+def _bincount_sum(labels, weights, counts, sums):
+    lf = labels.ravel()
+    wf = weights.ravel()
+    n = counts.size
+    for i in range(lf.size):
+        lab = lf[i]
+        if lab < 0 or lab >= n:
+            return False
+        counts[lab] += 1
+        sums[lab] += np.float64(wf[i])
+    return True
+
+
+def bincount_sum(labels: np.ndarray, weights: np.ndarray, n: int):
+    """``np.bincount(labels.ravel(), minlength=n + 1)`` and the same with ``weights``, in one pass.
+
+    Labels must lie in ``0..n`` (otherwise numpy is used). The sums accumulate in float64 in
+    raster order, like ``np.bincount``: bit-identical.
+    """
+    labels = np.ascontiguousarray(labels)
+    weights = np.ascontiguousarray(weights)
+    if labels.shape != weights.shape:
+        raise ValueError("labels and weights must have the same shape")
+    counts = np.zeros(n + 1, dtype=np.intp)
+    sums = np.zeros(n + 1, dtype=np.float64)
+    if labels.size and not _bincount_sum(labels, weights, counts, sums):
+        return (np.bincount(labels.ravel(), minlength=n + 1),
+                np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n + 1))
+    return counts, sums
+
+
+
+@njit(**_JIT)
+def _shape_sums(lab, count, raw, edges):
+    H, W = lab.shape
+    n = count.size
+    for r in range(H):
+        fr = np.float64(r)
+        for c in range(W):
+            v = lab[r, c]
+            if v <= 0 or v > n:
+                continue
+            i = v - 1
+            fc = np.float64(c)
+            count[i] += 1
+            raw[0, i] += fr
+            raw[1, i] += fc
+            raw[2, i] += fr * fr
+            raw[3, i] += fc * fc
+            raw[4, i] += fr * fc
+            e = 0
+            if r == 0 or lab[r - 1, c] != v:
+                e += 1
+            if r == H - 1 or lab[r + 1, c] != v:
+                e += 1
+            if c == 0 or lab[r, c - 1] != v:
+                e += 1
+            if c == W - 1 or lab[r, c + 1] != v:
+                e += 1
+            edges[i] += e
+
+
+def shape_sums(labels: np.ndarray, n: int):
+    """Per label ``1..n``: pixel count, sums of row, col, row², col², row·col, and boundary edges.
+
+    One pass instead of six ``np.bincount`` calls over index images; sums accumulate in
+    float64 in raster order like ``np.bincount(labels, weights=rows)`` (bit-identical).
+    ``edges`` counts 4-neighbour sides facing another label, background or the image border.
+
+    Returns
+    -------
+    count : (n,) int64; raw : (5, n) float64 (r, c, rr, cc, rc); edges : (n,) float64
+    """
+    labels = np.ascontiguousarray(labels)
+    if labels.ndim != 2:
+        raise ValueError("2-D label images only")
+    count = np.zeros(n, dtype=np.int64)
+    raw = np.zeros((5, n))
+    edges = np.zeros(n)
+    if n > 0 and labels.size:
+        _shape_sums(labels, count, raw, edges)
+    return count, raw, edges
+
+
 # --------------------------------------------------------------------------- grey / binary morphology
 
 @njit(**_JIT)
@@ -1983,42 +2154,67 @@ def binary_dilation_disk(x: np.ndarray, radius: float, eps: float = 1e-6) -> np.
 
 
 @njit(**_JIT)
+def _fill_flood(mask, reach, stack, st):
+    """Depth-first flood of background (4-neighbours) from the stack; resumable (``st`` = [size]):
+    returns 1 when the stack must grow first. Arrays are parameters: no reference counting in the loop."""
+    H, W = mask.shape
+    mf = mask.ravel()
+    rf = reach.ravel()
+    sp = st[0]
+    status = 0
+    while sp > 0:
+        if sp + 4 > stack.size:
+            status = 1
+            break
+        sp -= 1
+        p = stack[sp]
+        r = p // W
+        c = p - r * W
+        if r > 0 and not mf[p - W] and not rf[p - W]:
+            rf[p - W] = True
+            stack[sp] = p - W
+            sp += 1
+        if r < H - 1 and not mf[p + W] and not rf[p + W]:
+            rf[p + W] = True
+            stack[sp] = p + W
+            sp += 1
+        if c > 0 and not mf[p - 1] and not rf[p - 1]:
+            rf[p - 1] = True
+            stack[sp] = p - 1
+            sp += 1
+        if c < W - 1 and not mf[p + 1] and not rf[p + 1]:
+            rf[p + 1] = True
+            stack[sp] = p + 1
+            sp += 1
+    st[0] = sp
+    return status
+
+
+@njit(**_JIT)
 def _fill_holes(mask, out):
     """Background 4-connected components not touching the border become foreground."""
     H, W = mask.shape
     reach = np.zeros((H, W), dtype=np.bool_)
-    stack = np.empty(H * W if H * W < 1 << 16 else 1 << 16, dtype=np.int64)
-    sp = 0
-    for r in range(H):
-        for c in range(W):
-            if (r == 0 or c == 0 or r == H - 1 or c == W - 1) and not mask[r, c] and not reach[r, c]:
-                reach[r, c] = True
-                if sp == stack.size:
-                    stack = _grow_arr(stack, stack.size * 2)
-                stack[sp] = r * W + c
-                sp += 1
-                while sp > 0:
-                    sp -= 1
-                    p = stack[sp]
-                    pr = p // W
-                    pc = p - pr * W
-                    for k in range(4):
-                        qr = pr
-                        qc = pc
-                        if k == 0:
-                            qr -= 1
-                        elif k == 1:
-                            qr += 1
-                        elif k == 2:
-                            qc -= 1
-                        else:
-                            qc += 1
-                        if 0 <= qr < H and 0 <= qc < W and not mask[qr, qc] and not reach[qr, qc]:
-                            reach[qr, qc] = True
-                            if sp == stack.size:
-                                stack = _grow_arr(stack, stack.size * 2)
-                            stack[sp] = qr * W + qc
-                            sp += 1
+    stack = np.empty(1 << 14, dtype=np.int64)
+    st = np.zeros(1, dtype=np.int64)
+    nb = 2 * (H + W)
+    for i in range(nb):
+        # border pixels: top row, bottom row, left column, right column
+        if i < W:
+            r, c = 0, i
+        elif i < 2 * W:
+            r, c = H - 1, i - W
+        elif i < 2 * W + H:
+            r, c = i - 2 * W, 0
+        else:
+            r, c = i - 2 * W - H, W - 1
+        if mask[r, c] or reach[r, c]:
+            continue
+        reach[r, c] = True
+        stack[0] = r * W + c
+        st[0] = 1
+        while _fill_flood(mask, reach, stack, st) != 0:
+            stack = _grow_arr(stack, 2 * stack.size)
     for r in range(H):
         for c in range(W):
             out[r, c] = mask[r, c] or not reach[r, c]
@@ -2158,6 +2354,8 @@ def warm_up() -> float:
     label_stats(mk, np.stack([img, img]), 2)
     od3 = np.stack([img, img, img], axis=-1)
     label_stats(mk, [od3[..., 0], od3[..., 1]], 2)
+    bincount_sum(mk, img, 2)
+    shape_sums(mk, 2)
     grey_erosion_sequence(img, [(_CROSS, 1), (_SQUARE, 1)])
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)

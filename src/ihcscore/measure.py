@@ -74,19 +74,28 @@ def label_statistics(labels: np.ndarray, images: dict[str, np.ndarray], n_labels
 
 def _shape_features(nuclei: np.ndarray, n: int, px_um: float) -> dict[str, np.ndarray]:
     """Centroid (px), area, perimeter, circularity and moment-ellipse axes of each nucleus."""
-    rows, cols = np.indices(nuclei.shape, dtype=np.float64)
-    flat = nuclei.ravel()
-    cnt = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
-    cnt_safe = np.maximum(cnt, 1)
+    if _k is not None and nuclei.ndim == 2:  # one compiled pass, same sums as the bincounts below
+        count, raw, edges_k = _k.shape_sums(nuclei, n)
+        cnt = count.astype(np.float64)
+        cnt_safe = np.maximum(cnt, 1)
+        m_r, m_c, m_rr, m_cc, m_rc = (raw[i] / cnt_safe for i in range(5))
+    else:
+        rows, cols = np.indices(nuclei.shape, dtype=np.float64)
+        flat = nuclei.ravel()
+        cnt = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+        cnt_safe = np.maximum(cnt, 1)
 
-    def moment(w):
-        return np.bincount(flat, weights=w.ravel(), minlength=n + 1)[1:] / cnt_safe
+        def moment(w):
+            return np.bincount(flat, weights=w.ravel(), minlength=n + 1)[1:] / cnt_safe
 
-    cy, cx = moment(rows), moment(cols)
+        m_r, m_c, m_rr, m_cc, m_rc = (moment(w) for w in (rows, cols, rows * rows, cols * cols, rows * cols))
+        edges_k = None
+
+    cy, cx = m_r, m_c
     # Central second moments (+1/12: a pixel is a unit square, not a point).
-    myy = moment(rows * rows) - cy * cy + 1 / 12
-    mxx = moment(cols * cols) - cx * cx + 1 / 12
-    mxy = moment(rows * cols) - cx * cy
+    myy = m_rr - cy * cy + 1 / 12
+    mxx = m_cc - cx * cx + 1 / 12
+    mxy = m_rc - cx * cy
     common = np.sqrt(((mxx - myy) / 2) ** 2 + mxy ** 2)
     l1 = (mxx + myy) / 2 + common
     l2 = np.maximum((mxx + myy) / 2 - common, 0)
@@ -96,11 +105,14 @@ def _shape_features(nuclei: np.ndarray, n: int, px_um: float) -> dict[str, np.nd
         ecc = np.sqrt(np.maximum(0.0, 1 - l2 / l1))
     # Perimeter: boundary edges between the nucleus and anything else, times pi/4
     # (Cauchy-Crofton correction for the staircase of a digitised curve).
-    edges = np.zeros(n + 1)
-    padded = np.pad(nuclei, 1)
-    for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
-        diff = shifted != nuclei
-        edges += np.bincount(nuclei[diff], minlength=n + 1)
+    if edges_k is not None:
+        edges = np.concatenate([[0.0], edges_k])
+    else:
+        edges = np.zeros(n + 1)
+        padded = np.pad(nuclei, 1)
+        for shifted in (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]):
+            diff = shifted != nuclei
+            edges += np.bincount(nuclei[diff], minlength=n + 1)
     perimeter = edges[1:] * np.pi / 4 * px_um
     area = cnt * px_um * px_um
     with np.errstate(invalid="ignore", divide="ignore"):
