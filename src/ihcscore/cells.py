@@ -44,7 +44,7 @@ __all__ = [
 
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
 #: Geodesic reach of the background reconstruction, in background radii.
-BACKGROUND_RECONSTRUCTION_RADII = 4.0
+BACKGROUND_RECONSTRUCTION_RADII = 3.0
 #: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
 MAX_EXTRA_OVERLAP = 0.2
 #: Tolerance (OD/px²) of the LoG regional maxima that seed the over-segmentation (QuPath step 7).
@@ -162,7 +162,7 @@ def detection_image(od: np.ndarray, stain_od: np.ndarray, params: DetectionParam
 
 
 def subtract_background(image: np.ndarray, radius_px: float, max_background: float):
-    """Opening-by-reconstruction background subtraction (reconstruction bounded to 2 radii).
+    """Opening-by-reconstruction background subtraction (reconstruction bounded to 3 radii).
 
     Returns
     -------
@@ -183,9 +183,9 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
             ndi.binary_dilation(high, structure=_disk(2 * radius_px))
         eroded = eroded.copy()
         eroded[invalid] = image.min()
-    # Reconstruction limited to 2 radii of geodesic propagation: QuPath's is unbounded, so its
+    # Reconstruction limited to 3 radii of geodesic propagation: QuPath's is unbounded, so its
     # background (and its nuclei) depend on where a tile ends. Bounded, a pixel's result depends only
-    # on pixels within 3 radii, which the tile overlap covers (DetectionParams.context_um).
+    # on pixels within 4 radii, which the tile overlap covers (DetectionParams.context_um).
     seed = np.minimum(eroded, image)
     steps = int(np.ceil(BACKGROUND_RECONSTRUCTION_RADII * radius_px))
     if _k:
