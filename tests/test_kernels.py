@@ -236,3 +236,16 @@ def test_bounded_reconstruction_rows_equal_frontier_version(region):
     for _ in range(6):
         ref = np.minimum(ndi.grey_dilation(ref, size=(3, 3)), mask)
     assert np.array_equal(K.bounded_reconstruction_dilation(seed, mask, 6), ref)
+
+
+def test_gaussian_filter_bit_identical_to_scipy(region):
+    rng = np.random.default_rng(4)
+    ims = list(_images()) + [region[0], rng.random((1, 7)).astype(np.float32), rng.random((9, 1))]
+    for img in ims:
+        for dt in (np.float32, np.float64):
+            x = img.astype(dt)
+            for sigma in (0.75, 1.0, 3.0, 5.5):
+                for mode in ("nearest", "reflect"):
+                    a = K.gaussian_filter(x, sigma, mode=mode)
+                    assert a.dtype == x.dtype
+                    assert np.array_equal(a, ndi.gaussian_filter(x, sigma, mode=mode)), (x.shape, sigma, mode)

@@ -213,7 +213,7 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
     """
     dist = _k.distance_transform_edt(mask, np.float64) if _k else ndi.distance_transform_edt(mask)
     if EDM_SMOOTH_PX > 0:
-        dist = ndi.gaussian_filter(dist, EDM_SMOOTH_PX)
+        dist = (_k or ndi).gaussian_filter(dist, EDM_SMOOTH_PX)
     peaks = (_k.h_maxima(dist, 0.5) if _k else morphology.h_maxima(dist, 0.5)) & mask
     markers, _ = ndi.label(peaks, structure=np.ones((3, 3)))
     ws = _k.watershed_components(-dist, markers, mask, watershed_line=True) if _k else \
@@ -241,7 +241,7 @@ def detect_nuclei(
     px = params.pixel_size_um
     measure, invalid = subtract_background(image, params.background_radius_um / px, params.max_background)
 
-    smoothed = ndi.gaussian_filter(measure, params.sigma_um / px, mode="nearest")
+    smoothed = (_k or ndi).gaussian_filter(measure, params.sigma_um / px, mode="nearest")  # kernel: bit-identical
     log = ndi.convolve(smoothed, LAPLACIAN, mode="nearest")
     foreground = log > 0
 
@@ -275,7 +275,7 @@ def detect_nuclei(
 
     if params.sigma_um / px > 1.5:
         # Large smoothing rounds boundaries off: refine with a finer LoG.
-        fine = ndi.convolve(ndi.gaussian_filter(image, 1.0, mode="nearest"), LAPLACIAN, mode="nearest") > 0
+        fine = ndi.convolve((_k or ndi).gaussian_filter(image, 1.0, mode="nearest"), LAPLACIAN, mode="nearest") > 0
         mask = (fine & mask) | ndi.binary_erosion(mask, structure=np.ones((3, 3)))
 
     labels, n = ndi.label(mask)  # 4-connectivity
