@@ -34,24 +34,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-
-
-def naive_pipeline(rgb: np.ndarray, thresholds=(0.2, 0.4, 0.6)):
-    """What a scikit-image user writes first: rgb2hed, Otsu, watershed, regionprops (whole image in memory)."""
-    from scipy import ndimage as ndi
-    from skimage import color, feature, filters, measure, segmentation
-
-    hed = color.rgb2hed(rgb)
-    h, d = hed[..., 0], hed[..., 2]
-    mask = h > filters.threshold_otsu(h)
-    dist = ndi.distance_transform_edt(mask)
-    peaks = feature.peak_local_max(dist, min_distance=5, labels=measure.label(mask))
-    markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = segmentation.watershed(-dist, markers, mask=mask)
-    props = measure.regionprops(labels, intensity_image=d)
-    dab = np.array([p.intensity_mean for p in props])
-    return len(props), np.digitize(dab, thresholds)
+sys.path.insert(0, str(HERE))
+from bench_engine import naive_pipeline  # noqa: E402  (the same baseline as the engine benchmark)
 
 
 def _rss_tree(proc) -> int:
