@@ -329,16 +329,12 @@ def _any_greater(a, b):
 
 
 @njit(**_JIT)
-def _reconstruction_2d(seed, mask):
+def _reconstruction_2d(seed, mask, J, I, out):
     H, W = seed.shape
-    n = (H + 2) * (W + 2)
-    J = np.empty(n, dtype=seed.dtype)
-    I = np.empty(n, dtype=seed.dtype)
     ninf = seed.dtype.type(-np.inf)
     _pad_into(seed, J, ninf)
     _pad_into(mask, I, ninf)
     _reconstruct(J, I, W)
-    out = np.empty((H, W), dtype=seed.dtype)
     _unpad(J, H, W, out)
     return out
 
@@ -364,7 +360,8 @@ def reconstruction_dilation(seed: np.ndarray, mask: np.ndarray) -> np.ndarray:
                          "for reconstruction by dilation.")
     if s.size == 0:
         return s.copy()
-    return _reconstruction_2d(s, m)
+    n = (s.shape[0] + 2) * (s.shape[1] + 2)
+    return _reconstruction_2d(s, m, np.empty(n, dt), np.empty(n, dt), np.empty(s.shape, dt))
 
 
 @njit(**_JIT)
@@ -449,7 +446,7 @@ def _hmax3(a, h):
 
 
 @njit(**_JIT)
-def _bounded_reconstruction_rows(seed, mask, n_steps):
+def _bounded_reconstruction_rows(seed, mask, n_steps, J):
     """Same synchronous steps as :func:`_bounded_reconstruction_2d`, as whole-row vector loops.
 
     One step in place: the 3x3 max is separable, so row maxima of the *old* rows r-1, r, r+1
@@ -458,7 +455,6 @@ def _bounded_reconstruction_rows(seed, mask, n_steps):
     changed in the previous step. Identical values, 20x faster on 4 MP (48 steps: 2.1 -> 0.1 s).
     """
     H, W = mask.shape
-    J = np.empty((H, W), mask.dtype)
     for r in range(H):
         for c in range(W):
             s = seed[r, c]
@@ -520,7 +516,7 @@ def bounded_reconstruction_dilation(seed: np.ndarray, mask: np.ndarray, n_steps:
     m = np.ascontiguousarray(mask, dtype=dt)
     if s.size == 0 or n_steps <= 0:
         return np.minimum(s, m)
-    return _bounded_reconstruction_rows(s, m, int(n_steps))
+    return _bounded_reconstruction_rows(s, m, int(n_steps), np.empty(m.shape, dt))
 
 
 def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
@@ -544,21 +540,21 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     # skimage: shifted = image - h - 2 * finfo.resolution * |image|, same ops and dtype here
     two_res = dt(2 * np.finfo(image.dtype).resolution)
     out = np.empty(image.shape, dtype=bool)
-    _h_maxima_2d(image, dt(h), two_res, out)
+    # large buffers from numpy (huge pages), not numba's allocator: on a shared machine first-touch
+    # page faults of 64-128 MB temporaries cost as much as the computation
+    n = (image.shape[0] + 2) * (image.shape[1] + 2)
+    _h_maxima_2d(image, dt(h), two_res, out, np.empty(n, image.dtype), np.empty(n, image.dtype))
     return out
 
 
 @njit(**_JIT)
-def _h_maxima_2d(image, h, two_res, out):
+def _h_maxima_2d(image, h, two_res, out, J, I):
     """Shift into the padded seed, reconstruct, residue test: no intermediate full-size arrays.
 
     (The shifted seed is never above the image for h > 0, so the seed <= mask check is moot.)
     """
     H, W = image.shape
     Wp = W + 2
-    n = (H + 2) * Wp
-    J = np.empty(n, dtype=image.dtype)
-    I = np.empty(n, dtype=image.dtype)
     ninf = image.dtype.type(-np.inf)
     for c in range(Wp):
         J[c] = ninf
@@ -1713,13 +1709,20 @@ def _edt_columns(feature, H, W, g, want_idx, fidx):
 
 
 @njit(**_JIT)
+def _sq_edt_into(feature, want_idx, g, out, fidx):
+    H, W = feature.shape
+    _edt_columns(feature, H, W, g, want_idx, fidx)
+    _edt_1d_rows(g, H, W, out, want_idx, fidx)
+
+
 def _sq_edt(feature, want_idx):
+    """Squared distances (int64) and, with ``want_idx``, nearest-feature flat indices; buffers from numpy."""
+    feature = np.ascontiguousarray(feature, dtype=bool)
     H, W = feature.shape
     g = np.empty((H, W), dtype=np.int64)
-    fidx = np.empty((H, W) if want_idx else (1, 1), dtype=np.int64)
-    _edt_columns(feature, H, W, g, want_idx, fidx)
     out = np.empty((H, W), dtype=np.int64)
-    _edt_1d_rows(g, H, W, out, want_idx, fidx)
+    fidx = np.empty((H, W) if want_idx else (1, 1), dtype=np.int64)
+    _sq_edt_into(feature, bool(want_idx), g, out, fidx)
     return out, fidx
 
 
@@ -1749,7 +1752,7 @@ def squared_edt(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError("2-D images only")
-    d2, _ = _sq_edt(_is_zero(image), False)
+    d2, _ = _sq_edt(image == 0, False)
     return d2
 
 
@@ -1763,7 +1766,7 @@ def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError("2-D images only")
-    zero = _is_zero(image)
+    zero = image == 0
     if not zero.any():
         from scipy import ndimage as ndi
         return ndi.distance_transform_edt(image).astype(dtype)
