@@ -141,23 +141,8 @@ def parse_response(values, ids=None, column="response") -> np.ndarray:
     CohortError
         For any other value, naming the value, the CSV line (header = line 1) and the ID.
     """
-    values = list(values)
-    out = np.full(len(values), np.nan)
-    for i, v in enumerate(values):
-        if _is_missing(v):
-            continue
-        tok = _norm_token(v)
-        if tok in _RESPONDER:
-            out[i] = 1.0
-        elif tok in _NON_RESPONDER:
-            out[i] = 0.0
-        else:
-            who = f" (ID {ids[i]})" if ids is not None else ""
-            raise CohortError(
-                f"unrecognised value {str(v)!r} in response column {column!r} at row {i + 2}{who}; "
-                "expected CR/PR/1/true/yes/responder or SD/PD/0/false/no/non-responder"
-            )
-    return out
+    return _parse_binary(values, _RESPONDER, _NON_RESPONDER, ids, f"response column {column!r}",
+                         "CR/PR/1/true/yes/responder or SD/PD/0/false/no/non-responder")
 
 
 def parse_event(values, ids=None, column="event") -> np.ndarray:
@@ -166,22 +151,25 @@ def parse_event(values, ids=None, column="event") -> np.ndarray:
     Accepts 1/0, true/false, yes/no, dead/alive, event/censored (case-insensitive).
     Raises :class:`CohortError` naming the value, row and ID for anything else.
     """
+    return _parse_binary(values, _EVENT, _CENSORED, ids, f"event column {column!r}",
+                         "1/0, true/false, yes/no, dead/alive or event/censored")
+
+
+def _parse_binary(values, ones, zeros, ids, what: str, expected: str) -> np.ndarray:
+    """1 for tokens in ``ones``, 0 for ``zeros``, NaN for empty cells; anything else is an error naming it."""
     values = list(values)
     out = np.full(len(values), np.nan)
     for i, v in enumerate(values):
         if _is_missing(v):
             continue
         tok = _norm_token(v)
-        if tok in _EVENT:
+        if tok in ones:
             out[i] = 1.0
-        elif tok in _CENSORED:
+        elif tok in zeros:
             out[i] = 0.0
         else:
             who = f" (ID {ids[i]})" if ids is not None else ""
-            raise CohortError(
-                f"unrecognised value {str(v)!r} in event column {column!r} at row {i + 2}{who}; "
-                "expected 1/0, true/false, yes/no, dead/alive or event/censored"
-            )
+            raise CohortError(f"unrecognised value {str(v)!r} in {what} at row {i + 2}{who}; expected {expected}")
     return out
 
 
