@@ -279,3 +279,20 @@ def test_reports_in_headless_chromium(example, tmp_path):
             _save_small_png(driver, REPO / "docs" / "img" / "report_index_example.png")
     finally:
         driver.quit()
+
+
+def test_hotspot_heat_map_in_report():
+    import pandas as pd
+
+    from ihcscore.report import slide_report_html
+
+    grid = pd.DataFrame({"x0_um": [0.0, 500.0], "y0_um": [0.0, 0.0], "size_um": [500.0, 500.0], "n": [80, 10],
+                         "h_score": [150.0, float("nan")], "percent_positive": [60.0, float("nan")]})
+    summary = {"slide": "s", "mpp": 0.5, "thresholds": [0.2, 0.4, 0.6], "compartment": "cell", "n_cells": 0,
+               "tumour": {"n": 0}, "all": {"n": 0},
+               "hotspots": {"grid_um": 500.0, "min_cells": 50,
+                            "top": [{"x0_um": 0.0, "y0_um": 0.0, "size_um": 500.0, "n": 80, "h_score": 150.0,
+                                     "percent_positive": 60.0}]}}
+    html = slide_report_html(summary, hotspot_grid=grid)
+    assert 'alt="H-score heat map"' in html and "hotspots-table" in html
+    assert 'alt="H-score heat map"' not in slide_report_html(summary)

@@ -107,7 +107,8 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
             thumb = slide.thumbnail(1024)
             images = {"thumbnail": thumb, "tissue_mask": result.tissue_mask,
                       "thumbnail_downsample": max(slide.dimensions) / max(thumb.shape[:2]),
-                      "fields": _report_fields(slide, result.cells, summary["detection_pixel_size_um"] / slide.mpp)}
+                      "fields": _report_fields(slide, result.cells, summary["detection_pixel_size_um"] / slide.mpp),
+                      "hotspot_grid": result.hotspot_grid}
         out_dir = Path(out_root) / slide.name
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images,

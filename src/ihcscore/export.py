@@ -844,6 +844,7 @@ def write_slide_outputs(
             tissue_mask=imgs.get("tissue_mask"),
             fields=imgs.get("fields"),
             thumbnail_downsample=imgs.get("thumbnail_downsample"),
+            hotspot_grid=imgs.get("hotspot_grid"),
         )
     try:
         from . import __version__ as version

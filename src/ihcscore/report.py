@@ -394,6 +394,27 @@ def _histogram_figure(cells, measurement, thresholds, n_thresholds) -> str | Non
     return _fig_uri(fig)
 
 
+def _heatmap_figure(grid) -> str | None:
+    """H-score (0-300) of each grid square as an image; squares with too few cells are grey."""
+    if grid is None or len(grid) == 0 or not np.isfinite(pd.to_numeric(grid["h_score"], errors="coerce")).any():
+        return None
+    size = float(grid["size_um"].iloc[0])
+    gx = np.round(grid["x0_um"].to_numpy(float) / size).astype(int)
+    gy = np.round(grid["y0_um"].to_numpy(float) / size).astype(int)
+    img = np.full((gy.max() + 1, gx.max() + 1), np.nan)
+    img[gy, gx] = pd.to_numeric(grid["h_score"], errors="coerce").to_numpy(float)
+    fig = Figure(figsize=(5.2, 4.0))
+    ax = fig.add_axes((0.12, 0.12, 0.7, 0.8))
+    ax.set_facecolor("#d0d0d0")
+    im = ax.imshow(img, cmap="magma", vmin=0, vmax=300, interpolation="nearest",
+                   extent=(0, img.shape[1] * size, img.shape[0] * size, 0))
+    ax.set_xlabel("x (µm)")
+    ax.set_ylabel("y (µm)")
+    cax = fig.add_axes((0.85, 0.12, 0.035, 0.8))
+    fig.colorbar(im, cax=cax, label="H-score (0–300)")
+    return _fig_uri(fig)
+
+
 def _hscore_hist_figure(values) -> str:
     fig = Figure(figsize=(6.0, 3.0))
     ax = fig.add_axes((0.1, 0.18, 0.86, 0.74))
@@ -648,6 +669,7 @@ def slide_report_html(
     fields=None,
     thumbnail_downsample: float | None = None,
     title: str | None = None,
+    hotspot_grid: pd.DataFrame | None = None,
 ) -> str:
     """HTML report of one slide (a complete, self-contained page).
 
@@ -719,6 +741,10 @@ def slide_report_html(
             parts.append(_records_table(recs, "hotspots-table"))
         else:
             parts.append(f"<pre>{_e(to_jsonable(hot))}</pre>")
+    heat = _heatmap_figure(hotspot_grid)
+    if heat:
+        parts.append(_img(heat, "H-score heat map",
+                          "H-score per grid square (µm from the slide's top-left corner); grey: too few cells."))
 
     figs = []
     if thumbnail is not None:
