@@ -125,3 +125,12 @@ def test_fluorescence_ndpi_not_scored(tmp_path):
     assert rc != 0 or warned
     if rc != 0:
         assert "fluorescence" in (tmp_path / "failures.csv").read_text()
+
+
+def test_sparse_nuclear_dab_slide_is_not_taken_for_he():
+    """Ki67-like slides (DAB only in nuclei, always mixed with hematoxylin) give no stain warning."""
+    from ihcscore.pipeline import analyze_slide
+
+    with open_slide(ROOT / "sample_slides" / "synthetic_ki67_nuclear.tif") as s:
+        result = analyze_slide(s, load_preset("ki67"), tile_size=1024)
+    assert result.summary["warnings"] == []
