@@ -487,8 +487,9 @@ def write_report(path, notes, os2, endo, cls, scan, vendor, diag, runtime_s, com
                                 ("outcome", "outcome"), ("crashed", "crashed"), ("as expected", "ok")]))
     L.append("\nHow the H&E slide is caught: the residual share of stained OD hardly tells H&E from H-DAB (eosin "
              "projects mostly onto DAB, table below), but the second stain estimated from the tissue does: eosin's "
-             "vector is far from DAB. `pipeline.stain_warnings` warns below a cosine of "
-             "0.95 (`pipeline.MIN_DAB_COSINE`).\n")
+             "vector is far from DAB and absorbs green most. `pipeline.stain_warnings` warns when the cosine with "
+             "DAB is below 0.95 (`pipeline.MIN_DAB_COSINE`) and green OD exceeds 1.4 x blue "
+             "(`pipeline.EOSIN_GREEN_OVER_BLUE`; DAB absorbs blue most).\n")
     L.append(fmt_table(diag, [("image", "image"), ("residual fraction", "residual_fraction"),
                               ("DAB fraction", "dab_fraction"), ("cos(estimated 2nd stain, DAB)", "dab_cosine"),
                               ("estimated 2nd stain", "second_stain")],
