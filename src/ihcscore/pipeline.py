@@ -32,8 +32,8 @@ from .classify import classify_cells
 from .measure import label_polygons, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
 from .scoring import ScoringScheme, assign_bins, summarize
-from .stains import (StainVectors, deconvolve, estimate_background, estimate_stain_vectors, rgb_to_od,
-                     stain_fit_report)
+from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
+                     rgb_to_od, stain_fit_report)
 
 __all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "resample_to_grid",
            "detection_pixel_size", "stain_warnings", "plan_tiles"]
@@ -359,10 +359,8 @@ def stain_warnings(rgb_sample: np.ndarray, stains: StainVectors, name: str) -> l
     except ValueError:
         estimated = None
     if estimated is not None:
-        from .stains import H_DAB_DEFAULT
-
         cos = float(np.dot(estimated.dab, H_DAB_DEFAULT.dab))
-        r, g, b = estimated.dab
+        _, g, b = estimated.dab
         # Eosin absorbs green most, DAB blue: both conditions, so that a DAB estimate pulled towards
         # hematoxylin (sparse nuclear DAB always mixed with it) is not taken for eosin.
         if cos < MIN_DAB_COSINE and g > EOSIN_GREEN_OVER_BLUE * b:
