@@ -127,6 +127,20 @@ def test_edt_and_expand_labels(region):
     assert (a != b).mean() < 1e-3
 
 
+
+def test_expand_labels_bounded_equals_feature_transform(region):
+    """The bounded search picks exactly the label the full feature transform picks, ties included."""
+    rng = np.random.default_rng(5)
+    for it in range(400):
+        h, w = rng.integers(1, 40, 2)
+        dens = rng.choice([0.002, 0.02, 0.1, 0.4])
+        lab = np.where(rng.random((h, w)) < dens, rng.integers(1, 5, (h, w)), 0).astype(np.int32)
+        for dist in (0, 0.5, 1, 1.5, 2, 3, np.sqrt(8), 4.2, 10, 50):
+            assert np.array_equal(K.expand_labels(lab, dist), K._expand_labels_ft(lab, dist)), (it, dist)
+    for dist in (5, 7.5, 10):
+        assert np.array_equal(K.expand_labels(region[1], dist), K._expand_labels_ft(region[1], dist))
+
+
 def test_membrane_ring_and_boundaries(region):
     cells = segmentation.expand_labels(region[1], 5)
     b = segmentation.find_boundaries(cells, mode="inner")

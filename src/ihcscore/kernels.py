@@ -958,18 +958,130 @@ def _expand(labels, fidx, d2, max_d2, out):
                 out[r, c] = 0
 
 
+@njit(**_JIT)
+def _expand_bounded(labels, R, max_d2, out, dy):
+    """Nearest label within ``sqrt(max_d2)`` (``R = floor(sqrt(max_d2))``), no full distance maps.
+
+    The same choice as the feature transform of :func:`_sq_edt_into` followed by :func:`_expand`:
+    the Felzenszwalb-Huttenlocher envelope picks, among the nearest feature pixels, the one in the
+    smallest column, and the column pass the upper of two equidistant rows. Column pass: ``dy``
+    (int16) = signed row offset to the nearest feature in the column if within ``R`` (ties: up),
+    else ``NONE``. Row pass: the lower envelope of only the parabolas with ``dy**2 <= max_d2``
+    (those can never win within ``max_d2``; dropping them does not change which of the tied
+    minimal parabolas the envelope keeps: the one with the smallest column).
+    """
+    H, W = labels.shape
+    NONE = np.int16(32767)
+    last = np.empty(W, dtype=np.int64)
+    for c in range(W):
+        last[c] = -(R + 2)
+    for r in range(H):
+        lr = labels[r]
+        dr = dy[r]
+        for c in range(W):
+            if lr[c] != 0:
+                last[c] = r
+                dr[c] = 0
+            else:
+                d = r - last[c]
+                dr[c] = -d if d <= R else NONE
+    for c in range(W):
+        last[c] = H + R + 2
+    for r in range(H - 1, -1, -1):
+        lr = labels[r]
+        dr = dy[r]
+        for c in range(W):
+            if lr[c] != 0:
+                last[c] = r
+            else:
+                d = last[c] - r
+                if d <= R:
+                    cur = dr[c]
+                    if cur == NONE or d < -cur:
+                        dr[c] = d
+    v = np.empty(W, dtype=np.int64)
+    z = np.empty(W + 1, dtype=np.float64)
+    for r in range(H):
+        dr = dy[r]
+        orow = out[r]
+        k = -1
+        for q in range(W):
+            dq = dr[q]
+            if dq == NONE:
+                continue
+            gq = np.int64(dq) * dq
+            if gq > max_d2:
+                continue
+            fq = gq + q * q
+            while k >= 0:
+                vk = v[k]
+                dk = np.int64(dr[vk])
+                s = ((fq - (dk * dk + vk * vk)) / (2.0 * (q - vk)))
+                if s <= z[k]:
+                    k -= 1
+                else:
+                    break
+            k += 1
+            v[k] = q
+            if k == 0:
+                z[k] = -np.inf
+            else:
+                vk = v[k - 1]
+                dk = np.int64(dr[vk])
+                z[k] = ((fq - (dk * dk + vk * vk)) / (2.0 * (q - vk)))
+            z[k + 1] = np.inf
+        if k < 0:
+            for q in range(W):
+                orow[q] = 0
+            continue
+        j = 0
+        for q in range(W):
+            while z[j + 1] < q:
+                j += 1
+            vj = v[j]
+            dj = np.int64(dr[vj])
+            d = q - vj
+            if dj * dj + d * d <= max_d2:
+                orow[q] = labels[r + dj, vj]
+            else:
+                orow[q] = 0
+
+
 def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     """Grow labels by ``distance`` px without overlap: each background pixel takes the
     label of its nearest labelled pixel if that is at most ``distance`` away.
 
     Same as ``skimage.segmentation.expand_labels`` except where two labels are at
-    exactly the same distance (the tie may be broken differently).
+    exactly the same distance (the tie may be broken differently: here the nearest
+    labelled pixel in the smallest column, then the smallest row).
+    Only distances up to ``distance`` are searched (a bounded column pass in int16
+    and an envelope of the near parabolas): no full-size int64 distance or index maps.
     """
     labels = np.ascontiguousarray(labels)
     if labels.ndim != 2:
         raise ValueError("2-D images only")
-    d2, fidx = _sq_edt(labels != 0, True)
     # distance (float64, like scipy) <= distance  <=>  d2 <= the largest integer whose sqrt is <= it
+    max_d2 = _max_sq_within(distance, strict=False)
+    out = np.empty_like(labels)
+    if max_d2 < 0:
+        out[...] = 0
+        return out
+    R = int(np.floor(np.sqrt(max_d2)))
+    while (R + 1) * (R + 1) <= max_d2:
+        R += 1
+    while R * R > max_d2:
+        R -= 1
+    if R > 30000:
+        return _expand_labels_ft(labels, distance)
+    if labels.size:
+        _expand_bounded(labels, R, max_d2, out, np.empty(labels.shape, dtype=np.int16))
+    return out
+
+
+def _expand_labels_ft(labels: np.ndarray, distance: float = 1) -> np.ndarray:
+    """:func:`expand_labels` through the full feature transform (reference for the tests)."""
+    labels = np.ascontiguousarray(labels)
+    d2, fidx = _sq_edt(labels != 0, True)
     max_d2 = _max_sq_within(distance, strict=False)
     out = np.empty_like(labels)
     _expand(labels, fidx, d2, max_d2, out)
