@@ -926,6 +926,84 @@ def squared_edt(image: np.ndarray) -> np.ndarray:
     return d2
 
 
+@njit(**_JIT)
+def _edt_sqrt_into(zero, g, out):
+    """Exact EDT (distance to the nearest True of ``zero``) written as ``sqrt`` straight into ``out``.
+
+    The same Felzenszwalb-Huttenlocher passes as :func:`_sq_edt_into` with the column distances in
+    int32 (``g``; callers guarantee squared sizes below 2**31) and no int64 distance map: the exact
+    integer squared distance of each pixel goes through ``sqrt`` in float64, then ``out``'s dtype.
+    """
+    H, W = zero.shape
+    NONE = np.int32(2147483647)
+    last = np.empty(W, dtype=np.int64)
+    for c in range(W):
+        last[c] = -1
+    for r in range(H):
+        zr = zero[r]
+        gr = g[r]
+        for c in range(W):
+            if zr[c]:
+                last[c] = r
+                gr[c] = 0
+            elif last[c] >= 0:
+                gr[c] = r - last[c]
+            else:
+                gr[c] = NONE
+    for c in range(W):
+        last[c] = -1
+    for r in range(H - 1, -1, -1):
+        zr = zero[r]
+        gr = g[r]
+        for c in range(W):
+            if zr[c]:
+                last[c] = r
+            elif last[c] >= 0:
+                d = last[c] - r
+                if d < gr[c]:
+                    gr[c] = d
+            d = gr[c]
+            if d != NONE:
+                gr[c] = d * d
+    v = np.empty(W, dtype=np.int64)
+    z = np.empty(W + 1, dtype=np.float64)
+    for r in range(H):
+        gr = g[r]
+        orow = out[r]
+        k = -1
+        for q in range(W):
+            gq = gr[q]
+            if gq == NONE:
+                continue
+            fq = np.int64(gq) + q * q
+            while k >= 0:
+                vk = v[k]
+                s = ((fq - (np.int64(gr[vk]) + vk * vk)) / (2.0 * (q - vk)))
+                if s <= z[k]:
+                    k -= 1
+                else:
+                    break
+            k += 1
+            v[k] = q
+            if k == 0:
+                z[k] = -np.inf
+            else:
+                vk = v[k - 1]
+                z[k] = ((fq - (np.int64(gr[vk]) + vk * vk)) / (2.0 * (q - vk)))
+            z[k + 1] = np.inf
+        if k < 0:
+            for q in range(W):
+                orow[q] = np.sqrt(np.float64(_BIG))
+            continue
+        j = 0
+        for q in range(W):
+            while z[j + 1] < q:
+                j += 1
+            vj = v[j]
+            d = q - vj
+            orow[q] = np.sqrt(np.float64(np.int64(gr[vj]) + d * d))
+
+
 def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
     """``scipy.ndimage.distance_transform_edt(image)`` for 2-D images (unit sampling).
 
@@ -940,8 +1018,11 @@ def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
     if not zero.any():
         from scipy import ndimage as ndi
         return ndi.distance_transform_edt(image).astype(dtype)
-    d2, _ = _sq_edt(zero, False)
     out = np.empty(image.shape, dtype=dtype)
+    if max(image.shape) < 40000 and out.dtype in (np.float32, np.float64):
+        _edt_sqrt_into(zero, np.empty(image.shape, dtype=np.int32), out)
+        return out
+    d2, _ = _sq_edt(zero, False)
     _sqrt_into(d2, out)
     return out
 
