@@ -316,3 +316,17 @@ def test_gaussian_filter_bit_identical_to_scipy(region):
                     a = K.gaussian_filter(x, sigma, mode=mode)
                     assert a.dtype == x.dtype
                     assert np.array_equal(a, ndi.gaussian_filter(x, sigma, mode=mode)), (x.shape, sigma, mode)
+
+
+def test_watershed_negate_equals_negated_image(region):
+    rng = np.random.default_rng(7)
+    for img in _images(10, seed=3):
+        fg = img > np.quantile(img, 0.3)
+        pk = (img == ndi.maximum_filter(img, size=5)) & fg
+        mk, _ = ndi.label(pk, structure=np.ones((3, 3)))
+        for im in (img, img.astype(np.float64)):
+            for wsl in (False, True):
+                a = K.watershed_components(im, mk, fg, watershed_line=wsl, negate=True)
+                b = K.watershed_components(-im, mk, fg, watershed_line=wsl)
+                assert np.array_equal(a, b)
+    assert rng is not None

@@ -216,7 +216,7 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
         dist = (_k or ndi).gaussian_filter(dist, EDM_SMOOTH_PX)
     peaks = (_k.h_maxima(dist, 0.5) if _k else morphology.h_maxima(dist, 0.5)) & mask
     markers, _ = ndi.label(peaks, structure=np.ones((3, 3)))
-    ws = _k.watershed_components(-dist, markers, mask, watershed_line=True) if _k else \
+    ws = _k.watershed_components(dist, markers, mask, watershed_line=True, negate=True) if _k else \
         segmentation.watershed(-dist, markers, mask=mask, watershed_line=True)
     return ws > 0
 
@@ -251,7 +251,7 @@ def detect_nuclei(
     seeds = (_k.h_maxima(log, SEED_TOLERANCE) if _k else
              morphology.h_maxima(log, SEED_TOLERANCE).astype(bool)) & foreground
     markers, n_seeds = ndi.label(seeds, structure=np.ones((3, 3)))
-    regions = _k.watershed_components(-log, markers, foreground) if _k else \
+    regions = _k.watershed_components(log, markers, foreground, negate=True) if _k else \
         segmentation.watershed(-log, markers, mask=foreground)
     index = np.arange(1, n_seeds + 1)
     if _k:

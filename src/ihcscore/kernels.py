@@ -566,7 +566,7 @@ def _cc_collect(wf, outf, H, W, comp, marks, st):
 
 
 @njit(**_JIT)
-def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st):
+def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st, sign):
     """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
 
     Returns 1 when the heap must grow before the next pop (then call again), 0 when done.
@@ -640,7 +640,7 @@ def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st):
                 q = p + W
             if wf[q] == 0 or outf[q] != 0:
                 continue
-            v = np.float64(imf[q])
+            v = sign * np.float64(imf[q])
             if v < ev:
                 v = ev
             if not wsl:
@@ -663,7 +663,7 @@ def _next_equal(a, start, v):
 
 
 @njit(**_JIT)
-def _watershed_cc(image, out, work, wsl):
+def _watershed_cc(image, out, work, wsl, sign):
     """Seeded watershed (4-connectivity) one connected component of the mask at a time.
 
     ``out`` holds the markers (0 outside the mask) and receives the labels; ``work`` is
@@ -728,11 +728,11 @@ def _watershed_cc(image, out, work, wsl):
         n = 0
         for j in range(nmk):
             p = mk[j]
-            _cc_push(hv, ha, hp, hl, n, np.float64(imf[p]), j, p, outf[p])
+            _cc_push(hv, ha, hp, hl, n, sign * np.float64(imf[p]), j, p, outf[p])
             n += 1
         fst[0] = n
         fst[1] = nmk
-        while _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, fst) != 0:
+        while _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, fst, sign) != 0:
             cap *= 2
             hv = _grow_arr(hv, cap)
             ha = _grow_arr(ha, cap)
@@ -754,8 +754,10 @@ def _cc_prepare(markers, mask, out, work):
 
 
 def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarray | None = None,
-                         watershed_line: bool = False) -> np.ndarray:
+                         watershed_line: bool = False, negate: bool = False) -> np.ndarray:
     """Seeded watershed, connectivity 1, flooding each connected component of ``mask`` alone.
+
+    ``negate=True`` floods ``-image`` (the same values, exactly: no negated copy is made).
 
     Identical to one flood of the whole image in (value, age) order with the markers aged
     in raster order (components never interact), so it equals
@@ -786,7 +788,7 @@ def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarra
     work = np.empty((H, W), dtype=np.uint8)
     if out.size:
         _cc_prepare(markers, mask, out, work)
-        _watershed_cc(image, out, work, bool(watershed_line))
+        _watershed_cc(image, out, work, bool(watershed_line), -1.0 if negate else 1.0)
     return out
 
 
