@@ -330,3 +330,14 @@ def test_watershed_negate_equals_negated_image(region):
                 b = K.watershed_components(-im, mk, fg, watershed_line=wsl)
                 assert np.array_equal(a, b)
     assert rng is not None
+
+
+def test_rgb_to_od_lut():
+    from ihcscore.stains import rgb_to_od
+    rng = np.random.default_rng(8)
+    for shape in ((1, 1, 3), (17, 5, 3), (40, 33, 4)):
+        rgb = rng.integers(0, 256, shape).astype(np.uint8)
+        for bg in ((255, 255, 255), (240.5, 231.0, 250.0)):
+            assert np.array_equal(K.rgb_to_od(rgb, bg), rgb_to_od(rgb, bg))
+    rgb = rng.integers(0, 256, (9, 7, 3)).astype(np.uint8)[:, ::2]  # non-contiguous view
+    assert np.array_equal(K.rgb_to_od(rgb), rgb_to_od(rgb))

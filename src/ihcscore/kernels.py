@@ -60,6 +60,7 @@ __all__ = [
     "grey_erosion_sequence",
     "binary_dilation_disk",
     "fill_holes",
+    "rgb_to_od",
     "warm_up",
 ]
 
@@ -1760,6 +1761,34 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- optical density
+
+@njit(**_JIT)
+def _od_lut(rgb, lut, out):
+    H, W = out.shape[0], out.shape[1]
+    l0 = lut[0]
+    l1 = lut[1]
+    l2 = lut[2]
+    for r in range(H):
+        for c in range(W):
+            out[r, c, 0] = l0[rgb[r, c, 0]]
+            out[r, c, 1] = l1[rgb[r, c, 1]]
+            out[r, c, 2] = l2[rgb[r, c, 2]]
+
+
+def rgb_to_od(rgb: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
+    """``ihcscore.stains.rgb_to_od`` for 2-D uint8 RGB(A) images in one pass over the pixels
+    (the same lookup table, so identical); other inputs go to it."""
+    from .stains import od_lookup_table
+    from .stains import rgb_to_od as _rgb_to_od
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.dtype != np.uint8 or rgb.shape[-1] not in (3, 4):
+        return _rgb_to_od(rgb, background)
+    out = np.empty(rgb.shape[:2] + (3,), dtype=np.float32)
+    _od_lut(rgb, od_lookup_table(background), out)
+    return out
+
+
 # --------------------------------------------------------------------------- warm-up
 
 def warm_up() -> float:
@@ -1791,4 +1820,5 @@ def warm_up() -> float:
     grey_erosion_sequence(img, [(_CROSS, 1), (_SQUARE, 1)])
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
+    rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0

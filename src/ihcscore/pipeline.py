@@ -27,6 +27,11 @@ import pandas as pd
 from scipy import ndimage as ndi
 
 from . import __version__
+
+try:  # compiled kernels (identical results)
+    from . import kernels as _k
+except ImportError:  # pragma: no cover - numba missing
+    _k = None
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import label_polygons, measure_cells
@@ -139,7 +144,7 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons):
     """Deconvolve, segment and measure one detection-resolution tile."""
-    od = rgb_to_od(rgb, stains.background)
+    od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = od @ np.linalg.inv(stains.matrix).astype(np.float32)
     seg = segment_cells(od, stain_od, params)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0)
