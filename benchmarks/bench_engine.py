@@ -69,9 +69,11 @@ def set_kernels(on: bool):
     """Switch the engine between its numba kernels and the scipy/skimage fallback."""
     import ihcscore.cells as cells
     import ihcscore.measure as measure
+    import ihcscore.pipeline as pipeline
     from ihcscore import kernels
     cells._k = kernels if on else None
     measure._k = kernels if on else None
+    pipeline._k = kernels if on else None
 
 
 def main(argv=None):
