@@ -513,6 +513,8 @@ def analyze_slide(
         if progress is not None:
             progress(done, len(tasks))
     cells = pd.concat(parts, ignore_index=True) if parts else _empty_cells(slide, preset, stains)
+    # Whole slides hold ~10^6 cells (~0.4 KB each): keep one copy of the table at a time.
+    del parts
     if mask is not None and len(cells):
         # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
         # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
@@ -521,10 +523,10 @@ def analyze_slide(
         ux = (cells["x_px"].to_numpy() + 0.5) / ds
         my = np.clip(np.floor(uy * scale).astype(int), 0, mask.shape[0] - 1)
         mx = np.clip(np.floor(ux * scale).astype(int), 0, mask.shape[1] - 1)
-        cells = cells[mask[my, mx]]
-    cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
+        cells.drop(index=cells.index[~mask[my, mx]], inplace=True)
+    cells.sort_values(["y_px", "x_px"], kind="stable", inplace=True, ignore_index=True)
     cells["label"] = np.arange(1, len(cells) + 1)
-    cells = cells.rename(columns={"label": "object_id"})
+    cells.rename(columns={"label": "object_id"}, inplace=True)
     cells = _score_table(cells, preset.scoring, classifier)
     summary = slide_summary(slide, preset, stains, cells, warnings)
     summary["classifier"] = getattr(classifier, "source", "trained") if classifier is not None else "morphology rule"
