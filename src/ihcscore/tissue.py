@@ -117,26 +117,23 @@ def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
     f = rgb.astype(np.float32)
     # ~4 µm smoothing (at least half a pixel) so texture does not fragment the mask
     sigma = max(0.5, 4.0 / px_um)
-    if method == "glass":
-        from .stains import estimate_background
-
-        od = -np.log10(np.maximum(f, 1.0) / 255.0)
-        feat = ndi.gaussian_filter(od.sum(axis=-1), sigma)
-        glass = np.asarray(estimate_background(rgb), dtype=np.float64)
-        glass_od = float(-np.log10(np.maximum(glass, 1.0) / 255.0).sum())
-        lo = hi = glass_od + TISSUE_OD_ABOVE_GLASS
-    elif method == "otsu":
-        od = -np.log10(np.maximum(f, 1.0) / 255.0)
-        feat = ndi.gaussian_filter(od.sum(axis=-1), sigma)
-        lo, hi = OD_SUM_FLOOR, OD_SUM_CAP
-    elif method == "saturation":
+    if method not in ("glass", "otsu", "saturation"):
+        raise ValueError(f"method must be 'glass', 'otsu' or 'saturation', got {method!r}")
+    if method == "saturation":
         mx, mn = f.max(axis=-1), f.min(axis=-1)
         sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
         feat = ndi.gaussian_filter(sat, sigma)
-        lo, hi = SATURATION_FLOOR, SATURATION_CAP
+        t = float(np.clip(_otsu(feat), SATURATION_FLOOR, SATURATION_CAP))
     else:
-        raise ValueError(f"method must be 'glass', 'otsu' or 'saturation', got {method!r}")
-    t = lo if lo == hi else float(np.clip(_otsu(feat), lo, hi))
+        od = -np.log10(np.maximum(f, 1.0) / 255.0)
+        feat = ndi.gaussian_filter(od.sum(axis=-1), sigma)
+        if method == "glass":
+            from .stains import estimate_background
+
+            glass = np.asarray(estimate_background(rgb), dtype=np.float64)
+            t = float(-np.log10(np.maximum(glass, 1.0) / 255.0).sum()) + TISSUE_OD_ABOVE_GLASS
+        else:
+            t = float(np.clip(_otsu(feat), OD_SUM_FLOOR, OD_SUM_CAP))
     mask = feat > t
 
     min_px = int(round(min_object_um2 / px_um**2))
