@@ -114,9 +114,8 @@ def deconvolve_smooth_cpu(rgb, stains, sigma_px: float, channel: int = 0):
     """The CPU reference of :func:`deconvolve_smooth` (what the engine computes with NumPy/SciPy)."""
     from scipy import ndimage as ndi
 
-    from .stains import rgb_to_od
+    from .stains import deconvolve
 
-    od = rgb_to_od(np.asarray(rgb)[..., :3], stains.background)
-    stain_od = od @ np.linalg.inv(stains.matrix).astype(np.float32)
+    stain_od = deconvolve(np.asarray(rgb)[..., :3], stains)
     smoothed = ndi.gaussian_filter(np.ascontiguousarray(stain_od[..., channel]), sigma_px, mode="nearest")
     return stain_od, smoothed

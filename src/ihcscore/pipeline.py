@@ -38,7 +38,7 @@ from .measure import label_polygons, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
-                     rgb_to_od, stain_fit_report)
+                     rgb_to_od, stain_fit_report, unmix)
 
 __all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "resample_to_grid",
            "detection_pixel_size", "stain_warnings", "plan_tiles"]
@@ -145,7 +145,7 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons):
     """Deconvolve, segment and measure one detection-resolution tile."""
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
-    stain_od = od @ np.linalg.inv(stains.matrix).astype(np.float32)
+    stain_od = unmix(od, stains)
     seg = segment_cells(od, stain_od, params)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0)
     if polygons and len(cells):

@@ -26,6 +26,7 @@ __all__ = [
     "rgb_to_od",
     "od_to_rgb",
     "deconvolve",
+    "unmix",
     "estimate_stain_vectors",
     "estimate_background",
     "stain_fit_report",
@@ -186,9 +187,16 @@ def deconvolve(rgb: np.ndarray, stains: StainVectors = H_DAB_DEFAULT) -> np.ndar
     (..., 3) float32 array
         Channels: hematoxylin OD, DAB OD, residual OD.
     """
-    od = rgb_to_od(rgb, stains.background)
-    inv = np.linalg.inv(stains.matrix).astype(np.float32)
-    return od @ inv
+    return unmix(rgb_to_od(rgb, stains.background), stains)
+
+
+def unmix(od: np.ndarray, stains: StainVectors = H_DAB_DEFAULT) -> np.ndarray:
+    """Stain amounts (hematoxylin, DAB, residual OD) of per-channel optical densities.
+
+    ``od @ inv(M)`` with ``M`` the stain matrix, in float32: :func:`deconvolve`
+    without the OD step, for callers that need the OD too.
+    """
+    return od @ np.linalg.inv(stains.matrix).astype(np.float32)
 
 
 def _dominant(values: np.ndarray) -> float:
