@@ -51,10 +51,8 @@ import html
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -934,19 +932,11 @@ figcaption{{font-size:0.85em;color:#555;text-align:center}} .warn{{color:#a60}}
 """
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _write_text(path, text: str) -> None:
+    from .export import atomic_open
+
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def write_cohort(result, table, out_dir, html_report=True) -> dict:
@@ -960,10 +950,10 @@ def write_cohort(result, table, out_dir, html_report=True) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "cohort.json", "html": None}
-    _atomic_write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    _write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     if html_report:
         paths["html"] = out_dir / "cohort.html"
-        _atomic_write_text(paths["html"], cohort_html(result, table))
+        _write_text(paths["html"], cohort_html(result, table))
     return paths
 
 

@@ -799,10 +799,10 @@ def make_synthetic_slide(
 
 
 def _atomic_write(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from .export import atomic_open
+
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 # ---------------------------------------------------------------------------
