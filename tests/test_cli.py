@@ -141,3 +141,24 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert __version__ in capsys.readouterr().out
+
+
+def test_train_from_points_then_score_with_the_classifier(scored, tmp_path):
+    slides, _, _ = scored
+    truth = pd.read_csv(slides / "syn.truth.csv")
+    points = tmp_path / "points.csv"
+    truth.rename(columns={"x_px": "x", "y_px": "y"})[["x", "y", "class"]].to_csv(points, index=False)
+    model = tmp_path / "model.skops"
+    assert main(["train", str(slides / "syn.tif"), "--points", str(points), "--out", str(model)]) == 0
+    out = tmp_path / "o"
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report",
+                 "--classifier", str(model)]) == 0
+    s = json.loads((out / "syn" / "summary.json").read_text())
+    assert s["classifier"] == str(model)
+    cells = pd.read_parquet(out / "syn" / "cells.parquet")
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(truth[["x_px", "y_px"]].to_numpy()).query(cells[["x_px", "y_px"]].to_numpy())
+    near = d <= 8
+    # trained and applied on the same slide: the classes follow the annotations
+    assert (cells["class"].to_numpy()[near] == truth["class"].to_numpy()[i[near]]).mean() >= 0.95

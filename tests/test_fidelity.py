@@ -158,3 +158,13 @@ def test_region_summaries_count_cells_inside_each_polygon():
     assert out[0]["name"] == "left" and out[0]["n_cells"] == 200 and out[0]["tumour"]["h_score"] == 300.0
     assert out[1]["name"] == "region 2" and out[1]["tumour"]["h_score"] == 0.0
     assert out[0]["area_mm2"] == pytest.approx(0.25)
+
+
+def test_neighbourhood_features_stay_within_each_slide(two_regions):
+    from ihcscore.classify import neighbourhood_features
+
+    a, b = two_regions[0][1].cells, two_regions[1][1].cells
+    both = pd.concat([a.assign(slide=0), b.assign(slide=1)], ignore_index=True)
+    got = neighbourhood_features(both)
+    expected = pd.concat([neighbourhood_features(a), neighbourhood_features(b)], ignore_index=True)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)

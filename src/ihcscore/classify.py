@@ -83,10 +83,15 @@ def neighbourhood_features(table: pd.DataFrame, radii_um=NEIGHBOUR_RADII_UM) -> 
 
     Columns: ``Neighbours within {r} µm`` (count, excluding the cell itself),
     ``Neighbour nucleus area mean {r} µm`` and ``Neighbour hematoxylin OD mean {r} µm``
-    (NaN without neighbours; filled with the cell's own value).
+    (NaN without neighbours; filled with the cell's own value). A table of several slides
+    marks them in a ``slide`` column: neighbours are only looked for within the same slide.
     """
     from scipy.spatial import cKDTree
 
+    if len(table) and "slide" in table.columns:
+        parts = [neighbourhood_features(group.drop(columns="slide"), radii_um)
+                 for _, group in table.groupby("slide", sort=False)]
+        return pd.concat(parts).loc[table.index]
     out = {}
     n = len(table)
     if n == 0:

@@ -215,9 +215,8 @@ def run_train(args) -> int:
             tables.append(cells)
             n_lab = int(sum(v is not None for v in labels[-1]))
             print(f"{slide_path}: {len(cells)} cells, {n_lab} of {len(xy)} points matched to a cell")
-        # Neighbourhood features are computed per slide inside feature_matrix; slides are offset far apart.
         for i, t in enumerate(tables):
-            t["x_um"] = t["x_um"] + i * 1e7
+            t["slide"] = i  # neighbourhood features stay within each slide
         model = train_classifier(pd.concat(tables, ignore_index=True), np.concatenate(labels), model=args.model)
         model.save(args.out)
     except ValueError as e:
