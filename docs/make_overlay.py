@@ -12,9 +12,10 @@ from skimage.segmentation import find_boundaries
 
 from ihcscore.pipeline import analyze_region
 from ihcscore.preset import load_preset
+from ihcscore.report import bin_color
 
 #: QuPath's intensity-class colours: negative, 1+, 2+, 3+.
-BIN_RGB = np.array([(90, 90, 180), (255, 215, 0), (225, 150, 50), (200, 50, 50)], np.uint8)
+BIN_RGB = np.array([bin_color(b) for b in range(4)], np.uint8)
 
 
 def main(out=Path(__file__).resolve().parent / "img" / "skimage_ihc_overlay.png"):
