@@ -124,20 +124,26 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
         return
     for tmp in out_dir.glob("*.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # that process is alive: leave its file alone
-            except ProcessLookupError:
-                pass
-            except OSError:
-                continue
-        if pid.isdigit() and int(pid) == os.getpid():
-            continue
+        if pid.isdigit() and _process_alive(int(pid)):
+            continue  # this process's or another live process's file
         try:
             tmp.unlink()
         except OSError:
             pass
+
+
+def _process_alive(pid: int) -> bool:
+    import os
+
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def dask_client(address: str, workers: int = 2):
