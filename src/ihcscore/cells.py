@@ -40,6 +40,7 @@ __all__ = [
     "expand_cells",
     "compartments",
     "segment_cells",
+    "segment_in_bands",
 ]
 
 DETECTION_IMAGES = ("hematoxylin", "od_sum")
@@ -47,6 +48,8 @@ DETECTION_IMAGES = ("hematoxylin", "od_sum")
 BACKGROUND_RECONSTRUCTION_RADII = 3.0
 #: An extra hematoxylin nucleus is added when at most this share of it overlaps OD-sum nuclei.
 MAX_EXTRA_OVERLAP = 0.2
+#: A band of rows segmented on its own is at least this many context widths tall (see segment_in_bands).
+MIN_BAND_CONTEXTS = 4
 #: Tolerance (OD/px²) of the LoG regional maxima that seed the over-segmentation (QuPath step 7).
 SEED_TOLERANCE = 0.001
 #: Gaussian sigma (px) on the distance map before finding ultimate eroded points (see _split_touching).
@@ -345,7 +348,8 @@ def compartments(nuclei: np.ndarray, cells: np.ndarray, membrane_width_px: float
     return cytoplasm, membrane
 
 
-def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams) -> Segmentation:
+def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams, *,
+                  threads: int = 1) -> Segmentation:
     """Detect nuclei, expand them to cells and derive the compartments.
 
     Parameters
@@ -355,11 +359,24 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams)
     stain_od : (M, N, 3) float32
         Deconvolved hematoxylin, DAB and residual OD.
     params : DetectionParams
+    threads : int
+        Segment up to this many bands of rows at once, each with
+        ``params.context_um()`` of context (see :func:`segment_in_bands`). The
+        result is identical for any value.
 
     Returns
     -------
     Segmentation
+        Labels ``1..n`` numbered in raster order of each nucleus's first pixel.
     """
+    pad = int(np.ceil(params.context_um() / params.pixel_size_um))
+    n_bands = min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
+    if n_bands > 1:
+        return segment_in_bands(od, stain_od, params, n_bands)
+    return _in_raster_order(_segment_whole(od, stain_od, params))
+
+
+def _segment_whole(od, stain_od, params: DetectionParams) -> Segmentation:
     px = params.pixel_size_um
     image = detection_image(od, stain_od, params)
     nuclei, measure = detect_nuclei(image, params, return_measure_image=True)
@@ -369,3 +386,77 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams)
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
                         pixel_size_um=px, extra={"measure_image": measure})
+
+
+_LABEL_IMAGES = ("nuclei", "cells", "cytoplasm", "membrane")
+
+
+def _in_raster_order(seg: Segmentation) -> Segmentation:
+    """Renumber labels by the raster position of each nucleus's first pixel.
+
+    OD-sum nuclei already are (``ndi.label`` numbers that way); nuclei added by the
+    hematoxylin pass come after them, and bands are stitched in any order.
+    """
+    n = seg.n_cells
+    if _k:
+        first = _k.first_pixel_index(seg.nuclei, n)
+    else:
+        flat = seg.nuclei.ravel()
+        nz = np.flatnonzero(flat)
+        present, at = np.unique(flat[nz], return_index=True)
+        first = np.full(n, -1, dtype=np.int64)
+        first[present - 1] = nz[at]
+    order = np.argsort(first, kind="stable")
+    if np.array_equal(order, np.arange(n)):
+        return seg
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[order + 1] = np.arange(1, n + 1, dtype=np.int32)
+    return replace(seg, **{name: lut[getattr(seg, name)] for name in _LABEL_IMAGES})
+
+
+def _owned(nuclei: np.ndarray, n: int, row0: int, row1: int) -> np.ndarray:
+    """Labels ``1..n`` whose nucleus centroid row lies in ``[row0 - 0.5, row1 - 0.5)`` (exact integers)."""
+    rows = np.broadcast_to(np.arange(nuclei.shape[0], dtype=np.int64)[:, None], nuclei.shape)
+    count = np.bincount(nuclei.ravel(), minlength=n + 1)[1:]
+    twice_sum = 2 * np.bincount(nuclei.ravel(), weights=rows.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    return (twice_sum >= (2 * row0 - 1) * count) & (twice_sum < (2 * row1 - 1) * count)
+
+
+def segment_in_bands(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams, n_bands: int) -> Segmentation:
+    """:func:`segment_cells` in ``n_bands`` bands of rows, segmented in parallel threads.
+
+    Each band is segmented with ``params.context_um()`` of rows above and below
+    (the reach of every step, as for slide tiles) and keeps the cells whose
+    nucleus centroid lies in its own rows; those cells are written, whole, into
+    the region's label images. Detection is translation invariant, so the
+    result is the one-band result, label for label. The compiled kernels and
+    most of numpy and scipy.ndimage release the GIL, so bands run side by side.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    H, W = od.shape[:2]
+    pad = int(np.ceil(params.context_um() / params.pixel_size_um))
+    edges = np.linspace(0, H, n_bands + 1).round().astype(int)
+
+    def band(i):
+        y0, y1 = int(edges[i]), int(edges[i + 1])
+        p0, p1 = max(0, y0 - pad), min(H, y1 + pad)
+        seg = _segment_whole(od[p0:p1], stain_od[p0:p1], params)
+        return p0, y0, y1, seg, _owned(seg.nuclei, seg.n_cells, y0 - p0, y1 - p0)
+
+    with ThreadPoolExecutor(max_workers=n_bands, thread_name_prefix="ihcscore-band") as pool:
+        parts = list(pool.map(band, range(n_bands)))
+    out = {name: np.zeros((H, W), dtype=np.int32) for name in _LABEL_IMAGES}
+    measure = np.empty((H, W), dtype=np.float32)
+    n = 0
+    for p0, y0, y1, seg, owned in parts:
+        lut = np.zeros(seg.n_cells + 1, dtype=np.int32)
+        k = int(owned.sum())
+        lut[1:][owned] = np.arange(n + 1, n + k + 1, dtype=np.int32)
+        n += k
+        for name in _LABEL_IMAGES:
+            lab = lut[getattr(seg, name)]
+            np.copyto(out[name][p0:p0 + lab.shape[0]], lab, where=lab > 0)
+        measure[y0:y1] = seg.extra["measure_image"][y0 - p0:y1 - p0]
+    return _in_raster_order(Segmentation(**out, pixel_size_um=params.pixel_size_um,
+                                         extra={"measure_image": measure}))

@@ -33,6 +33,8 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   footprint_sequence)`` for sequences of 3x3 footprints ("reflect" borders).
 - :func:`binary_dilation_disk`, :func:`fill_holes`: exact replacements for
   ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
+- :func:`first_pixel_index`: raster index of each label's first pixel (the order
+  ``scipy.ndimage.label`` numbers components in).
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
@@ -60,6 +62,7 @@ __all__ = [
     "grey_erosion_sequence",
     "binary_dilation_disk",
     "fill_holes",
+    "first_pixel_index",
     "rgb_to_od",
     "warm_up",
 ]
@@ -1761,6 +1764,27 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+# --------------------------------------------------------------------------- label order
+
+@njit(**_JIT)
+def _first_pixel(labels, first):
+    flat = labels.ravel()
+    n = first.size
+    for i in range(flat.size):
+        v = flat[i]
+        if 0 < v <= n and first[v - 1] < 0:
+            first[v - 1] = i
+
+
+def first_pixel_index(labels: np.ndarray, n: int) -> np.ndarray:
+    """Flat (raster) index of the first pixel of each label ``1..n``; -1 for absent labels."""
+    labels = np.ascontiguousarray(labels)
+    first = np.full(int(n), -1, dtype=np.int64)
+    if labels.size and n > 0:
+        _first_pixel(labels, first)
+    return first
+
+
 # --------------------------------------------------------------------------- optical density
 
 @njit(**_JIT)
@@ -1820,5 +1844,6 @@ def warm_up() -> float:
     grey_erosion_sequence(img, [(_CROSS, 1), (_SQUARE, 1)])
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
+    first_pixel_index(mk, 2)
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0

@@ -36,6 +36,7 @@ from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import label_polygons, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
+from .runtime import default_threads, retain_freed_memory
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -142,11 +143,11 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
     return cells
 
 
-def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons):
+def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1):
     """Deconvolve, segment and measure one detection-resolution tile."""
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = unmix(od, stains)
-    seg = segment_cells(od, stain_od, params)
+    seg = segment_cells(od, stain_od, params, threads=threads)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0)
     if polygons and len(cells):
         nuc = label_polygons(seg.nuclei, origin_px=origin_px, downsample=downsample)
@@ -166,6 +167,7 @@ def analyze_region(
     origin_px=(0.0, 0.0),
     polygons: bool = False,
     classifier=None,
+    threads: int | None = None,
 ) -> RegionResult:
     """Detect, measure, classify and score the cells of one RGB region.
 
@@ -185,6 +187,9 @@ def analyze_region(
         Also return nucleus and cell outlines (``nucleus_polygon``, ``cell_polygon``).
     classifier : ihcscore.classify.CellClassifier, optional
         Tumour / other classifier; default the morphology rule.
+    threads : int, optional
+        Bands of rows segmented in parallel (``ihcscore.cells.segment_in_bands``);
+        default: the CPUs this process may use. Results are identical for any value.
 
     Returns
     -------
@@ -203,7 +208,8 @@ def analyze_region(
     if ds > 1 + 1e-9:
         shape = (int(rgb.shape[0] / ds), int(rgb.shape[1] / ds))
         rgb = _to_uint8(resample_to_grid(rgb, (0, 0), ds, (0, 0), shape))
-    cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons)
+    threads = default_threads() if threads is None else max(1, int(threads))
+    cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons, threads)
     cells = _score_table(cells, preset.scoring, classifier)
     summary = summarize(cells, preset.scoring)
     return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg,
@@ -316,6 +322,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _init_tile_worker(parent_pid: int) -> None:
+    """Pool initializer: die with the parent, and reuse freed tile-sized buffers."""
+    _die_with_parent(parent_pid)
+    retain_freed_memory()
+
+
 def _run_tasks(fn, tasks, workers: int, client=None):
     """Yield results of ``fn(task)`` as they complete: inline, in processes, or on Dask."""
     if client is not None:
@@ -332,7 +344,7 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         for t in tasks:
             yield fn(t)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_tile_worker, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(fn, t) for t in tasks]
         for fut in as_completed(futures):
             yield fut.result()
