@@ -5,7 +5,12 @@
 
 Prints megapixels per second of ``ihcscore.pipeline.analyze_region`` and of a
 plain scikit-image pipeline (rgb2hed, Otsu, distance-transform watershed,
-regionprops) on the same synthetic H-DAB image, and their ratio.
+regionprops) on the same synthetic H-DAB image, and their ratio: once with the
+engine on one thread (per core) and once with its default threads (row bands
+segmented side by side, ``ihcscore.cells.segment_in_bands``; identical results).
+Both pipelines run in this one process after ``ihcscore.runtime.retain_freed_memory``
+(what ``ihcscore score`` and its tile workers do); ``--malloc default`` leaves the
+allocator alone.
 
 The engine's numba kernels (``ihcscore.kernels``) are compiled, or loaded from
 numba's cache, before timing; that one-off cost is printed on its own line.
@@ -27,6 +32,7 @@ from skimage import color, feature, filters, measure, segmentation
 
 from ihcscore.pipeline import analyze_region
 from ihcscore.preset import load_preset
+from ihcscore.runtime import default_threads, retain_freed_memory
 from ihcscore.synthetic import make_synthetic_region
 
 
@@ -82,7 +88,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kernels", choices=("on", "off"), default="on",
                     help="numba kernels (default) or the pure scipy/scikit-image path")
+    ap.add_argument("--threads", type=int, default=None, help="engine threads (default: all CPUs)")
+    ap.add_argument("--malloc", choices=("retain", "default"), default="retain",
+                    help="reuse freed buffers (as the CLI does) or glibc's default allocator settings")
     args = ap.parse_args(argv)
+    if args.malloc == "retain":
+        retain_freed_memory()
+    threads = args.threads or default_threads()
 
     print(f"generating a {args.size} x {args.size} synthetic H-DAB region (0.5 µm/px) ...", flush=True)
     rgb, truth, _ = make_synthetic_region((args.size, args.size), 0.5, seed=0)
@@ -94,17 +106,24 @@ def main(argv=None):
         t_jit = kernels.warm_up()
         print(f"kernel compile/cache load: {t_jit:6.2f} s (once per process; not in the timings below)")
         analyze_region(rgb[:256, :256], 0.5, preset)  # first-call overheads outside the timing
-    t_ours, c_ours, result = best_of(lambda: analyze_region(rgb, 0.5, preset), args.repeats)
-    s_ours = best_of.sys
+    t_one, c_one, result = best_of(lambda: analyze_region(rgb, 0.5, preset, threads=1), args.repeats)
+    s_one = best_of.sys
+    if threads > 1:
+        t_par, c_par, _ = best_of(lambda: analyze_region(rgb, 0.5, preset, threads=threads), args.repeats)
+        s_par = best_of.sys
     t_naive, c_naive, (n_naive, _) = best_of(lambda: naive_pipeline(rgb), args.repeats)
     s_naive = best_of.sys
-    print(f"cores available:          {os.cpu_count()}")
+    print(f"cores available:          {os.cpu_count()} (engine threads: {threads}; allocator: {args.malloc})")
     print(f"image:                    {args.size} x {args.size} px = {mp:.1f} MP, {len(truth)} true cells")
-    print(f"ihcscore analyze_region:  {t_ours:7.2f} s  {mp / t_ours:6.2f} MP/s  (cpu {c_ours:.2f} s, sys {s_ours:.2f}; "
-          f"{len(result.cells)} cells, 4 compartments x 2 stains measured, kernels {args.kernels})")
     print(f"naive scikit-image:       {t_naive:7.2f} s  {mp / t_naive:6.2f} MP/s  (cpu {c_naive:.2f} s, sys {s_naive:.2f}; "
-          f"{n_naive} objects, nucleus DAB mean only)")
-    print(f"speed ratio (ours / naive): {t_naive / t_ours:.2f}x   (cpu time ratio {c_naive / c_ours:.2f}x)")
+          f"{n_naive} objects, nucleus DAB mean only; one thread)")
+    print(f"ihcscore, 1 thread:       {t_one:7.2f} s  {mp / t_one:6.2f} MP/s  (cpu {c_one:.2f} s, sys {s_one:.2f}; "
+          f"{len(result.cells)} cells, 4 compartments x 2 stains measured, kernels {args.kernels})")
+    if threads > 1:
+        print(f"ihcscore, {threads} threads:      {t_par:7.2f} s  {mp / t_par:6.2f} MP/s  (cpu {c_par:.2f} s, sys {s_par:.2f})")
+    print(f"speed ratio per core (ours 1 thread / naive):   {t_naive / t_one:.2f}x   (cpu time ratio {c_naive / c_one:.2f}x)")
+    if threads > 1:
+        print(f"speed ratio (ours {threads} threads / naive, wall clock): {t_naive / t_par:.2f}x")
 
 
 if __name__ == "__main__":
