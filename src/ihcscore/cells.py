@@ -391,6 +391,18 @@ def _segment_whole(od, stain_od, params: DetectionParams) -> Segmentation:
 _LABEL_IMAGES = ("nuclei", "cells", "cytoplasm", "membrane")
 
 
+def _first_pixel_index(labels: np.ndarray, n: int) -> np.ndarray:
+    """Raster index of the first pixel of each label ``1..n`` (-1 where absent)."""
+    if _k:
+        return _k.first_pixel_index(labels, n)
+    flat = labels.ravel()
+    nz = np.flatnonzero(flat)
+    present, at = np.unique(flat[nz], return_index=True)
+    first = np.full(n, -1, dtype=np.int64)
+    first[present - 1] = nz[at]
+    return first
+
+
 def _in_raster_order(seg: Segmentation) -> Segmentation:
     """Renumber labels by the raster position of each nucleus's first pixel.
 
@@ -398,15 +410,7 @@ def _in_raster_order(seg: Segmentation) -> Segmentation:
     hematoxylin pass come after them, and bands are stitched in any order.
     """
     n = seg.n_cells
-    if _k:
-        first = _k.first_pixel_index(seg.nuclei, n)
-    else:
-        flat = seg.nuclei.ravel()
-        nz = np.flatnonzero(flat)
-        present, at = np.unique(flat[nz], return_index=True)
-        first = np.full(n, -1, dtype=np.int64)
-        first[present - 1] = nz[at]
-    order = np.argsort(first, kind="stable")
+    order = np.argsort(_first_pixel_index(seg.nuclei, n), kind="stable")
     if np.array_equal(order, np.arange(n)):
         return seg
     lut = np.zeros(n + 1, dtype=np.int32)
@@ -416,9 +420,15 @@ def _in_raster_order(seg: Segmentation) -> Segmentation:
 
 def _owned(nuclei: np.ndarray, n: int, row0: int, row1: int) -> np.ndarray:
     """Labels ``1..n`` whose nucleus centroid row lies in ``[row0 - 0.5, row1 - 0.5)`` (exact integers)."""
-    rows = np.broadcast_to(np.arange(nuclei.shape[0], dtype=np.int64)[:, None], nuclei.shape)
-    count = np.bincount(nuclei.ravel(), minlength=n + 1)[1:]
-    twice_sum = 2 * np.bincount(nuclei.ravel(), weights=rows.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    if _k:
+        count, raw, _ = _k.shape_sums(nuclei, n)
+        row_sum = raw[0]
+    else:
+        rows = np.broadcast_to(np.arange(nuclei.shape[0])[:, None], nuclei.shape)
+        count = np.bincount(nuclei.ravel(), minlength=n + 1)[1:]
+        row_sum = np.bincount(nuclei.ravel(), weights=rows.ravel(), minlength=n + 1)[1:]
+    twice_sum = 2 * np.asarray(row_sum).astype(np.int64)  # sums of row indices: exact in float64
+    count = np.asarray(count).astype(np.int64)
     return (twice_sum >= (2 * row0 - 1) * count) & (twice_sum < (2 * row1 - 1) * count)
 
 
@@ -442,21 +452,28 @@ def segment_in_bands(od: np.ndarray, stain_od: np.ndarray, params: DetectionPara
         y0, y1 = int(edges[i]), int(edges[i + 1])
         p0, p1 = max(0, y0 - pad), min(H, y1 + pad)
         seg = _segment_whole(od[p0:p1], stain_od[p0:p1], params)
-        return p0, y0, y1, seg, _owned(seg.nuclei, seg.n_cells, y0 - p0, y1 - p0)
+        owned = _owned(seg.nuclei, seg.n_cells, y0 - p0, y1 - p0)
+        return p0, y0, y1, seg, owned, (p0 * W + _first_pixel_index(seg.nuclei, seg.n_cells))[owned]
 
     with ThreadPoolExecutor(max_workers=n_bands, thread_name_prefix="ihcscore-band") as pool:
         parts = list(pool.map(band, range(n_bands)))
-    out = {name: np.zeros((H, W), dtype=np.int32) for name in _LABEL_IMAGES}
-    measure = np.empty((H, W), dtype=np.float32)
-    n = 0
-    for p0, y0, y1, seg, owned in parts:
-        lut = np.zeros(seg.n_cells + 1, dtype=np.int32)
-        k = int(owned.sum())
-        lut[1:][owned] = np.arange(n + 1, n + k + 1, dtype=np.int32)
-        n += k
-        for name in _LABEL_IMAGES:
-            lab = lut[getattr(seg, name)]
-            np.copyto(out[name][p0:p0 + lab.shape[0]], lab, where=lab > 0)
-        measure[y0:y1] = seg.extra["measure_image"][y0 - p0:y1 - p0]
-    return _in_raster_order(Segmentation(**out, pixel_size_um=params.pixel_size_um,
-                                         extra={"measure_image": measure}))
+        # Number the kept cells of all bands in raster order of their first pixel (as one band would)
+        # and write them into the region's images, band by band in parallel (their pixels are disjoint).
+        first = [part[-1] for part in parts]
+        rank = np.empty(sum(len(f) for f in first), dtype=np.int32)
+        rank[np.argsort(np.concatenate(first), kind="stable")] = np.arange(1, len(rank) + 1, dtype=np.int32)
+        out = {name: np.zeros((H, W), dtype=np.int32) for name in _LABEL_IMAGES}
+        measure = np.empty((H, W), dtype=np.float32)
+        starts = np.cumsum([0] + [len(f) for f in first])
+
+        def write(i):
+            p0, y0, y1, seg, owned, _ = parts[i]
+            lut = np.zeros(seg.n_cells + 1, dtype=np.int32)
+            lut[1:][owned] = rank[starts[i]:starts[i + 1]]
+            for name in _LABEL_IMAGES:
+                lab = lut[getattr(seg, name)]
+                np.copyto(out[name][p0:p0 + lab.shape[0]], lab, where=lab > 0)
+            measure[y0:y1] = seg.extra["measure_image"][y0 - p0:y1 - p0]
+
+        list(pool.map(write, range(n_bands)))
+    return Segmentation(**out, pixel_size_um=params.pixel_size_um, extra={"measure_image": measure})
