@@ -175,7 +175,7 @@ def test_morphology_helpers(region):
     for img in list(_images()) + [region[0]]:
         for r in (1, 3, 16):
             fp = morphology.disk(r, decomposition="sequence")
-            assert np.array_equal(K.grey_erosion_sequence(img, fp), morphology.erosion(img, fp))
+            assert _same_bits(K.grey_erosion_sequence(img, fp), morphology.erosion(img, fp))
         m = img > np.quantile(img, 0.6)
         assert np.array_equal(K.fill_holes(m), ndi.binary_fill_holes(m))
         hi = img > np.quantile(img, 0.97)
@@ -305,17 +305,66 @@ def test_bounded_reconstruction_is_translation_invariant(region):
             assert np.array_equal(crop[t:b, l:r], full[r0:r1, c0:c1][t:b, l:r]), (n, r0, c0)
 
 
+def _same_bits(a, b):
+    """Equal dtype, shape and bits (``np.array_equal`` takes -0.0 for 0.0)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.kind == "f":
+        u = np.dtype(f"u{a.dtype.itemsize}")
+        return np.array_equal(a.view(u), b.view(u))
+    return np.array_equal(a, b)
+
+
+def _edge_images(rng):
+    """Tiny and one-row / one-column images, and ones whose float64 sums depend on the order
+    of the terms (magnitudes 1e-8..1e8, signs mixed, exact zeros of both signs)."""
+    ims = [rng.random(shape).astype(np.float32) for shape in ((1, 1), (1, 7), (9, 1), (2, 2), (2, 5), (4, 3))]
+    for shape in ((31, 17), (3, 40)):
+        x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 9, shape)).astype(np.float32)
+        x[rng.random(shape) < 0.1] = 0.0
+        x[rng.random(shape) < 0.1] = -0.0
+        ims.append(x)
+    return ims
+
+
 def test_gaussian_filter_bit_identical_to_scipy(region):
     rng = np.random.default_rng(4)
-    ims = list(_images()) + [region[0], rng.random((1, 7)).astype(np.float32), rng.random((9, 1))]
+    ims = list(_images()) + [region[0], rng.random((9, 1))] + _edge_images(rng)
     for img in ims:
         for dt in (np.float32, np.float64):
             x = img.astype(dt)
             for sigma in (0.75, 1.0, 3.0, 5.5):
                 for mode in ("nearest", "reflect"):
                     a = K.gaussian_filter(x, sigma, mode=mode)
-                    assert a.dtype == x.dtype
-                    assert np.array_equal(a, ndi.gaussian_filter(x, sigma, mode=mode)), (x.shape, sigma, mode)
+                    assert _same_bits(a, ndi.gaussian_filter(x, sigma, mode=mode)), (x.shape, sigma, mode)
+
+
+def test_correlate3x3_bit_identical_to_scipy(region):
+    from ihcscore.cells import LAPLACIAN
+    rng = np.random.default_rng(5)
+    ims = list(_images()) + [region[0], ndi.gaussian_filter(region[0], 2.0)] + _edge_images(rng)
+    weights = [LAPLACIAN[::-1, ::-1], rng.standard_normal((3, 3)),
+               np.where(rng.random((3, 3)) < 0.5, 0.0, rng.standard_normal((3, 3))).astype(np.float32),
+               np.array([[0, 0, 0], [0, 1e-17, 0], [0, 0, 0]]),  # |w| <= DBL_EPSILON: left out, as scipy
+               np.array([[1e-300, 0, 1], [0, -2, 0], [3, 0, 1e-15]]), np.zeros((3, 3)), np.ones((3, 3), int)]
+    for img in ims:
+        for dt in (np.float32, np.float64):
+            x = img.astype(dt)
+            assert _same_bits(K.correlate3x3(x, LAPLACIAN[::-1, ::-1]), ndi.convolve(x, LAPLACIAN, mode="nearest"))
+            for w in weights:
+                for mode in ("nearest", "reflect"):
+                    assert _same_bits(K.correlate3x3(x, w, mode=mode), ndi.correlate(x, w, mode=mode)), \
+                        (x.shape, dt, w, mode)
+    x = region[0][:20, :30]
+    assert _same_bits(K.correlate3x3(x, LAPLACIAN, mode="mirror"), ndi.correlate(x, LAPLACIAN, mode="mirror"))
+
+
+def test_laplacian_in_detection_equals_scipy(region):
+    from ihcscore import cells
+    from ihcscore.cells import LAPLACIAN
+    x = K.gaussian_filter(region[0], 3.0, mode="nearest")
+    assert _same_bits(cells._laplacian(x), ndi.convolve(x, LAPLACIAN, mode="nearest"))
 
 
 def test_watershed_negate_equals_negated_image(region):
@@ -341,3 +390,46 @@ def test_rgb_to_od_lut():
             assert np.array_equal(K.rgb_to_od(rgb, bg), rgb_to_od(rgb, bg))
     rgb = rng.integers(0, 256, (9, 7, 3)).astype(np.uint8)[:, ::2]  # non-contiguous view
     assert np.array_equal(K.rgb_to_od(rgb), rgb_to_od(rgb))
+
+
+def test_grey_erosion_sequence_equals_skimage_on_edge_cases(region):
+    """Tiny, one-row and one-column images, plateaus, signed zeros, other dtypes and any 3x3
+    footprints (each one a stage of the streamed sweep)."""
+    rng = np.random.default_rng(9)
+    ims = _edge_images(rng) + [np.round(region[0][:50, :61] * 4) / 4, region[0][:33, :1], region[0][:1, :40]]
+    zeros = rng.choice(np.array([0.0, -0.0, 1.0], np.float32), (23, 19))  # ties between -0.0 and 0.0
+    ims += [zeros, zeros.astype(np.float64), (region[0][:40, :37] * 60).astype(np.uint8)]
+    seqs = [morphology.disk(r, decomposition="sequence") for r in (1, 2, 5, 16)]
+    seqs += [np.ones((3, 3), bool), np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], bool),
+             ((np.ones((3, 3)), 2),), ((np.ones((3, 3)), 1), (morphology.disk(1), 2))]
+    for _ in range(6):
+        seqs.append(tuple((fp | (rng.random((3, 3)) < 0.3), int(rng.integers(1, 4)))
+                          for fp in np.zeros((int(rng.integers(1, 5)), 3, 3), bool)))
+    for img in ims:
+        for fp in seqs:
+            fps = fp if isinstance(fp, np.ndarray) else [(f, n) for f, n in fp if f.any()]
+            if len(fps) == 0:
+                continue
+            assert _same_bits(K.grey_erosion_sequence(img, fps), morphology.erosion(img, fps)), (img.shape, fp)
+    with pytest.raises(ValueError):
+        K.grey_erosion_sequence(ims[0], morphology.disk(2))
+
+
+def test_binary_3x3_equals_scipy(region):
+    rng = np.random.default_rng(11)
+    img = region[0]
+    masks = [img > np.quantile(img, q) for q in (0.2, 0.6, 0.95)]
+    masks += [rng.random(shape) < p for shape in ((1, 1), (1, 9), (8, 1), (2, 2), (3, 3), (2, 7), (37, 53))
+              for p in (0.3, 0.9)]
+    masks += [np.ones((6, 5), bool), np.zeros((6, 5), bool), np.ones((1, 1), bool), np.ones((1, 4), bool),
+              np.ones((4, 1), bool), np.ones((3, 3), bool)]
+    s = np.ones((3, 3))
+    for m in masks:
+        for view in (m, m[:, ::-1].T):  # also a non-contiguous input
+            e, d = K.binary_erosion_3x3(view), K.binary_dilation_3x3(view)
+            assert e.dtype == bool and d.dtype == bool
+            assert np.array_equal(e, ndi.binary_erosion(view, structure=s)), m.shape
+            assert np.array_equal(d, ndi.binary_dilation(view, structure=s)), m.shape
+    x = (rng.random((20, 21)) * 3).astype(np.int32)  # non-zero is True
+    assert np.array_equal(K.binary_erosion_3x3(x), ndi.binary_erosion(x, structure=s))
+    assert np.array_equal(K.binary_dilation_3x3(x), ndi.binary_dilation(x, structure=s))

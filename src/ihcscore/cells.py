@@ -224,6 +224,13 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
     return ws > 0
 
 
+def _laplacian(image: np.ndarray) -> np.ndarray:
+    """``ndi.convolve(image, LAPLACIAN, mode="nearest")`` (the kernel is bit-identical)."""
+    if _k:
+        return _k.correlate3x3(image, LAPLACIAN[::-1, ::-1], mode="nearest")
+    return ndi.convolve(image, LAPLACIAN, mode="nearest")
+
+
 def detect_nuclei(
     image: np.ndarray, params: DetectionParams, *, return_measure_image: bool = False
 ):
@@ -245,7 +252,7 @@ def detect_nuclei(
     measure, invalid = subtract_background(image, params.background_radius_um / px, params.max_background)
 
     smoothed = (_k or ndi).gaussian_filter(measure, params.sigma_um / px, mode="nearest")  # kernel: bit-identical
-    log = ndi.convolve(smoothed, LAPLACIAN, mode="nearest")
+    log = _laplacian(smoothed)
     foreground = log > 0
 
     # Over-segment the LoG at its regional maxima, then keep bright regions.
@@ -271,15 +278,17 @@ def detect_nuclei(
     mask = keep[regions]
 
     # Merge neighbouring regions of one nucleus, then split touching nuclei by shape.
-    mask = ndi.binary_dilation(mask, structure=np.ones((3, 3))) & foreground
+    mask = (_k.binary_dilation_3x3(mask) if _k else ndi.binary_dilation(mask, structure=np.ones((3, 3)))) \
+        & foreground
     mask = _k.fill_holes(mask) if _k else ndi.binary_fill_holes(mask)
     if params.split_by_shape:
         mask = _split_touching(mask)
 
     if params.sigma_um / px > 1.5:
         # Large smoothing rounds boundaries off: refine with a finer LoG.
-        fine = ndi.convolve((_k or ndi).gaussian_filter(image, 1.0, mode="nearest"), LAPLACIAN, mode="nearest") > 0
-        mask = (fine & mask) | ndi.binary_erosion(mask, structure=np.ones((3, 3)))
+        fine = _laplacian((_k or ndi).gaussian_filter(image, 1.0, mode="nearest")) > 0
+        mask = (fine & mask) | (_k.binary_erosion_3x3(mask) if _k else
+                                ndi.binary_erosion(mask, structure=np.ones((3, 3))))
 
     labels, n = ndi.label(mask)  # 4-connectivity
     if _k:

@@ -28,9 +28,14 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
 - :func:`label_stats` = one pass count/sum/sum of squares/min/max per label;
   :func:`bincount_sum`, :func:`shape_sums`: ``np.bincount`` sums in one pass (bit-identical).
 - :func:`gaussian_filter` = ``scipy.ndimage.gaussian_filter`` ("nearest"/"reflect",
-  2-D float), bit-identical.
+  2-D float), bit-identical; both passes in one sweep over the rows.
+- :func:`correlate3x3` = ``scipy.ndimage.correlate`` with 3x3 weights ("nearest"/"reflect",
+  2-D float), bit-identical (scipy's float64 accumulation order).
 - :func:`grey_erosion_sequence` = ``skimage.morphology.erosion(image,
-  footprint_sequence)`` for sequences of 3x3 footprints ("reflect" borders).
+  footprint_sequence)`` for sequences of 3x3 footprints ("reflect" borders); all
+  erosions in one sweep over the rows (rolling 3-row buffers per stage).
+- :func:`binary_erosion_3x3`, :func:`binary_dilation_3x3` = ``ndi.binary_erosion`` /
+  ``ndi.binary_dilation`` with ``structure=np.ones((3, 3))`` (``border_value=0``).
 - :func:`binary_dilation_disk`, :func:`fill_holes`: exact replacements for
   ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
 - :func:`first_pixel_index`: raster index of each label's first pixel (the order
@@ -59,7 +64,10 @@ __all__ = [
     "bincount_sum",
     "shape_sums",
     "gaussian_filter",
+    "correlate3x3",
     "grey_erosion_sequence",
+    "binary_erosion_3x3",
+    "binary_dilation_3x3",
     "binary_dilation_disk",
     "fill_holes",
     "first_pixel_index",
@@ -1424,18 +1432,24 @@ def _ext_index(i, n, reflect):
 
 
 @njit(**_JIT)
-def _gauss_axis0(src, dst, w, reflect):
-    """scipy's symmetric correlate1d along axis 0, all columns of a row at once.
+def _gauss_rows(src, dst, w, reflect, acc, row, buf):
+    """scipy's two symmetric ``correlate1d`` passes (axis 0, then axis 1), one output row at a time.
 
-    Per pixel the same float64 operations in the same order as scipy's C loop
-    (``acc = x[i]*w0``, then ``acc += (x[i-k] + x[i+k]) * w_k`` for k = r..1), so bit-identical.
+    Both passes go tap by tap over a whole row (``acc``, float64), so they vectorise
+    across columns; per pixel they make scipy's C loop's float64 operations in its
+    order (``acc = x[i]*w0``, then ``acc += (x[i-k] + x[i+k]) * w_k`` for k = r..1),
+    and the axis-0 result is rounded to the image dtype (``row``) before the axis-1
+    pass, as scipy's intermediate array is: bit-identical. The axis-1 pass reads the
+    row through the extended line ``buf``; its taps are slices so that the index
+    arithmetic needs no negative-index wraparound and the loops vectorise.
+    ``dst`` must not share memory with ``src``.
     """
     H, W = src.shape
     r1 = w.size - 1
-    acc = np.empty(W, dtype=np.float64)
+    w0 = w[0]
+    mid = buf[r1:r1 + W]
     for r in range(H):
         s0 = src[r]
-        w0 = w[0]
         for c in range(W):
             acc[c] = np.float64(s0[c]) * w0
         for k in range(r1, 0, -1):
@@ -1444,29 +1458,21 @@ def _gauss_axis0(src, dst, w, reflect):
             wk = w[k]
             for c in range(W):
                 acc[c] += (np.float64(a[c]) + np.float64(b[c])) * wk
-        d = dst[r]
         for c in range(W):
-            d[c] = acc[c]
-
-
-@njit(**_JIT)
-def _gauss_axis1(src, dst, w, reflect):
-    """The same along axis 1 (rows through an extended float64 line buffer); in place allowed."""
-    H, W = src.shape
-    r1 = w.size - 1
-    buf = np.empty(W + 2 * r1, dtype=np.float64)
-    acc = np.empty(W, dtype=np.float64)
-    for r in range(H):
-        s = src[r]
-        for i in range(-r1, W + r1):
-            buf[i + r1] = np.float64(s[_ext_index(i, W, reflect)])
-        w0 = w[0]
+            row[c] = acc[c]
+        for i in range(r1):
+            buf[i] = row[_ext_index(i - r1, W, reflect)]
+            buf[W + r1 + i] = row[_ext_index(W + i, W, reflect)]
         for c in range(W):
-            acc[c] = buf[c + r1] * w0
+            mid[c] = row[c]
+        for c in range(W):
+            acc[c] = mid[c] * w0
         for k in range(r1, 0, -1):
             wk = w[k]
+            lo = buf[r1 - k:r1 - k + W]
+            hi = buf[r1 + k:r1 + k + W]
             for c in range(W):
-                acc[c] += (buf[c + r1 - k] + buf[c + r1 + k]) * wk
+                acc[c] += (lo[c] + hi[c]) * wk
         d = dst[r]
         for c in range(W):
             d[c] = acc[c]
@@ -1490,178 +1496,251 @@ def gaussian_filter(image: np.ndarray, sigma: float, mode: str = "reflect", trun
     fw = _gaussian_kernel1d(sd, 0, lw)[::-1]  # what gaussian_filter1d hands to correlate1d
     w = np.ascontiguousarray(fw[lw::-1])      # w[k] = fw[lw - k]: scipy's fw[jj] for jj = -k
     image = np.ascontiguousarray(image)
+    W = image.shape[1]
     out = np.empty_like(image)
-    reflect = mode == "reflect"
-    _gauss_axis0(image, out, w, reflect)
-    _gauss_axis1(out, out, w, reflect)
+    _gauss_rows(image, out, w, mode == "reflect", np.empty(W), np.empty(W, image.dtype),
+                np.empty(W + 2 * (w.size - 1)))
+    return out
+
+
+# --------------------------------------------------------------------------- 3x3 correlation
+
+@njit(**_JIT)
+def _correlate3x3(src, dys, dxs, ws, out, acc):
+    """scipy's ``NI_Correlate`` for taps ``(dys, dxs, ws)`` within 3x3, "nearest" borders.
+
+    Per pixel ``acc = 0.0``, then ``acc += x * w`` tap by tap in the order given, in
+    float64, rounded to the output dtype at the end (scipy's order, so bit-identical);
+    tap by tap over a whole row, through slices (no negative-index wraparound: vectorised).
+    """
+    H, W = src.shape
+    for r in range(H):
+        for c in range(W):
+            acc[c] = 0.0
+        for k in range(ws.size):
+            s = src[min(max(r + dys[k], 0), H - 1)]
+            o = dxs[k]
+            wk = ws[k]
+            if W > 2:
+                ss = s[1 + o:W - 1 + o]
+                aa = acc[1:W - 1]
+                for c in range(W - 2):
+                    aa[c] += np.float64(ss[c]) * wk
+            acc[0] += np.float64(s[min(max(o, 0), W - 1)]) * wk
+            if W > 1:
+                acc[W - 1] += np.float64(s[min(max(W - 1 + o, 0), W - 1)]) * wk
+        d = out[r]
+        for c in range(W):
+            d[c] = acc[c]
+
+
+def correlate3x3(image: np.ndarray, weights: np.ndarray, mode: str = "nearest") -> np.ndarray:
+    """``scipy.ndimage.correlate(image, weights, mode=mode)`` for 2-D float32/float64 images, 3x3
+    ``weights`` and ``mode`` "nearest" or "reflect" (the same for a 3x3 window), bit-identical.
+
+    As scipy: weights in float64, those with ``|w| <= DBL_EPSILON`` left out, the others summed
+    in raster order. ``ndi.convolve(image, w)`` is ``correlate3x3(image, w[::-1, ::-1])``.
+    Other inputs go to scipy.
+    """
+    from scipy import ndimage as ndi
+    image = np.asarray(image)
+    w = np.asarray(weights)
+    if image.ndim != 2 or image.dtype not in (np.float32, np.float64) or w.shape != (3, 3) \
+            or w.dtype.kind == "c" or mode not in ("nearest", "reflect"):
+        return ndi.correlate(image, weights, mode=mode)
+    w = w.astype(np.float64)
+    dys, dxs = np.nonzero(np.abs(w) > np.finfo(np.float64).eps)
+    image = np.ascontiguousarray(image)
+    out = np.empty_like(image)
+    if image.size:
+        _correlate3x3(image, dys - 1, dxs - 1, w[dys, dxs], out, np.empty(image.shape[1]))
     return out
 
 
 # --------------------------------------------------------------------------- grey / binary morphology
 
 @njit(**_JIT)
-def _erode3x3(src, fp, dst):
-    """Grey erosion by a 3x3 footprint, scipy "reflect" borders (outside = mirrored inside)."""
-    H, W = src.shape
-    for r in range(H):
+def _erode_row(up, mid, down, dys, dxs, K, square, tmp, d):
+    """One output row of a 3x3 grey erosion from input rows ``up, mid, down`` (edges clamped).
+
+    As ``ndi.grey_erosion`` (what ``skimage.morphology.erosion`` calls): a full ``square`` is
+    two ``minimum_filter1d`` passes (axis 0, then axis 1; of equal values the last is kept),
+    another footprint the minimum over its ``K`` taps in raster order, starting from the
+    first (``<``: of equal values the first is kept; this only tells -0.0 from 0.0).
+    Interior columns tap by tap through slices (vectorised).
+    """
+    W = d.size
+    if square:
         for c in range(W):
-            v = src[r, c]
-            for dy in range(-1, 2):
-                rr = r + dy
-                if rr < 0:
-                    rr = -rr - 1
-                elif rr >= H:
-                    rr = 2 * H - rr - 1
-                for dx in range(-1, 2):
-                    if not fp[dy + 1, dx + 1]:
-                        continue
-                    cc = c + dx
-                    if cc < 0:
-                        cc = -cc - 1
-                    elif cc >= W:
-                        cc = 2 * W - cc - 1
-                    a = src[rr, cc]
-                    if a < v:
-                        v = a
-            dst[r, c] = v
-
-
-@njit(**_JIT)
-def _erode_fp(src, fp, dst):
-    """Grey erosion by any 3x3 footprint: fixed-offset interior loop, reflect rules on the frame."""
-    H, W = src.shape
-    if H < 3 or W < 3:
-        _erode3x3(src, fp, dst)
+            m = up[c]
+            a = mid[c]
+            m = a if a <= m else m
+            a = down[c]
+            tmp[c] = a if a <= m else m
+        if W > 2:
+            t0 = tmp[0:W - 2]
+            t1 = tmp[1:W - 1]
+            t2 = tmp[2:W]
+            dd = d[1:W - 1]
+            for c in range(W - 2):
+                m = t0[c]
+                a = t1[c]
+                m = a if a <= m else m
+                a = t2[c]
+                dd[c] = a if a <= m else m
+        for c in (0, W - 1):
+            m = tmp[max(c - 1, 0)]
+            a = tmp[c]
+            m = a if a <= m else m
+            a = tmp[min(c + 1, W - 1)]
+            d[c] = a if a <= m else m
         return
-    dys = np.empty(9, dtype=np.int64)
-    dxs = np.empty(9, dtype=np.int64)
-    K = 0
-    for dy in range(-1, 2):
-        for dx in range(-1, 2):
-            if fp[dy + 1, dx + 1]:
-                dys[K] = dy
-                dxs[K] = dx
-                K += 1
-    # interior, one offset at a time over a whole row (contiguous, branch-free: vectorised);
-    # per pixel the same comparisons in the same order as a pixel-by-pixel loop
-    for r in range(1, H - 1):
-        d = dst[r]
-        s = src[r + dys[0]]
-        o = dxs[0]
-        for c in range(1, W - 1):
-            d[c] = s[c + o]
-        for k in range(1, K):
-            s = src[r + dys[k]]
-            o = dxs[k]
-            for c in range(1, W - 1):
-                a = s[c + o]
-                d[c] = a if a < d[c] else d[c]
-    # frame: reflect borders
-    for r in range(H):
-        step = 1 if (r == 0 or r == H - 1) else W - 1
-        for c in range(0, W, step):
-            v = src[r, c]
-            first = True
-            for k in range(K):
-                rr = r + dys[k]
-                if rr < 0:
-                    rr = -rr - 1
-                elif rr >= H:
-                    rr = 2 * H - rr - 1
-                cc = c + dxs[k]
-                if cc < 0:
-                    cc = -cc - 1
-                elif cc >= W:
-                    cc = 2 * W - cc - 1
-                a = src[rr, cc]
-                if first or a < v:
-                    v = a
-                    first = False
-            dst[r, c] = v
+    if W > 2:
+        dd = d[1:W - 1]
+        for k in range(K):
+            dy = dys[k]
+            s = up if dy < 0 else (mid if dy == 0 else down)
+            ss = s[1 + dxs[k]:W - 1 + dxs[k]]
+            if k == 0:
+                for c in range(W - 2):
+                    dd[c] = ss[c]
+            else:
+                for c in range(W - 2):
+                    a = ss[c]
+                    dd[c] = a if a < dd[c] else dd[c]
+    for c in (0, W - 1):
+        v = mid[c]
+        for k in range(K):
+            dy = dys[k]
+            s = up if dy < 0 else (mid if dy == 0 else down)
+            a = s[min(max(c + dxs[k], 0), W - 1)]
+            if k == 0 or a < v:
+                v = a
+        d[c] = v
 
 
 @njit(**_JIT)
-def _erode_cross_interior(src, dst):
-    """3x3 cross erosion; interior fast path, borders with reflect rules."""
-    H, W = src.shape
-    for r in range(H):
-        ru = r - 1 if r > 0 else 0
-        rd = r + 1 if r < H - 1 else H - 1
-        for c in range(W):
-            v = src[r, c]
-            a = src[ru, c]
-            if a < v:
-                v = a
-            a = src[rd, c]
-            if a < v:
-                v = a
-            if c > 0:
-                a = src[r, c - 1]
-                if a < v:
-                    v = a
-            if c < W - 1:
-                a = src[r, c + 1]
-                if a < v:
-                    v = a
-            dst[r, c] = v
+def _erode_stream(image, out, dys, dxs, Ks, square, ring, tmp):
+    """All ``S`` erosions of a sequence in one pass over the image.
 
-
-@njit(**_JIT)
-def _erode_square(src, dst, tmp):
-    """3x3 square erosion (separable), reflect borders."""
-    H, W = src.shape
-    for r in range(H):
-        for c in range(W):
-            v = src[r, c]
-            if c > 0 and src[r, c - 1] < v:
-                v = src[r, c - 1]
-            if c < W - 1 and src[r, c + 1] < v:
-                v = src[r, c + 1]
-            tmp[r, c] = v
-    for r in range(H):
-        ru = r - 1 if r > 0 else 0
-        rd = r + 1 if r < H - 1 else H - 1
-        for c in range(W):
-            v = tmp[r, c]
-            a = tmp[ru, c]
-            if a < v:
-                v = a
-            a = tmp[rd, c]
-            if a < v:
-                v = a
-            dst[r, c] = v
-
-
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
-_SQUARE = np.ones((3, 3), dtype=bool)
+    Stage ``s`` writes its rows into a ring of 3 rows (``ring[s]``, the last stage into
+    ``out``); at step ``t`` it computes its row ``t - s - 1``, whose lower neighbour the
+    stage before has just computed. Each stage computes exactly what a full-image pass
+    would (3x3 "reflect" borders = clamped indices), while the ring (``(S-1) * 3`` rows)
+    stays in cache: the image is read and written once.
+    """
+    H, W = image.shape
+    S = Ks.size
+    for t in range(H + S):
+        for s in range(S):
+            r = t - s - 1
+            if r < 0 or r >= H:
+                continue
+            ru = r - 1 if r > 0 else 0
+            rd = r + 1 if r < H - 1 else H - 1
+            if s == 0:
+                up, mid, down = image[ru], image[r], image[rd]
+            else:
+                up, mid, down = ring[s - 1, ru % 3], ring[s - 1, r % 3], ring[s - 1, rd % 3]
+            d = out[r] if s == S - 1 else ring[s, r % 3]
+            _erode_row(up, mid, down, dys[s], dxs[s], Ks[s], square[s], tmp, d)
 
 
 def grey_erosion_sequence(image: np.ndarray, footprints) -> np.ndarray:
     """``skimage.morphology.erosion(image, footprints)`` for a footprint sequence of
     ``(3x3 footprint, repeats)`` pairs (``disk(r, decomposition="sequence")``), or
     one 3x3 footprint; borders as skimage's default ``mode="reflect"``.
+
+    Bit-identical for images without NaN (-0.0 and 0.0 kept as scipy keeps them).
     """
     image = np.ascontiguousarray(image)
     if isinstance(footprints, np.ndarray):
         footprints = [(footprints, 1)]
-    cur = image.copy()
-    nxt = np.empty_like(cur)
-    tmp = np.empty_like(cur)
+    stages = []
     for fp, reps in footprints:
         fp = np.asarray(fp, dtype=bool)
         if fp.shape != (3, 3):
             raise ValueError("grey_erosion_sequence: 3x3 footprints only")
-        for _ in range(int(reps)):
-            if np.array_equal(fp, _CROSS):
-                _erode_cross_interior(cur, nxt)
-            elif np.array_equal(fp, _SQUARE):
-                _erode_square(cur, nxt, tmp)
-            elif fp.any():
-                _erode_fp(cur, fp, nxt)
+        if not fp.any():
+            raise ValueError("All-zero footprint is not supported.")
+        stages += [fp] * int(reps)
+    S = len(stages)
+    if S == 0 or image.size == 0:
+        return image.copy()
+    dys = np.zeros((S, 9), dtype=np.int64)
+    dxs = np.zeros((S, 9), dtype=np.int64)
+    Ks = np.zeros(S, dtype=np.int64)
+    square = np.zeros(S, dtype=bool)
+    for i, fp in enumerate(stages):
+        yy, xx = np.nonzero(fp)
+        Ks[i] = yy.size
+        dys[i, :yy.size] = yy - 1
+        dxs[i, :yy.size] = xx - 1
+        square[i] = fp.all()
+    W = image.shape[1]
+    out = np.empty_like(image)
+    ring = np.empty((max(S - 1, 1), 3, W), dtype=image.dtype)
+    _erode_stream(image, out, dys, dxs, Ks, square, ring, np.empty(W, dtype=image.dtype))
+    return out
+
+
+@njit(**_JIT)
+def _binary3x3(x, out, tmp, erode):
+    """3x3 square binary erosion (AND) or dilation (OR) of 0/1 ``uint8``; outside the image is 0."""
+    H, W = x.shape
+    for r in range(H):
+        d = out[r]
+        if erode and (r == 0 or r == H - 1):
+            for c in range(W):
+                d[c] = 0
+            continue
+        a = x[max(r - 1, 0)]
+        b = x[r]
+        e = x[min(r + 1, H - 1)]
+        if erode:
+            for c in range(W):
+                tmp[c] = a[c] & b[c] & e[c]
+        else:
+            for c in range(W):
+                tmp[c] = a[c] | b[c] | e[c]
+        if W > 2:
+            t0 = tmp[0:W - 2]
+            t1 = tmp[1:W - 1]
+            t2 = tmp[2:W]
+            dd = d[1:W - 1]
+            if erode:
+                for c in range(W - 2):
+                    dd[c] = t0[c] & t1[c] & t2[c]
             else:
-                nxt[...] = cur.dtype.type(np.inf) if cur.dtype.kind == "f" else np.iinfo(cur.dtype).max
-            cur, nxt = nxt, cur
-    return cur
+                for c in range(W - 2):
+                    dd[c] = t0[c] | t1[c] | t2[c]
+        if erode:
+            d[0] = 0
+            d[W - 1] = 0
+        else:
+            d[0] = tmp[0] | tmp[min(1, W - 1)]
+            d[W - 1] = tmp[W - 1] | tmp[max(W - 2, 0)]
+
+
+def _binary_3x3(mask: np.ndarray, erode: bool) -> np.ndarray:
+    x = np.ascontiguousarray(mask, dtype=bool)
+    if x.ndim != 2:
+        raise ValueError("2-D masks only")
+    out = np.empty(x.shape, dtype=bool)
+    if x.size:
+        _binary3x3(x.view(np.uint8), out.view(np.uint8), np.empty(x.shape[1], dtype=np.uint8), erode)
+    return out
+
+
+def binary_erosion_3x3(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_erosion(mask, structure=np.ones((3, 3)))`` (``border_value=0``: pixels on
+    the image border are ``False``)."""
+    return _binary_3x3(mask, True)
+
+
+def binary_dilation_3x3(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_dilation(mask, structure=np.ones((3, 3)))`` (outside the image is ``False``)."""
+    return _binary_3x3(mask, False)
 
 
 def binary_dilation_disk(x: np.ndarray, radius: float, eps: float = 1e-6) -> np.ndarray:
@@ -1841,7 +1920,13 @@ def warm_up() -> float:
     for im in (img, img.astype(np.float64)):
         gaussian_filter(im, 1.0, mode="nearest")
     shape_sums(mk, 2)
-    grey_erosion_sequence(img, [(_CROSS, 1), (_SQUARE, 1)])
+    grey_erosion_sequence(img, [(np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool), 1),
+                                (np.ones((3, 3), dtype=bool), 1)])
+    lap = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=np.float32)
+    for im in (img, img.astype(np.float64)):
+        correlate3x3(im, lap)
+    binary_erosion_3x3(img > 0.3)
+    binary_dilation_3x3(img > 0.3)
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
     first_pixel_index(mk, 2)
