@@ -305,6 +305,35 @@ def test_bounded_reconstruction_is_translation_invariant(region):
             assert np.array_equal(crop[t:b, l:r], full[r0:r1, c0:c1][t:b, l:r]), (n, r0, c0)
 
 
+def _iterated_reconstruction(seed, mask, steps):
+    ref = np.minimum(seed, mask)
+    for _ in range(steps):
+        ref = np.minimum(ndi.grey_dilation(ref, size=(3, 3)), mask)
+    return ref
+
+
+def test_bounded_reconstruction_edge_cases():
+    """Tiny and one-row/one-column images, plateaus, float64, images wider than one column strip
+    (``_REC_STRIP``) and step counts around the steps of one pass (``_REC_LEVELS``)."""
+    rng = np.random.default_rng(6)
+    cases = []
+    for shape in ((1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (40, 37)):
+        img = rng.random(shape).astype(np.float32)
+        cases.append((img - np.float32(0.4) * rng.random(shape).astype(np.float32), img))
+        q = np.round(img.astype(np.float64) * 3) / 3            # plateaus, exact ties
+        cases.append((q - 0.3 * (rng.random(shape) < 0.7), q))  # float64
+    wide = ndi.gaussian_filter(rng.random((7, 2 * K._REC_STRIP + 300)), 1.5).astype(np.float32)
+    cases.append((wide - np.float32(0.05) * rng.random(wide.shape).astype(np.float32), wide))
+    seed_above = rng.random((30, 30)).astype(np.float32)       # seed above the mask somewhere
+    cases.append((seed_above, np.float32(0.5) * rng.random((30, 30)).astype(np.float32) + 0.25))
+    n = K._REC_LEVELS
+    for seed, mask in cases:
+        for steps in (1, 3, n, n + 1, 2 * n + 5):
+            a = K.bounded_reconstruction_dilation(seed, mask, steps)
+            ref = _iterated_reconstruction(seed, mask, steps)
+            assert a.dtype == mask.dtype and np.array_equal(a, ref), (seed.shape, steps)
+
+
 def test_gaussian_filter_bit_identical_to_scipy(region):
     rng = np.random.default_rng(4)
     ims = list(_images()) + [region[0], rng.random((1, 7)).astype(np.float32), rng.random((9, 1))]
