@@ -334,6 +334,36 @@ def test_bounded_reconstruction_edge_cases():
             assert a.dtype == mask.dtype and np.array_equal(a, ref), (seed.shape, steps)
 
 
+def _edt_masks(region):
+    rng = np.random.default_rng(8)
+    yield region[1] > 0                                       # nuclei: the split's input
+    for i in range(30):
+        h, w = rng.integers(1, 90, 2)
+        if i % 3 == 0:                                        # blobs
+            yield ndi.binary_dilation(rng.random((h, w)) < 0.01, iterations=int(rng.integers(1, 15)))
+        else:
+            yield rng.random((h, w)) < rng.choice([0.1, 0.5, 0.9, 0.99])
+    for shape, zeros in ((((9, 300)), [(4, 150)]),             # runs longer than the brute-force ones
+                         ((300, 9), [(0, 0)]),                 # columns without background
+                         ((5, 400), [(0, 0), (4, 399)]),       # runs touching the image edges
+                         ((1, 1), [(0, 0)]), ((1, 7), [(0, 3)]), ((7, 1), [(6, 0)]),
+                         ((6, 6), [(r, c) for r in range(6) for c in range(6) if (r, c) != (2, 3)])):
+        m = np.ones(shape, bool)
+        for p in zeros:
+            m[p] = False
+        yield m
+    yield np.zeros((4, 5), bool)
+    yield np.ones((4, 5), bool)                               # no background: scipy's fallback
+
+
+def test_distance_transform_edt_equals_scipy(region):
+    for m in _edt_masks(region):
+        ref = ndi.distance_transform_edt(m)
+        assert np.array_equal(K.distance_transform_edt(m, np.float64), ref), m.shape
+        assert np.array_equal(K.distance_transform_edt(m), ref.astype(np.float32)), m.shape
+        assert np.array_equal(K.distance_transform_edt(m.astype(np.uint8) * 7, np.float64), ref)
+
+
 def test_gaussian_filter_bit_identical_to_scipy(region):
     rng = np.random.default_rng(4)
     ims = list(_images()) + [region[0], rng.random((1, 7)).astype(np.float32), rng.random((9, 1))]

@@ -18,8 +18,9 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   component of the mask alone: scikit-image 0.26's (value, age) pop order, so labels
   are identical except where markers of different labels have exactly equal values
   (taken in raster order here) and their floods meet at equal values.
-- :func:`distance_transform_edt` (Felzenszwalb-Huttenlocher, exact squared
-  distances, so ``sqrt`` gives scipy's values bit for bit in float64) and
+- :func:`distance_transform_edt` (per foreground run of a row, the minimum over the
+  run's columns and the two background pixels that end it; exact squared distances,
+  so ``sqrt`` gives scipy's values bit for bit in float64) and
   :func:`expand_labels` (nearest label within a distance; equal ties may pick a
   different label than scipy's feature transform).
 - :func:`squared_edt`: the exact int64 squared distances behind them (also used by
@@ -989,82 +990,119 @@ def squared_edt(image: np.ndarray) -> np.ndarray:
     return d2
 
 
-@njit(**_JIT)
-def _edt_sqrt_into(zero, g, out):
-    """Exact EDT (distance to the nearest True of ``zero``) written as ``sqrt`` straight into ``out``.
+#: column distances at or above this mean "no background in this column" in :func:`_edt_fg_into`
+_EDT_NONE = 65535
+#: runs up to this long take the brute-force minimum (vectorised) instead of the lower envelope
+_EDT_BRUTE_RUN = 64
 
-    The same Felzenszwalb-Huttenlocher passes as :func:`_sq_edt_into` with the column distances in
-    int32 (``g``; callers guarantee squared sizes below 2**31) and no int64 distance map: the exact
-    integer squared distance of each pixel goes through ``sqrt`` in float64, then ``out``'s dtype.
-    """
-    H, W = zero.shape
-    NONE = np.int32(2147483647)
-    last = np.empty(W, dtype=np.int64)
-    for c in range(W):
-        last[c] = -1
-    for r in range(H):
-        zr = zero[r]
-        gr = g[r]
-        for c in range(W):
-            if zr[c]:
-                last[c] = r
-                gr[c] = 0
-            elif last[c] >= 0:
-                gr[c] = r - last[c]
-            else:
-                gr[c] = NONE
-    for c in range(W):
-        last[c] = -1
-    for r in range(H - 1, -1, -1):
-        zr = zero[r]
-        gr = g[r]
-        for c in range(W):
-            if zr[c]:
-                last[c] = r
-            elif last[c] >= 0:
-                d = last[c] - r
-                if d < gr[c]:
-                    gr[c] = d
-            d = gr[c]
-            if d != NONE:
-                gr[c] = d * d
-    v = np.empty(W, dtype=np.int64)
-    z = np.empty(W + 1, dtype=np.float64)
-    for r in range(H):
-        gr = g[r]
-        orow = out[r]
-        k = -1
-        for q in range(W):
-            gq = gr[q]
-            if gq == NONE:
-                continue
-            fq = np.int64(gq) + q * q
-            while k >= 0:
-                vk = v[k]
-                s = ((fq - (np.int64(gr[vk]) + vk * vk)) / (2.0 * (q - vk)))
-                if s <= z[k]:
-                    k -= 1
-                else:
-                    break
-            k += 1
-            v[k] = q
-            if k == 0:
-                z[k] = -np.inf
-            else:
-                vk = v[k - 1]
-                z[k] = ((fq - (np.int64(gr[vk]) + vk * vk)) / (2.0 * (q - vk)))
-            z[k + 1] = np.inf
-        if k < 0:
-            for q in range(W):
-                orow[q] = np.sqrt(np.float64(_BIG))
+
+@njit(**_JIT)
+def _edt_run_envelope(g, a, b, W, orow, v, f):
+    """Distances of the foreground run ``[a, b)`` of a row (``g[q - a]``: squared column distance
+    of column ``q``) as ``sqrt`` into ``orow``: lower envelope of parabolas (Felzenszwalb-
+    Huttenlocher) of the background pixels ``a - 1`` and ``b`` (where inside the image) and the
+    run's columns, in exact integer arithmetic (the intersections compared by cross-multiplying)."""
+    k = -1
+    if a > 0:
+        k = 0
+        v[0] = a - 1
+        f[0] = (a - 1) * (a - 1)
+    for q in range(a, b + 1 if b < W else b):
+        gq = g[q - a] if q < b else 0
+        if gq >= _EDT_NONE * _EDT_NONE:
             continue
-        j = 0
-        for q in range(W):
-            while z[j + 1] < q:
-                j += 1
-            vj = v[j]
-            d = q - vj
-            orow[q] = np.sqrt(np.float64(np.int64(gr[vj]) + d * d))
+        fq = gq + q * q
+        while k >= 1:
+            vk = v[k]
+            # drop v[k] if the new parabola overtakes it no later than v[k] overtakes v[k-1]
+            if (fq - f[k]) * (vk - v[k - 1]) <= (f[k] - f[k - 1]) * (q - vk):
+                k -= 1
+            else:
+                break
+        k += 1
+        v[k] = q
+        f[k] = fq
+    j = 0
+    for p in range(a, b):
+        while j < k and f[j + 1] - f[j] < 2 * p * (v[j + 1] - v[j]):
+            j += 1
+        d = p - v[j]
+        orow[p] = np.sqrt(np.float64(f[j] - v[j] * v[j] + d * d))
+
+
+@njit(**_JIT)
+def _edt_run_brute(g, a, b, W, orow, best):
+    """:func:`_edt_run_envelope` for short runs: the minimum over all sites, in float64 (exact:
+    the squared distances are integers far below 2**53)."""
+    L = b - a
+    BIG = np.float64(1e300)
+    for i in range(L):
+        x = np.float64(i + 1) if a > 0 else BIG
+        y = np.float64(L - i) if b < W else BIG
+        x = x if x < y else y
+        best[i] = x * x
+    for q in range(L):
+        gq = np.float64(g[q])
+        for i in range(L):
+            d = np.float64(i - q)
+            x = gq + d * d
+            best[i] = x if x < best[i] else best[i]
+    for i in range(L):
+        orow[a + i] = np.sqrt(best[i])
+
+
+@njit(**_JIT)
+def _edt_fg_into(fg, out):
+    """Exact EDT of the foreground (``fg`` True) to the nearest background pixel, as ``sqrt`` into ``out``.
+
+    One top-down sweep. Background pixels get 0. For a foreground run ``[a, b)`` of a row, the
+    background pixels ``a - 1`` and ``b`` are nearer than any column outside the run, so only the
+    run's own columns are candidates: their squared distance along the column (to the last
+    background above, kept per column, or the next below, found by scanning down once per
+    vertical run) plus the squared column offset. The squared distances are exact integers, so
+    ``sqrt`` in float64 gives scipy's value bit for bit. Needs ``H < 65535`` and a background pixel.
+    """
+    H, W = fg.shape
+    NONE = np.int32(_EDT_NONE)
+    last = np.empty(W, dtype=np.int32)      # last background row above, per column
+    last[:] = -NONE
+    end = np.zeros(W, dtype=np.int32)       # first background row below the current vertical run
+    g = np.empty(W, dtype=np.int64)
+    v = np.empty(W + 2, dtype=np.int64)
+    f = np.empty(W + 2, dtype=np.int64)
+    best = np.empty(_EDT_BRUTE_RUN, dtype=np.float64)
+    for r in range(H):
+        fr = fg[r]
+        orow = out[r]
+        rr = np.int32(r)
+        for c in range(W):
+            l = last[c]
+            last[c] = l if fr[c] else rr
+            orow[c] = 0.0
+        c = 0
+        while c < W:
+            if not fr[c]:
+                c += 1
+                continue
+            a = c
+            while c < W and fr[c]:
+                e = end[c]
+                if e <= r:
+                    e = r + 1
+                    while e < H and fg[e, c]:
+                        e += 1
+                    if e == H:
+                        e = H + NONE
+                    end[c] = e
+                d = r - last[c]
+                e = e - r
+                d = d if d < e else e
+                g[c - a] = np.int64(d) * np.int64(d)
+                c += 1
+            if c - a <= _EDT_BRUTE_RUN:
+                _edt_run_brute(g, a, c, W, orow, best)
+            else:
+                _edt_run_envelope(g, a, c, W, orow, v, f)
 
 
 def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -1077,15 +1115,15 @@ def distance_transform_edt(image: np.ndarray, dtype=np.float32) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError("2-D images only")
-    zero = image == 0
-    if not zero.any():
+    fg = image if image.dtype == np.bool_ else image != 0
+    if fg.all():
         from scipy import ndimage as ndi
         return ndi.distance_transform_edt(image).astype(dtype)
     out = np.empty(image.shape, dtype=dtype)
-    if max(image.shape) < 40000 and out.dtype in (np.float32, np.float64):
-        _edt_sqrt_into(zero, np.empty(image.shape, dtype=np.int32), out)
+    if image.shape[0] < _EDT_NONE and out.dtype in (np.float32, np.float64):
+        _edt_fg_into(np.ascontiguousarray(fg), out)
         return out
-    d2, _ = _sq_edt(zero, False)
+    d2, _ = _sq_edt(~fg, False)
     _sqrt_into(d2, out)
     return out
 
