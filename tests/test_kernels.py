@@ -328,6 +328,65 @@ def _edge_images(rng):
     return ims
 
 
+def _iterated_reconstruction(seed, mask, steps):
+    ref = np.minimum(seed, mask)
+    for _ in range(steps):
+        ref = np.minimum(ndi.grey_dilation(ref, size=(3, 3)), mask)
+    return ref
+
+
+def test_bounded_reconstruction_edge_cases():
+    """Tiny and one-row/one-column images, plateaus, float64, images wider than one column strip
+    (``_REC_STRIP``) and step counts around the steps of one pass (``_REC_LEVELS``)."""
+    rng = np.random.default_rng(6)
+    cases = []
+    for shape in ((1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (40, 37)):
+        img = rng.random(shape).astype(np.float32)
+        cases.append((img - np.float32(0.4) * rng.random(shape).astype(np.float32), img))
+        q = np.round(img.astype(np.float64) * 3) / 3            # plateaus, exact ties
+        cases.append((q - 0.3 * (rng.random(shape) < 0.7), q))  # float64
+    wide = ndi.gaussian_filter(rng.random((7, 2 * K._REC_STRIP + 300)), 1.5).astype(np.float32)
+    cases.append((wide - np.float32(0.05) * rng.random(wide.shape).astype(np.float32), wide))
+    seed_above = rng.random((30, 30)).astype(np.float32)       # seed above the mask somewhere
+    cases.append((seed_above, np.float32(0.5) * rng.random((30, 30)).astype(np.float32) + 0.25))
+    n = K._REC_LEVELS
+    for seed, mask in cases:
+        for steps in (1, 3, n, n + 1, 2 * n + 5):
+            a = K.bounded_reconstruction_dilation(seed, mask, steps)
+            ref = _iterated_reconstruction(seed, mask, steps)
+            assert a.dtype == mask.dtype and np.array_equal(a, ref), (seed.shape, steps)
+
+
+def _edt_masks(region):
+    rng = np.random.default_rng(8)
+    yield region[1] > 0                                       # nuclei: the split's input
+    for i in range(30):
+        h, w = rng.integers(1, 90, 2)
+        if i % 3 == 0:                                        # blobs
+            yield ndi.binary_dilation(rng.random((h, w)) < 0.01, iterations=int(rng.integers(1, 15)))
+        else:
+            yield rng.random((h, w)) < rng.choice([0.1, 0.5, 0.9, 0.99])
+    for shape, zeros in ((((9, 300)), [(4, 150)]),             # runs longer than the brute-force ones
+                         ((300, 9), [(0, 0)]),                 # columns without background
+                         ((5, 400), [(0, 0), (4, 399)]),       # runs touching the image edges
+                         ((1, 1), [(0, 0)]), ((1, 7), [(0, 3)]), ((7, 1), [(6, 0)]),
+                         ((6, 6), [(r, c) for r in range(6) for c in range(6) if (r, c) != (2, 3)])):
+        m = np.ones(shape, bool)
+        for p in zeros:
+            m[p] = False
+        yield m
+    yield np.zeros((4, 5), bool)
+    yield np.ones((4, 5), bool)                               # no background: scipy's fallback
+
+
+def test_distance_transform_edt_equals_scipy(region):
+    for m in _edt_masks(region):
+        ref = ndi.distance_transform_edt(m)
+        assert np.array_equal(K.distance_transform_edt(m, np.float64), ref), m.shape
+        assert np.array_equal(K.distance_transform_edt(m), ref.astype(np.float32)), m.shape
+        assert np.array_equal(K.distance_transform_edt(m.astype(np.uint8) * 7, np.float64), ref)
+
+
 def test_gaussian_filter_bit_identical_to_scipy(region):
     rng = np.random.default_rng(4)
     ims = list(_images()) + [region[0], rng.random((9, 1))] + _edge_images(rng)
