@@ -229,7 +229,9 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     ap.add_argument("--_score", dest="score_slide", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from ihcscore.runtime import retain_freed_memory
 
+    retain_freed_memory()  # as `ihcscore score` and its tile workers do; the naive baseline gets it too
     if args.score_slide:
         args.slide = args.score_slide
         _score_child(args)
