@@ -22,10 +22,12 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   different label than scipy's feature transform).
 - :func:`squared_edt`: the exact int64 squared distances behind them (also used by
   :func:`membrane_ring` and :func:`binary_dilation_disk`).
+- :func:`label` = ``scipy.ndimage.label`` (2-D, connectivity 1 or 2), the same numbering.
 - :func:`find_inner_boundaries` = ``find_boundaries(labels, mode="inner")``;
   :func:`membrane_ring` = pixels of a label within ``width`` of such a boundary
   pixel (what ``distance_transform_edt(~boundary) < width`` gives), by a stencil.
-- :func:`label_stats` = one pass count/sum/sum of squares/min/max per label;
+- :func:`label_stats` = one pass count/sum/sum of squares/min/max per label
+  (:func:`label_stats_many`: of several label images over the same images at once);
   :func:`bincount_sum`, :func:`shape_sums`: ``np.bincount`` sums in one pass (bit-identical).
 - :func:`gaussian_filter` = ``scipy.ndimage.gaussian_filter`` ("nearest"/"reflect",
   2-D float), bit-identical.
@@ -51,9 +53,11 @@ __all__ = [
     "distance_transform_edt",
     "squared_edt",
     "expand_labels",
+    "label",
     "find_inner_boundaries",
     "membrane_ring",
     "label_stats",
+    "label_stats_many",
     "bincount_sum",
     "shape_sums",
     "gaussian_filter",
@@ -460,53 +464,112 @@ def _h_maxima_2d(image, h, two_res, out, J, I):
 # --------------------------------------------------------------------------- watershed by components
 
 @njit(**_JIT)
-def _cc_push(hv, ha, hp, hl, n, v, a, p, lab):
-    """Binary min-heap push ordered by (value, age); ages are unique, so the order is total."""
-    child = n
-    while child > 0:
-        parent = (child - 1) >> 1
-        pv = hv[parent]
-        if v < pv or (v == pv and a < ha[parent]):
-            hv[child] = pv
-            ha[child] = ha[parent]
-            hp[child] = hp[parent]
-            hl[child] = hl[parent]
-            child = parent
-        else:
-            break
-    hv[child] = v
-    ha[child] = a
-    hp[child] = p
-    hl[child] = lab
+def _ws_key(bits, q, top, full, neg):
+    """Order-preserving unsigned key of pixel ``q``'s value, negated when ``neg``.
+
+    ``bits`` is the float image viewed as unsigned integers of its width, ``top`` that
+    width's sign bit, ``full`` all its bits. Keys compare as the floats do, -0.0 equal
+    to 0.0 (NaN is not supported).
+    """
+    b = np.uint64(bits[q])
+    if neg:
+        b ^= top
+    if b == top:
+        b = np.uint64(0)
+    if b & top:
+        return b ^ full
+    return b | top
 
 
 @njit(**_JIT)
-def _cc_fix(hv, ha, hp, hl, n):
+def _ws_push(hk, ha, n, k, a):
+    """Min-heap push of key ``k`` with age ``a`` (ages break ties)."""
+    i = n
+    while i > 0:
+        par = (i - 1) >> 1
+        pk = hk[par]
+        if k < pk or (k == pk and a < ha[par]):
+            hk[i] = pk
+            ha[i] = ha[par]
+            i = par
+        else:
+            break
+    hk[i] = k
+    ha[i] = a
+
+
+@njit(**_JIT)
+def _ws_fix(hk, ha, n):
     """After taking the root of a heap now holding ``n`` items: move item ``n`` to the root, sift down."""
-    v = hv[n]
+    k = hk[n]
     a = ha[n]
-    p = hp[n]
-    lab = hl[n]
     i = 0
     while True:
         l = 2 * i + 1
         if l >= n:
             break
         r = l + 1
-        if r < n and (hv[r] < hv[l] or (hv[r] == hv[l] and ha[r] < ha[l])):
-            l = r
-        if hv[l] < v or (hv[l] == v and ha[l] < a):
-            hv[i] = hv[l]
+        if r < n:
+            kr = hk[r]
+            kl = hk[l]
+            if kr < kl or (kr == kl and ha[r] < ha[l]):
+                l = r
+        kl = hk[l]
+        if kl < k or (kl == k and ha[l] < a):
+            hk[i] = kl
             ha[i] = ha[l]
-            hp[i] = hp[l]
-            hl[i] = hl[l]
             i = l
         else:
             break
-    hv[i] = v
+    hk[i] = k
     ha[i] = a
-    hp[i] = p
-    hl[i] = lab
+
+
+@njit(**_JIT)
+def _ws_push1(hk, n, k):
+    """Push of a one-word (unique) key on a 4-ary min-heap."""
+    i = n
+    while i > 0:
+        par = (i - 1) >> 2
+        pk = hk[par]
+        if k < pk:
+            hk[i] = pk
+            i = par
+        else:
+            break
+    hk[i] = k
+
+
+@njit(**_JIT)
+def _ws_fix1(hk, n):
+    """:func:`_ws_fix` for one-word keys on a 4-ary heap, bottom-up: the hole left by the root
+    goes down the smallest children to a leaf (branch-free choice; ``hk[n:n + 4]`` are set to
+    the maximum key as sentinels, so the array needs four spare entries), then item ``n``
+    sifts up from there."""
+    k = hk[n]
+    big = np.uint64(0xFFFFFFFFFFFFFFFF)
+    hk[n] = big
+    hk[n + 1] = big
+    hk[n + 2] = big
+    hk[n + 3] = big
+    i = 0
+    l = 1
+    while l < n:
+        a = l + (hk[l + 1] < hk[l])
+        b = l + 2 + (hk[l + 3] < hk[l + 2])
+        l = b if hk[b] < hk[a] else a
+        hk[i] = hk[l]
+        i = l
+        l = 4 * i + 1
+    while i > 0:
+        par = (i - 1) >> 2
+        pk = hk[par]
+        if k < pk:
+            hk[i] = pk
+            i = par
+        else:
+            break
+    hk[i] = k
 
 
 @njit(**_JIT)
@@ -567,32 +630,44 @@ def _cc_collect(wf, outf, H, W, comp, marks, st):
 
 
 @njit(**_JIT)
-def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st, sign):
+def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg, packed):
     """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
 
-    Returns 1 when the heap must grow before the next pop (then call again), 0 when done.
+    Returns 1 when the arrays must grow before the next pop (then call again), 0 when done.
     skimage's rules: pop in (value, age) order; a neighbour's value is never below its
     parent's; with ``wsl`` pixels are labelled when popped and one touching another
     label becomes a line (0); markers are the entries with age < ``nmk``.
+    The heap holds only keys (``hk``: value key, and age in ``ha``; ``packed``: value key
+    << 32 | age in one word); an entry's pixel is ``ap[age]``, its label ``al[age]`` with
+    ``wsl``, else the pixel's own (labels are set at push).
     """
     n = st[0]
     age = st[1]
-    cap = hv.size
+    lo = np.uint64(0xFFFFFFFF)
+    s32 = np.uint64(32)
     status = 0
     while n > 0:
-        if n + 4 > cap:
+        if n + 5 > hk.size or age + 4 > ap.size:
             status = 1
             break
-        ev = hv[0]
-        ea = ha[0]
-        p = hp[0]
-        lab = hl[0]
+        ek = hk[0]
+        if packed:
+            ea = np.int64(ek & lo)
+            ev = ek >> s32
+        else:
+            ea = ha[0]
+            ev = ek
         n -= 1
         if n > 0:
-            _cc_fix(hv, ha, hp, hl, n)
+            if packed:
+                _ws_fix1(hk, n)
+            else:
+                _ws_fix(hk, ha, n)
+        p = ap[ea]
         r = p // W
         c = p - r * W
         if wsl:
+            lab = al[ea]
             if outf[p] != 0 and ea >= nmk:
                 continue  # already labelled from another neighbour
             diff = wf[p] == 0
@@ -622,6 +697,8 @@ def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st, sign):
                             break
             if not diff:
                 outf[p] = lab
+        else:
+            lab = outf[p]
         for k in range(4):
             if k == 0:
                 if r == 0:
@@ -641,12 +718,18 @@ def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st, sign):
                 q = p + W
             if wf[q] == 0 or outf[q] != 0:
                 continue
-            v = sign * np.float64(imf[q])
+            v = _ws_key(bits, q, top, full, neg)
             if v < ev:
                 v = ev
-            if not wsl:
+            if wsl:
+                al[age] = lab
+            else:
                 outf[q] = lab
-            _cc_push(hv, ha, hp, hl, n, v, age, q, lab)
+            ap[age] = q
+            if packed:
+                _ws_push1(hk, n, (v << s32) | np.uint64(age))
+            else:
+                _ws_push(hk, ha, n, v, age)
             age += 1
             n += 1
     st[0] = n
@@ -664,18 +747,20 @@ def _next_equal(a, start, v):
 
 
 @njit(**_JIT)
-def _watershed_cc(image, out, work, wsl, sign):
+def _watershed_cc(bits, out, work, wsl, neg, top, full, packed):
     """Seeded watershed (4-connectivity) one connected component of the mask at a time.
 
-    ``out`` holds the markers (0 outside the mask) and receives the labels; ``work`` is
-    the mask as uint8 (1 inside) and is used as scratch. Components of the mask never
-    interact in the flood, so each is flooded alone with a heap that stays small (in
-    cache). A component with markers of at most one label is that label (or 0) entirely.
-    The pop order inside a component is (value, age) with markers aged in raster order:
-    the same as one (value, age) flood of the whole image with raster-ordered markers.
+    ``bits`` is the image viewed as unsigned integers (see :func:`_ws_key`; ``packed``
+    when value keys fit 32 bits and ages 32 bits); ``out`` holds the markers (0 outside
+    the mask) and receives the labels; ``work`` is the mask as uint8 (1 inside) and is
+    used as scratch. Components of the mask never interact in the flood, so each is
+    flooded alone with a heap that stays small (in cache). A component with markers of
+    at most one label is that label (or 0) entirely. The pop order inside a component
+    is (value, age) with markers aged in raster order: the same as one (value, age)
+    flood of the whole image with raster-ordered markers.
     """
-    H, W = image.shape
-    imf = image.ravel()
+    H, W = out.shape
+    bf = bits.ravel()
     outf = out.ravel()
     wf = work.ravel()
     n_px = H * W
@@ -684,10 +769,10 @@ def _watershed_cc(image, out, work, wsl, sign):
     st = np.zeros(5, dtype=np.int64)
     fst = np.zeros(2, dtype=np.int64)
     cap = 1 << 12
-    hv = np.empty(cap, dtype=np.float64)
+    hk = np.empty(cap, dtype=np.uint64)
     ha = np.empty(cap, dtype=np.int64)
-    hp = np.empty(cap, dtype=np.int64)
-    hl = np.empty(cap, dtype=out.dtype)
+    ap = np.empty(cap, dtype=np.int64)
+    al = np.empty(cap, dtype=out.dtype)
     p0 = -1
     while True:
         # (the scan is a call: arrays reassigned in this loop would cost reference counting per pixel)
@@ -717,28 +802,35 @@ def _watershed_cc(image, out, work, wsl, sign):
                 for j in range(m):
                     outf[comp[j]] = lab1
             continue
-        # several labels: flood, markers first in raster order (ages 0..nmk-1)
-        mk = np.sort(marks[:nmk])
-        if cap < nmk + 4:
-            while cap < nmk + 4:
+        # several labels: flood, markers first in raster order (ages 0..nmk-1); without a
+        # line every pixel gets one age, so m + 8 entries never grow
+        if cap < m + 8:
+            while cap < m + 8:
                 cap *= 2
-            hv = np.empty(cap, dtype=np.float64)
+            hk = np.empty(cap, dtype=np.uint64)
             ha = np.empty(cap, dtype=np.int64)
-            hp = np.empty(cap, dtype=np.int64)
-            hl = np.empty(cap, dtype=out.dtype)
+            ap = np.empty(cap, dtype=np.int64)
+            al = np.empty(cap, dtype=out.dtype)
+        mk = np.sort(marks[:nmk])
         n = 0
         for j in range(nmk):
             p = mk[j]
-            _cc_push(hv, ha, hp, hl, n, sign * np.float64(imf[p]), j, p, outf[p])
+            ap[j] = p
+            al[j] = outf[p]
+            v = _ws_key(bf, p, top, full, neg)
+            if packed:
+                _ws_push1(hk, n, (v << np.uint64(32)) | np.uint64(j))
+            else:
+                _ws_push(hk, ha, n, v, j)
             n += 1
         fst[0] = n
         fst[1] = nmk
-        while _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, fst, sign) != 0:
+        while _cc_flood(bf, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, fst, top, full, neg, packed) != 0:
             cap *= 2
-            hv = _grow_arr(hv, cap)
+            hk = _grow_arr(hk, cap)
             ha = _grow_arr(ha, cap)
-            hp = _grow_arr(hp, cap)
-            hl = _grow_arr(hl, cap)
+            ap = _grow_arr(ap, cap)
+            al = _grow_arr(al, cap)
 
 
 @njit(**_JIT)
@@ -789,7 +881,14 @@ def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarra
     work = np.empty((H, W), dtype=np.uint8)
     if out.size:
         _cc_prepare(markers, mask, out, work)
-        _watershed_cc(image, out, work, bool(watershed_line), -1.0 if negate else 1.0)
+        wide = image.dtype == np.float64
+        bits = image.view(np.uint64 if wide else np.uint32)
+        top = np.uint64(1 << (63 if wide else 31))
+        full = np.uint64((1 << (64 if wide else 32)) - 1)
+        # one-word heap keys (value << 32 | age) need 32-bit values and ages; with a line a
+        # pixel may be pushed more than once
+        packed = not wide and not watershed_line and out.size < (1 << 32)
+        _watershed_cc(bits, out, work, bool(watershed_line), bool(negate), top, full, packed)
     return out
 
 
@@ -1043,17 +1142,9 @@ def _expand(labels, fidx, d2, max_d2, out):
 
 
 @njit(**_JIT)
-def _expand_bounded(labels, R, max_d2, out, dy):
-    """Nearest label within ``sqrt(max_d2)`` (``R = floor(sqrt(max_d2))``), no full distance maps.
-
-    The same choice as the feature transform of :func:`_sq_edt_into` followed by :func:`_expand`:
-    the Felzenszwalb-Huttenlocher envelope picks, among the nearest feature pixels, the one in the
-    smallest column, and the column pass the upper of two equidistant rows. Column pass: ``dy``
-    (int16) = signed row offset to the nearest feature in the column if within ``R`` (ties: up),
-    else ``NONE``. Row pass: the lower envelope of only the parabolas with ``dy**2 <= max_d2``
-    (those can never win within ``max_d2``; dropping them does not change which of the tied
-    minimal parabolas the envelope keeps: the one with the smallest column).
-    """
+def _expand_columns(labels, R, dy):
+    """Column pass of the bounded expansion: ``dy`` (int16) = signed row offset to the nearest
+    labelled pixel in the column if within ``R`` (ties: up), else 32767. Branch-free row loops."""
     H, W = labels.shape
     NONE = np.int16(32767)
     last = np.empty(W, dtype=np.int64)
@@ -1063,26 +1154,85 @@ def _expand_bounded(labels, R, max_d2, out, dy):
         lr = labels[r]
         dr = dy[r]
         for c in range(W):
-            if lr[c] != 0:
-                last[c] = r
-                dr[c] = 0
-            else:
-                d = r - last[c]
-                dr[c] = -d if d <= R else NONE
+            l = r if lr[c] != 0 else last[c]
+            last[c] = l
+            d = r - l
+            dr[c] = np.int16(-d) if d <= R else NONE
     for c in range(W):
         last[c] = H + R + 2
     for r in range(H - 1, -1, -1):
         lr = labels[r]
         dr = dy[r]
         for c in range(W):
-            if lr[c] != 0:
-                last[c] = r
-            else:
-                d = last[c] - r
-                if d <= R:
-                    cur = dr[c]
-                    if cur == NONE or d < -cur:
-                        dr[c] = d
+            l = r if lr[c] != 0 else last[c]
+            last[c] = l
+            d = l - r
+            cur = dr[c]
+            dr[c] = np.int16(d) if d <= R and (cur == NONE or d < -cur) else cur
+
+
+@njit(**_JIT)
+def _expand_near(labels, R, max_d2, out, dy):
+    """Row pass of the bounded expansion for small ``R``: each pixel takes the nearest of the
+    column pass's candidates at column offsets ``-R..R`` (smallest column on ties, as the
+    envelope of :func:`_expand_bounded` does), by whole-row loops over the offsets (vectorised,
+    int16: squared distances up to ``2 * R**2`` must stay below 16384).
+    """
+    H, W = labels.shape
+    NONE = np.int16(32767)
+    BIG = np.int16(16384)
+    G = np.empty(W, dtype=np.int16)
+    best = np.empty(W, dtype=np.int16)
+    bdx = np.empty(W, dtype=np.int16)
+    lc = np.empty(W, dtype=labels.dtype)
+    lf = labels.ravel()
+    for r in range(H):
+        dr = dy[r]
+        for c in range(W):
+            d = dr[c]
+            G[c] = d * d if d != NONE else BIG
+        best[:] = BIG
+        bdx[:] = 0
+        for dx in range(-R, R + 1):
+            d2 = np.int16(dx * dx)
+            ddx = np.int16(dx)
+            c0 = max(0, -dx)
+            c1 = min(W, W - dx)
+            # slices, not shifted indices: only then does the loop vectorise
+            gs = G[c0 + dx:c1 + dx]
+            bs = best[c0:c1]
+            ds = bdx[c0:c1]
+            for i in range(c1 - c0):
+                g = np.int16(gs[i] + d2)
+                lt = g < bs[i]
+                bs[i] = g if lt else bs[i]
+                ds[i] = ddx if lt else ds[i]
+        # the candidate's label in each column, then the chosen one's: branch-free gathers
+        # (unsigned indices: no negative-index wraparound code, so they vectorise)
+        base = r * W
+        for c in range(W):
+            d = dr[c]
+            lc[c] = lf[np.uint64(base + (d if d != NONE else 0) * W + c)]
+        orow = out[r]
+        for c in range(W):
+            v = lc[np.uint64(c + bdx[c])]
+            orow[c] = v if best[c] <= max_d2 else 0
+
+
+@njit(**_JIT)
+def _expand_bounded(labels, R, max_d2, out, dy):
+    """Nearest label within ``sqrt(max_d2)`` (``R = floor(sqrt(max_d2))``), no full distance maps.
+
+    The same choice as the feature transform of :func:`_sq_edt_into` followed by :func:`_expand`:
+    the Felzenszwalb-Huttenlocher envelope picks, among the nearest feature pixels, the one in the
+    smallest column, and the column pass the upper of two equidistant rows. Column pass
+    (:func:`_expand_columns`) into ``dy``, then the row pass: the lower envelope of only the
+    parabolas with ``dy**2 <= max_d2`` (those can never win within ``max_d2``; dropping them does
+    not change which of the tied minimal parabolas the envelope keeps: the one with the smallest column).
+    """
+    H, W = labels.shape
+    NONE = np.int16(32767)
+    _expand_columns(labels, R, dy)
     v = np.empty(W, dtype=np.int64)
     z = np.empty(W + 1, dtype=np.float64)
     for r in range(H):
@@ -1131,6 +1281,11 @@ def _expand_bounded(labels, R, max_d2, out, dy):
                 orow[q] = 0
 
 
+#: Up to this reach (px) the expansion's row pass scans the 2R + 1 column offsets (cost ~R) instead
+#: of building parabola envelopes.
+_EXPAND_NEAR_MAX_R = 24  # (int16 sums in _expand_near: 2 * 24**2 + 24**2 < 16384)
+
+
 def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     """Grow labels by ``distance`` px without overlap: each background pixel takes the
     label of its nearest labelled pixel if that is at most ``distance`` away.
@@ -1158,7 +1313,12 @@ def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     if R > 30000:
         return _expand_labels_ft(labels, distance)
     if labels.size:
-        _expand_bounded(labels, R, max_d2, out, np.empty(labels.shape, dtype=np.int16))
+        dy = np.empty(labels.shape, dtype=np.int16)
+        if R <= _EXPAND_NEAR_MAX_R:
+            _expand_columns(labels, R, dy)
+            _expand_near(labels, R, max_d2, out, dy)
+        else:
+            _expand_bounded(labels, R, max_d2, out, dy)
     return out
 
 
@@ -1183,6 +1343,97 @@ def _max_sq_within(distance: float, strict: bool) -> int:
             return k
         k -= 1
     return -1
+
+
+# --------------------------------------------------------------------------- connected components
+
+@njit(**_JIT)
+def _uf_find(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@njit(**_JIT)
+def _label_runs(img, d, rstart, rc0, rc1, parent, out):
+    """Connected components of ``img`` by runs: runs of each row are joined by union-find to
+    the runs of the row above that they touch (``d`` = 0: 4-connectivity, 1: 8-connectivity).
+    A component's root is its first run, so numbering roots in run order numbers components
+    in raster order of their first pixel, as ``scipy.ndimage.label`` does. Returns the count.
+    """
+    H, W = img.shape
+    nr = 0
+    for r in range(H):
+        row = img[r]
+        rstart[r] = nr
+        c = 0
+        while c < W:
+            if not row[c]:
+                c += 1
+                continue
+            c0 = c
+            while c < W and row[c]:
+                c += 1
+            rc0[nr] = c0
+            rc1[nr] = c
+            parent[nr] = nr
+            nr += 1
+    rstart[H] = nr
+    for r in range(1, H):
+        k = rstart[r - 1]
+        kend = rstart[r]
+        for j in range(rstart[r], rstart[r + 1]):
+            c0 = rc0[j]
+            c1 = rc1[j]
+            while k < kend and rc1[k] + d <= c0:
+                k += 1
+            m = k
+            while m < kend and rc0[m] < c1 + d:
+                a = _uf_find(parent, m)
+                b = _uf_find(parent, j)
+                if a < b:
+                    parent[b] = a
+                elif b < a:
+                    parent[a] = b
+                m += 1
+    n = 0
+    for j in range(nr):
+        p = parent[j]
+        if p == j:
+            n += 1
+            parent[j] = n
+        else:
+            parent[j] = parent[p]  # p < j is already its root's label
+    for r in range(H):
+        orow = out[r]
+        for j in range(rstart[r], rstart[r + 1]):
+            lab = parent[j]
+            for c in range(rc0[j], rc1[j]):
+                orow[c] = lab
+    return n
+
+
+def label(image: np.ndarray, connectivity: int = 1):
+    """``scipy.ndimage.label(image, structure)`` of a 2-D image with the cross (``connectivity=1``)
+    or the 3x3 square (``connectivity=2``) structure: the same int32 labels, numbered in raster
+    order of each component's first pixel, and their count. Releases the GIL.
+    """
+    image = np.ascontiguousarray(image, dtype=bool)
+    if image.ndim != 2:
+        raise ValueError("2-D images only")
+    if connectivity not in (1, 2):
+        raise ValueError("connectivity must be 1 or 2")
+    H, W = image.shape
+    out = np.zeros((H, W), dtype=np.int32)
+    if out.size == 0:
+        return out, 0
+    cap = H * ((W + 1) // 2)  # most runs an image can have (untouched pages cost nothing)
+    rc0 = np.empty(cap, dtype=np.int64)
+    rc1 = np.empty(cap, dtype=np.int64)
+    parent = np.empty(cap, dtype=np.int64)
+    n = _label_runs(image, connectivity - 1, np.empty(H + 1, dtype=np.int64), rc0, rc1, parent, out)
+    return out, int(n)
 
 
 # --------------------------------------------------------------------------- boundaries, membrane
@@ -1216,20 +1467,32 @@ def find_inner_boundaries(labels: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def _ring(lab, bnd, dys, dxs, out):
+    """``out`` = ``lab`` where a ``bnd`` pixel lies at one of the offsets (``dys``, ``dxs``), else 0.
+
+    Row by row: the boundary rows at each offset are OR-ed into a row buffer over whole rows
+    (branch-free, vectorised), then the labels are masked with it.
+    """
     H, W = lab.shape
     K = dys.size
+    hit = np.empty(W, dtype=np.uint8)
     for r in range(H):
+        hit[:] = 0
+        for k in range(K):
+            rr = r + dys[k]
+            if rr < 0 or rr >= H:
+                continue
+            dx = dxs[k]
+            c0 = max(0, -dx)
+            c1 = min(W, W - dx)
+            # slices, not shifted indices: only then does the loop vectorise (10x)
+            h = hit[c0:c1]
+            b = bnd[rr, c0 + dx:c1 + dx]
+            for c in range(c1 - c0):
+                h[c] |= b[c]
+        lr = lab[r]
+        orow = out[r]
         for c in range(W):
-            v = lab[r, c]
-            res = 0
-            if v != 0:
-                for k in range(K):
-                    rr = r + dys[k]
-                    cc = c + dxs[k]
-                    if 0 <= rr < H and 0 <= cc < W and bnd[rr, cc]:
-                        res = v
-                        break
-            out[r, c] = res
+            orow[c] = lr[c] if hit[c] else 0
 
 
 def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
@@ -1252,33 +1515,57 @@ def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
         return np.where((labels != 0) & (d2 <= kmax), labels, 0).astype(labels.dtype)
     dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
     sel = (dy * dy + dx * dx) <= kmax
-    # Nearest offsets first: most ring pixels stop at the first hit.
-    order = np.argsort((dy * dy + dx * dx)[sel], kind="stable")
-    _ring(labels, bnd, dy[sel][order].astype(np.int64), dx[sel][order].astype(np.int64), out)
+    _ring(labels, bnd.view(np.uint8), dy[sel].astype(np.int64), dx[sel].astype(np.int64), out)
     return out
 
 
 # --------------------------------------------------------------------------- label statistics
 
 @njit(**_JIT)
-def _label_stats(labels, images, n, count, s, s2, mn, mx):
-    H, W = labels.shape
+def _label_stats(labels, images, n, count, acc):
+    """Row by row, each label image in turn, a run of one label at a time.
+
+    ``acc[l, i, k]`` = (sum, sum of squares, min, max) of image ``k`` in label ``i + 1`` of
+    label image ``l``. A run's statistics accumulate in registers in pixel order: the same
+    additions in the same order as per pixel, so sums stay bit-identical to ``np.bincount``.
+    The images' row stays in cache while every label image reads it.
+    """
+    L = len(labels)
     K = len(images)
+    H, W = labels[0].shape
     for r in range(H):
-        for c in range(W):
-            lab = labels[r, c]
-            if lab <= 0 or lab > n:
-                continue
-            i = lab - 1
-            count[i] += 1
-            for k in range(K):
-                v = np.float64(images[k][r, c])
-                s[k, i] += v
-                s2[k, i] += v * v
-                if v < mn[k, i]:
-                    mn[k, i] = v
-                if v > mx[k, i]:
-                    mx[k, i] = v
+        for l in range(L):
+            lr = labels[l][r]
+            c = 0
+            while c < W:
+                lab = lr[c]
+                if lab <= 0 or lab > n:
+                    c += 1
+                    continue
+                j = c + 1
+                while j < W and lr[j] == lab:
+                    j += 1
+                i = lab - 1
+                count[l, i] += j - c
+                for k in range(K):
+                    row = images[k][r]
+                    s = acc[l, i, k, 0]
+                    s2 = acc[l, i, k, 1]
+                    mn = acc[l, i, k, 2]
+                    mx = acc[l, i, k, 3]
+                    for x in range(c, j):
+                        v = np.float64(row[x])
+                        s += v
+                        s2 += v * v
+                        if v < mn:
+                            mn = v
+                        if v > mx:
+                            mx = v
+                    acc[l, i, k, 0] = s
+                    acc[l, i, k, 1] = s2
+                    acc[l, i, k, 2] = mn
+                    acc[l, i, k, 3] = mx
+                c = j
 
 
 def label_stats(labels: np.ndarray, images, n: int):
@@ -1296,41 +1583,60 @@ def label_stats(labels: np.ndarray, images, n: int):
     (min/max are NaN for empty labels). Sums accumulate in raster order in float64,
     like ``np.bincount(labels, weights=...)``, so they are bit-identical to it.
     """
-    labels = np.ascontiguousarray(labels)
+    return label_stats_many([labels], images, n)[0]
+
+
+def label_stats_many(label_images, images, n: int):
+    """:func:`label_stats` of several label images (e.g. a cell's compartments) over the same
+    images, in one pass over the images. Returns one ``(count, sum, sumsq, min, max)`` per label image.
+    """
+    labs = [np.ascontiguousarray(x) for x in label_images]
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = list(images)
     ims = [np.asarray(im) for im in images]
-    if any(im.shape != labels.shape for im in ims):
+    shape = labs[0].shape if labs else None
+    if labs and labs[0].ndim != 2 or any(x.shape != shape for x in labs):
+        raise ValueError("label images must be 2-D arrays of one shape")
+    if any(im.shape != shape for im in ims):
         raise ValueError("images must have the labels' shape")
-    # one dtype for the tuple the kernel receives; views (e.g. stain_od[..., 1]) are not copied
+    # one dtype for each tuple the kernel receives; views (e.g. stain_od[..., 1]) are not copied
     dt = np.result_type(*[im.dtype for im in ims]) if ims else np.float64
     stack = tuple(im if im.dtype == dt else im.astype(dt) for im in ims)
-    K = len(stack)
-    count = np.zeros(n, dtype=np.int64)
-    s = np.zeros((K, n))
-    s2 = np.zeros((K, n))
-    mn = np.full((K, n), np.inf)
-    mx = np.full((K, n), -np.inf)
-    if n > 0 and K > 0:
-        _label_stats(labels, stack, n, count, s, s2, mn, mx)
+    ldt = np.result_type(*[x.dtype for x in labs]) if labs else np.int32
+    labs = tuple(x if x.dtype == ldt else x.astype(ldt) for x in labs)
+    L, K = len(labs), len(stack)
+    count = np.zeros((L, n), dtype=np.int64)
+    acc = np.zeros((L, n, K, 4))
+    acc[..., 2] = np.inf
+    acc[..., 3] = -np.inf
+    if n > 0 and K > 0 and L > 0 and labs[0].size:
+        _label_stats(labs, stack, n, count, acc)
     empty = count == 0
-    mn[:, empty] = np.nan
-    mx[:, empty] = np.nan
-    return count, s, s2, mn, mx
-
+    acc[empty, :, 2:] = np.nan
+    return [(count[l], *(np.ascontiguousarray(acc[l, :, :, j].T) for j in range(4))) for l in range(L)]
 
 
 @njit(**_JIT)
 def _bincount_sum(labels, weights, counts, sums):
+    """Runs of one label are summed in registers (the same additions in the same order as a
+    per-pixel ``sums[lab] += w``, without a store-to-load dependency per pixel)."""
     lf = labels.ravel()
     wf = weights.ravel()
     n = counts.size
-    for i in range(lf.size):
+    N = lf.size
+    i = 0
+    while i < N:
         lab = lf[i]
         if lab < 0 or lab >= n:
             return False
-        counts[lab] += 1
-        sums[lab] += np.float64(wf[i])
+        acc = sums[lab]
+        j = i
+        while j < N and lf[j] == lab:
+            acc += np.float64(wf[j])
+            j += 1
+        sums[lab] = acc
+        counts[lab] += j - i
+        i = j
     return True
 
 
