@@ -15,11 +15,15 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   mask=mask, watershed_line=...)`` with connectivity 1, flooding each connected
   component of the mask alone: scikit-image 0.26's (value, age) pop order, so labels
   are identical except where markers of different labels have exactly equal values
-  (taken in raster order here) and their floods meet at equal values.
+  (taken in raster order here) and their floods meet at equal values. Components come
+  from runs (:func:`label`'s union-find); a component with one label is filled without
+  a flood; the flood's heap holds order-preserving integer keys (value and age in one
+  word for float32 images without a line). Images must not contain NaN.
 - :func:`distance_transform_edt` (Felzenszwalb-Huttenlocher, exact squared
   distances, so ``sqrt`` gives scipy's values bit for bit in float64) and
   :func:`expand_labels` (nearest label within a distance; equal ties may pick a
-  different label than scipy's feature transform).
+  different label than scipy's feature transform; small distances scan the column
+  offsets instead of building parabola envelopes, with the same choice).
 - :func:`squared_edt`: the exact int64 squared distances behind them (also used by
   :func:`membrane_ring` and :func:`binary_dilation_disk`).
 - :func:`label` = ``scipy.ndimage.label`` (2-D, connectivity 1 or 2), the same numbering.
@@ -499,10 +503,8 @@ def _ws_push(hk, ha, n, k, a):
 
 
 @njit(**_JIT)
-def _ws_fix(hk, ha, n):
-    """After taking the root of a heap now holding ``n`` items: move item ``n`` to the root, sift down."""
-    k = hk[n]
-    a = ha[n]
+def _ws_down(hk, ha, n, k, a):
+    """Put (``k``, ``a``) in the vacant root of a heap of ``n`` entries and sift it down."""
     i = 0
     while True:
         l = 2 * i + 1
@@ -541,12 +543,11 @@ def _ws_push1(hk, n, k):
 
 
 @njit(**_JIT)
-def _ws_fix1(hk, n):
-    """:func:`_ws_fix` for one-word keys on a 4-ary heap, bottom-up: the hole left by the root
-    goes down the smallest children to a leaf (branch-free choice; ``hk[n:n + 4]`` are set to
-    the maximum key as sentinels, so the array needs four spare entries), then item ``n``
-    sifts up from there."""
-    k = hk[n]
+def _ws_down1(hk, n, k):
+    """Put one-word key ``k`` in the vacant root of a 4-ary heap of ``n`` entries, bottom-up:
+    the hole goes down the smallest children to a leaf (branch-free choice; ``hk[n:n + 4]``
+    are set to the maximum key as sentinels, so the array needs four spare entries), then
+    ``k`` sifts up from there."""
     big = np.uint64(0xFFFFFFFFFFFFFFFF)
     hk[n] = big
     hk[n + 1] = big
@@ -573,78 +574,24 @@ def _ws_fix1(hk, n):
 
 
 @njit(**_JIT)
-def _cc_collect(wf, outf, H, W, comp, marks, st):
-    """Breadth-first collection of one 4-connected mask component (resumable).
-
-    ``st`` = [next, count, n_markers, first label, several labels]; returns 0 when
-    done, 1 when ``comp`` and 2 when ``marks`` must grow first (then call again).
-    Arrays are parameters, never reassigned here: no reference counting in the loop.
-    """
-    i = st[0]
-    m = st[1]
-    nmk = st[2]
-    lab1 = st[3]
-    multi = st[4]
-    status = 0
-    while i < m:
-        if m + 4 > comp.size:
-            status = 1
-            break
-        p = comp[i]
-        lv = outf[p]
-        if lv != 0:
-            if nmk == marks.size:
-                status = 2
-                break
-            marks[nmk] = p
-            nmk += 1
-            if lab1 == 0:
-                lab1 = lv
-            elif lv != lab1:
-                multi = 1
-        i += 1
-        r = p // W
-        c = p - r * W
-        if r > 0 and wf[p - W] == 1:
-            wf[p - W] = 2
-            comp[m] = p - W
-            m += 1
-        if c > 0 and wf[p - 1] == 1:
-            wf[p - 1] = 2
-            comp[m] = p - 1
-            m += 1
-        if c < W - 1 and wf[p + 1] == 1:
-            wf[p + 1] = 2
-            comp[m] = p + 1
-            m += 1
-        if r < H - 1 and wf[p + W] == 1:
-            wf[p + W] = 2
-            comp[m] = p + W
-            m += 1
-    st[0] = i
-    st[1] = m
-    st[2] = nmk
-    st[3] = lab1
-    st[4] = multi
-    return status
-
-
-@njit(**_JIT)
 def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg, packed):
     """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
 
     Returns 1 when the arrays must grow before the next pop (then call again), 0 when done.
     skimage's rules: pop in (value, age) order; a neighbour's value is never below its
     parent's; with ``wsl`` pixels are labelled when popped and one touching another
-    label becomes a line (0); markers are the entries with age < ``nmk``.
+    label becomes a line; markers are the entries with age < ``nmk``.
     The heap holds only keys (``hk``: value key, and age in ``ha``; ``packed``: value key
     << 32 | age in one word); an entry's pixel is ``ap[age]``, its label ``al[age]`` with
-    ``wsl``, else the pixel's own (labels are set at push).
+    ``wsl``, else the pixel's own (labels are set at push). The popped root is replaced by
+    the first neighbour pushed (one sift instead of two). ``wf``: bit 0 = in the mask (not
+    a line), bit 1 = first column, bit 2 = last column (no division for the borders).
     """
     n = st[0]
     age = st[1]
     lo = np.uint64(0xFFFFFFFF)
     s32 = np.uint64(32)
+    n_px = H * W
     status = 0
     while n > 0:
         if n + 5 > hk.size or age + 4 > ap.size:
@@ -657,153 +604,150 @@ def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg
         else:
             ea = ha[0]
             ev = ek
-        n -= 1
-        if n > 0:
-            if packed:
-                _ws_fix1(hk, n)
-            else:
-                _ws_fix(hk, ha, n)
+        hole = True  # the root is taken; the first push fills it
         p = ap[ea]
-        r = p // W
-        c = p - r * W
+        f = wf[p]
+        up = p >= W
+        down = p + W < n_px
+        left = (f & 2) == 0
+        right = (f & 4) == 0
+        skip = False
         if wsl:
             lab = al[ea]
             if outf[p] != 0 and ea >= nmk:
-                continue  # already labelled from another neighbour
-            diff = wf[p] == 0
-            if not diff:
-                for k in range(4):
-                    if k == 0:
-                        if r == 0:
-                            continue
-                        q = p - W
-                    elif k == 1:
-                        if c == 0:
-                            continue
-                        q = p - 1
-                    elif k == 2:
-                        if c == W - 1:
-                            continue
-                        q = p + 1
-                    else:
-                        if r == H - 1:
-                            continue
-                        q = p + W
-                    if wf[q] != 0:
-                        ql = outf[q]
-                        if ql != 0 and ql != lab:
-                            diff = True
-                            wf[p] = 0
-                            break
-            if not diff:
+                skip = True  # already labelled from another neighbour
+            elif (f & 1) == 0 or (up and (wf[p - W] & 1) != 0 and outf[p - W] != 0 and outf[p - W] != lab) \
+                    or (left and (wf[p - 1] & 1) != 0 and outf[p - 1] != 0 and outf[p - 1] != lab) \
+                    or (right and (wf[p + 1] & 1) != 0 and outf[p + 1] != 0 and outf[p + 1] != lab) \
+                    or (down and (wf[p + W] & 1) != 0 and outf[p + W] != 0 and outf[p + W] != lab):
+                wf[p] = f & 6  # a line pixel
+            else:
                 outf[p] = lab
         else:
             lab = outf[p]
-        for k in range(4):
-            if k == 0:
-                if r == 0:
+        if not skip:
+            for k in range(4):
+                if k == 0:
+                    if not up:
+                        continue
+                    q = p - W
+                elif k == 1:
+                    if not left:
+                        continue
+                    q = p - 1
+                elif k == 2:
+                    if not right:
+                        continue
+                    q = p + 1
+                else:
+                    if not down:
+                        continue
+                    q = p + W
+                if (wf[q] & 1) == 0 or outf[q] != 0:
                     continue
-                q = p - W
-            elif k == 1:
-                if c == 0:
-                    continue
-                q = p - 1
-            elif k == 2:
-                if c == W - 1:
-                    continue
-                q = p + 1
-            else:
-                if r == H - 1:
-                    continue
-                q = p + W
-            if wf[q] == 0 or outf[q] != 0:
-                continue
-            v = _ws_key(bits, q, top, full, neg)
-            if v < ev:
-                v = ev
-            if wsl:
-                al[age] = lab
-            else:
-                outf[q] = lab
-            ap[age] = q
-            if packed:
-                _ws_push1(hk, n, (v << s32) | np.uint64(age))
-            else:
-                _ws_push(hk, ha, n, v, age)
-            age += 1
-            n += 1
+                v = _ws_key(bits, q, top, full, neg)
+                if v < ev:
+                    v = ev
+                if wsl:
+                    al[age] = lab
+                else:
+                    outf[q] = lab
+                ap[age] = q
+                if packed:
+                    if hole:
+                        _ws_down1(hk, n, (v << s32) | np.uint64(age))
+                    else:
+                        _ws_push1(hk, n, (v << s32) | np.uint64(age))
+                else:
+                    if hole:
+                        _ws_down(hk, ha, n, v, age)
+                    else:
+                        _ws_push(hk, ha, n, v, age)
+                if hole:
+                    hole = False
+                else:
+                    n += 1
+                age += 1
+        if hole:
+            n -= 1
+            if n > 0:
+                if packed:
+                    _ws_down1(hk, n, hk[n])
+                else:
+                    _ws_down(hk, ha, n, hk[n], ha[n])
     st[0] = n
     st[1] = age
     return status
 
 
 @njit(**_JIT)
-def _next_equal(a, start, v):
-    """First index >= ``start`` where flat ``a`` equals ``v`` (``a.size`` if none)."""
-    for i in range(start, a.size):
-        if a[i] == v:
-            return i
-    return a.size
-
-
-@njit(**_JIT)
-def _watershed_cc(bits, out, work, wsl, neg, top, full, packed):
+def _watershed_cc(bits, out, work, wsl, neg, top, full, packed, rstart, rc0, rc1, parent):
     """Seeded watershed (4-connectivity) one connected component of the mask at a time.
 
     ``bits`` is the image viewed as unsigned integers (see :func:`_ws_key`; ``packed``
     when value keys fit 32 bits and ages 32 bits); ``out`` holds the markers (0 outside
-    the mask) and receives the labels; ``work`` is the mask as uint8 (1 inside) and is
-    used as scratch. Components of the mask never interact in the flood, so each is
-    flooded alone with a heap that stays small (in cache). A component with markers of
-    at most one label is that label (or 0) entirely. The pop order inside a component
-    is (value, age) with markers aged in raster order: the same as one (value, age)
-    flood of the whole image with raster-ordered markers.
+    the mask) and receives the labels; ``work`` is the mask as :func:`_cc_prepare` makes it
+    (line pixels lose bit 0). ``rstart``, ``rc0``, ``rc1``, ``parent``: room for the mask's runs
+    (:func:`_run_components`). Components of the mask never interact in the flood, so
+    each is flooded alone with a heap that stays small (in cache). A component with
+    markers of at most one label is that label (or 0) entirely, filled run by run. The
+    pop order inside a component is (value, age) with markers aged in raster order: the
+    same as one (value, age) flood of the whole image with raster-ordered markers.
     """
     H, W = out.shape
     bf = bits.ravel()
     outf = out.ravel()
     wf = work.ravel()
-    n_px = H * W
-    comp = np.empty(1 << 14, dtype=np.int64)
-    marks = np.empty(1 << 10, dtype=np.int64)
-    st = np.zeros(5, dtype=np.int64)
+    nr, nc = _run_components(work, 0, rstart, rc0, rc1, parent)
+    size = np.zeros(nc + 1, dtype=np.int64)
+    nmk = np.zeros(nc + 1, dtype=np.int64)
+    lab1 = np.zeros(nc + 1, dtype=out.dtype)
+    multi = np.zeros(nc + 1, dtype=np.bool_)
+    for r in range(H):
+        base = r * W
+        for j in range(rstart[r], rstart[r + 1]):
+            k = parent[j]
+            size[k] += rc1[j] - rc0[j]
+            for c in range(rc0[j], rc1[j]):
+                lv = outf[base + c]
+                if lv != 0:
+                    nmk[k] += 1
+                    if lab1[k] == 0:
+                        lab1[k] = lv
+                    elif lv != lab1[k]:
+                        multi[k] = True
+    # one label: fill; several: list the markers by component, in raster order
+    start = np.zeros(nc + 2, dtype=np.int64)
+    for k in range(1, nc + 1):
+        start[k + 1] = start[k] + (nmk[k] if multi[k] else 0)
+    marks = np.empty(start[nc + 1], dtype=np.int64)
+    pos = start.copy()
+    for r in range(H):
+        base = r * W
+        for j in range(rstart[r], rstart[r + 1]):
+            k = parent[j]
+            if multi[k]:
+                for c in range(rc0[j], rc1[j]):
+                    if outf[base + c] != 0:
+                        marks[pos[k]] = base + c
+                        pos[k] += 1
+            elif lab1[k] != 0:
+                lv = lab1[k]
+                orow = out[r]
+                for c in range(rc0[j], rc1[j]):
+                    orow[c] = lv
     fst = np.zeros(2, dtype=np.int64)
     cap = 1 << 12
     hk = np.empty(cap, dtype=np.uint64)
     ha = np.empty(cap, dtype=np.int64)
     ap = np.empty(cap, dtype=np.int64)
     al = np.empty(cap, dtype=out.dtype)
-    p0 = -1
-    while True:
-        # (the scan is a call: arrays reassigned in this loop would cost reference counting per pixel)
-        p0 = _next_equal(wf, p0 + 1, 1)
-        if p0 >= n_px:
-            break
-        wf[p0] = 2
-        comp[0] = p0
-        st[0] = 0
-        st[1] = 1
-        st[2] = 0
-        st[3] = 0
-        st[4] = 0
-        while True:
-            s = _cc_collect(wf, outf, H, W, comp, marks, st)
-            if s == 0:
-                break
-            if s == 1:
-                comp = _grow_arr(comp, 2 * comp.size)
-            else:
-                marks = _grow_arr(marks, 2 * marks.size)
-        m = st[1]
-        nmk = st[2]
-        if st[4] == 0:
-            lab1 = st[3]
-            if lab1 != 0:
-                for j in range(m):
-                    outf[comp[j]] = lab1
+    for k in range(1, nc + 1):
+        if not multi[k]:
             continue
-        # several labels: flood, markers first in raster order (ages 0..nmk-1); without a
-        # line every pixel gets one age, so m + 8 entries never grow
+        # markers first (ages 0..nmk-1); without a line every pixel gets one age, so
+        # size + 8 entries never grow
+        m = size[k]
         if cap < m + 8:
             while cap < m + 8:
                 cap *= 2
@@ -811,10 +755,10 @@ def _watershed_cc(bits, out, work, wsl, neg, top, full, packed):
             ha = np.empty(cap, dtype=np.int64)
             ap = np.empty(cap, dtype=np.int64)
             al = np.empty(cap, dtype=out.dtype)
-        mk = np.sort(marks[:nmk])
         n = 0
-        for j in range(nmk):
-            p = mk[j]
+        m0 = start[k]
+        for j in range(nmk[k]):
+            p = marks[m0 + j]
             ap[j] = p
             al[j] = outf[p]
             v = _ws_key(bf, p, top, full, neg)
@@ -824,8 +768,8 @@ def _watershed_cc(bits, out, work, wsl, neg, top, full, packed):
                 _ws_push(hk, ha, n, v, j)
             n += 1
         fst[0] = n
-        fst[1] = nmk
-        while _cc_flood(bf, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, fst, top, full, neg, packed) != 0:
+        fst[1] = nmk[k]
+        while _cc_flood(bf, outf, wf, H, W, wsl, nmk[k], hk, ha, ap, al, fst, top, full, neg, packed) != 0:
             cap *= 2
             hk = _grow_arr(hk, cap)
             ha = _grow_arr(ha, cap)
@@ -835,12 +779,14 @@ def _watershed_cc(bits, out, work, wsl, neg, top, full, packed):
 
 @njit(**_JIT)
 def _cc_prepare(markers, mask, out, work):
+    """``out`` = markers inside the mask; ``work`` = 1 inside the mask, plus 2 in the first
+    and 4 in the last column (inside pixels only; see :func:`_cc_flood`)."""
     H, W = mask.shape
     for r in range(H):
         for c in range(W):
             if mask[r, c]:
                 out[r, c] = markers[r, c]
-                work[r, c] = 1
+                work[r, c] = 1 | (2 if c == 0 else 0) | (4 if c == W - 1 else 0)
             else:
                 out[r, c] = 0
                 work[r, c] = 0
@@ -888,7 +834,10 @@ def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarra
         # one-word heap keys (value << 32 | age) need 32-bit values and ages; with a line a
         # pixel may be pushed more than once
         packed = not wide and not watershed_line and out.size < (1 << 32)
-        _watershed_cc(bits, out, work, bool(watershed_line), bool(negate), top, full, packed)
+        cap = H * ((W + 1) // 2)  # most runs the mask can have (untouched pages cost nothing)
+        runs = [np.empty(cap, dtype=np.int64) for _ in range(3)]
+        _watershed_cc(bits, out, work, bool(watershed_line), bool(negate), top, full, packed,
+                      np.empty(H + 1, dtype=np.int64), *runs)
     return out
 
 
@@ -1356,11 +1305,15 @@ def _uf_find(parent, i):
 
 
 @njit(**_JIT)
-def _label_runs(img, d, rstart, rc0, rc1, parent, out):
-    """Connected components of ``img`` by runs: runs of each row are joined by union-find to
-    the runs of the row above that they touch (``d`` = 0: 4-connectivity, 1: 8-connectivity).
-    A component's root is its first run, so numbering roots in run order numbers components
-    in raster order of their first pixel, as ``scipy.ndimage.label`` does. Returns the count.
+def _run_components(img, d, rstart, rc0, rc1, parent):
+    """Connected components of ``img`` (nonzero pixels) by runs.
+
+    Runs of row ``r`` are ``rstart[r]..rstart[r + 1] - 1``, run ``j`` spans columns
+    ``rc0[j]..rc1[j] - 1``; the runs of each row are joined by union-find to the runs of the
+    row above that they touch (``d`` = 0: 4-connectivity, 1: 8-connectivity). A component's
+    root is its first run, so numbering roots in run order numbers components in raster
+    order of their first pixel, as ``scipy.ndimage.label`` does. On return ``parent[j]`` is
+    the component (1..n) of run ``j``. Returns (number of runs, n).
     """
     H, W = img.shape
     nr = 0
@@ -1404,7 +1357,15 @@ def _label_runs(img, d, rstart, rc0, rc1, parent, out):
             n += 1
             parent[j] = n
         else:
-            parent[j] = parent[p]  # p < j is already its root's label
+            parent[j] = parent[p]  # p < j is already its root's component
+    return nr, n
+
+
+@njit(**_JIT)
+def _label_runs(img, d, rstart, rc0, rc1, parent, out):
+    """:func:`_run_components`, written into ``out`` (zeros); returns the count."""
+    H, W = img.shape
+    nr, n = _run_components(img, d, rstart, rc0, rc1, parent)
     for r in range(H):
         orow = out[r]
         for j in range(rstart[r], rstart[r + 1]):
@@ -1522,49 +1483,90 @@ def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
 # --------------------------------------------------------------------------- label statistics
 
 @njit(**_JIT)
+def _run_stats(row, c, j, acc, l, i, k):
+    """Statistics of ``row[c:j]`` added to ``acc[l, i, k]`` in pixel order."""
+    s = acc[l, i, k, 0]
+    s2 = acc[l, i, k, 1]
+    mn = acc[l, i, k, 2]
+    mx = acc[l, i, k, 3]
+    for x in range(c, j):
+        v = np.float64(row[x])
+        s += v
+        s2 += v * v
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+    acc[l, i, k, 0] = s
+    acc[l, i, k, 1] = s2
+    acc[l, i, k, 2] = mn
+    acc[l, i, k, 3] = mx
+
+
+@njit(**_JIT)
+def _run_stats2(ra, rb, c, j, acc, l, i, k):
+    """:func:`_run_stats` of two images (``k``, ``k + 1``) at once: twice the independent
+    additions in flight (the sums are latency-bound)."""
+    s = acc[l, i, k, 0]
+    s2 = acc[l, i, k, 1]
+    mn = acc[l, i, k, 2]
+    mx = acc[l, i, k, 3]
+    t = acc[l, i, k + 1, 0]
+    t2 = acc[l, i, k + 1, 1]
+    tn = acc[l, i, k + 1, 2]
+    tx = acc[l, i, k + 1, 3]
+    for x in range(c, j):
+        v = np.float64(ra[x])
+        w = np.float64(rb[x])
+        s += v
+        s2 += v * v
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+        t += w
+        t2 += w * w
+        tn = w if w < tn else tn
+        tx = w if w > tx else tx
+    acc[l, i, k, 0] = s
+    acc[l, i, k, 1] = s2
+    acc[l, i, k, 2] = mn
+    acc[l, i, k, 3] = mx
+    acc[l, i, k + 1, 0] = t
+    acc[l, i, k + 1, 1] = t2
+    acc[l, i, k + 1, 2] = tn
+    acc[l, i, k + 1, 3] = tx
+
+
+@njit(**_JIT)
 def _label_stats(labels, images, n, count, acc):
     """Row by row, each label image in turn, a run of one label at a time.
 
     ``acc[l, i, k]`` = (sum, sum of squares, min, max) of image ``k`` in label ``i + 1`` of
     label image ``l``. A run's statistics accumulate in registers in pixel order: the same
     additions in the same order as per pixel, so sums stay bit-identical to ``np.bincount``.
-    The images' row stays in cache while every label image reads it.
+    The images' row stays in cache while every label image reads it. (Unsigned column
+    indices: no negative-index code in the scans.)
     """
     L = len(labels)
     K = len(images)
     H, W = labels[0].shape
+    Wu = np.uint64(W)
+    one = np.uint64(1)
     for r in range(H):
         for l in range(L):
             lr = labels[l][r]
-            c = 0
-            while c < W:
+            c = np.uint64(0)
+            while c < Wu:
                 lab = lr[c]
                 if lab <= 0 or lab > n:
-                    c += 1
+                    c += one
                     continue
-                j = c + 1
-                while j < W and lr[j] == lab:
-                    j += 1
+                j = c + one
+                while j < Wu and lr[j] == lab:
+                    j += one
                 i = lab - 1
-                count[l, i] += j - c
-                for k in range(K):
-                    row = images[k][r]
-                    s = acc[l, i, k, 0]
-                    s2 = acc[l, i, k, 1]
-                    mn = acc[l, i, k, 2]
-                    mx = acc[l, i, k, 3]
-                    for x in range(c, j):
-                        v = np.float64(row[x])
-                        s += v
-                        s2 += v * v
-                        if v < mn:
-                            mn = v
-                        if v > mx:
-                            mx = v
-                    acc[l, i, k, 0] = s
-                    acc[l, i, k, 1] = s2
-                    acc[l, i, k, 2] = mn
-                    acc[l, i, k, 3] = mx
+                count[l, i] += np.int64(j - c)
+                for k in range(0, K - 1, 2):
+                    _run_stats2(images[k][r], images[k + 1][r], c, j, acc, l, i, k)
+                if K % 2:
+                    _run_stats(images[K - 1][r], c, j, acc, l, i, K - 1)
                 c = j
 
 
@@ -2115,6 +2117,9 @@ def warm_up() -> float:
     distance_transform_edt(img > 0.3)
     distance_transform_edt(img > 0.3, dtype=np.float64)
     expand_labels(mk, 3)
+    expand_labels(mk, _EXPAND_NEAR_MAX_R + 1)
+    label(img > 0.5, 1)
+    label(img > 0.5, 2)
     membrane_ring(mk, 2.0)
     label_stats(mk, np.stack([img, img]), 2)
     od3 = np.stack([img, img, img], axis=-1)
