@@ -492,3 +492,160 @@ def test_binary_3x3_equals_scipy(region):
     x = (rng.random((20, 21)) * 3).astype(np.int32)  # non-zero is True
     assert np.array_equal(K.binary_erosion_3x3(x), ndi.binary_erosion(x, structure=s))
     assert np.array_equal(K.binary_dilation_3x3(x), ndi.binary_dilation(x, structure=s))
+
+
+def _bool_images(seed=11):
+    """Binary images: odd and degenerate shapes, empty / full / sparse / dense, checkerboards
+    (components joined only diagonally), True on the borders."""
+    rng = np.random.default_rng(seed)
+    ims = [np.zeros((0, 5), bool), np.zeros((1, 1), bool), np.ones((1, 1), bool), np.ones((1, 9), bool),
+           np.ones((9, 1), bool), np.zeros((7, 8), bool), np.ones((7, 8), bool),
+           (np.indices((9, 12)).sum(0) % 2).astype(bool), (np.indices((8, 8)).sum(0) % 2 == 0)]
+    for _ in range(40):
+        h, w = rng.integers(1, 60, 2)
+        ims.append(rng.random((h, w)) < rng.choice([0.002, 0.05, 0.3, 0.5, 0.7, 0.95]))
+    return ims
+
+
+def test_label_equals_scipy(region):
+    """Same labels (numbering included), dtype and count as scipy, both connectivities."""
+    ims = _bool_images() + [region[1] > 0, region[0] > np.quantile(region[0], 0.6)]
+    for x in ims:
+        for conn, structure in ((1, None), (2, np.ones((3, 3)))):
+            a, n = K.label(x, conn)
+            b, m = ndi.label(x, structure=structure)
+            assert n == m and a.dtype == b.dtype and np.array_equal(a, b), (x.shape, conn)
+    with pytest.raises(ValueError):
+        K.label(np.ones((3, 3), bool), 3)
+
+
+def test_label_stats_many_equals_separate_label_stats(region):
+    """All compartments in one pass give each compartment's own statistics (bincount sums,
+    scipy min/max), for one to three images, labels beyond ``n``, negative and empty labels."""
+    img, lab = region
+    cells = segmentation.expand_labels(lab, 4)
+    nuclei = np.where(lab > 0, cells, 0)
+    cyto = np.where(lab > 0, 0, cells)
+    ring = K.membrane_ring(cells, 2.0)
+    odd = cells.copy()
+    odd[:5] = -3
+    odd[-5:] = cells.max() + 7  # beyond n: ignored
+    rng = np.random.default_rng(1)
+    planes = [img, rng.random(img.shape).astype(np.float32), np.round(img * 4).astype(np.float32) / 4]
+    n = int(cells.max()) + 2  # two empty labels
+    for K_ in (1, 2, 3):
+        ims = planes[:K_]
+        many = K.label_stats_many([nuclei, cyto, ring, cells, odd], ims, n)
+        for labs, got in zip((nuclei, cyto, ring, cells, odd), many):
+            count, s, s2, mn, mx = got
+            inside = (labs > 0) & (labs <= n)
+            flat = np.where(inside, labs, 0).ravel()
+            assert np.array_equal(count, np.bincount(flat, minlength=n + 1)[1:])
+            idx = np.arange(1, n + 1)
+            for k, im in enumerate(ims):
+                v = im.ravel().astype(np.float64)
+                assert np.array_equal(s[k], np.bincount(flat, weights=v, minlength=n + 1)[1:])
+                assert np.array_equal(s2[k], np.bincount(flat, weights=v * v, minlength=n + 1)[1:])
+                present = count > 0
+                lab2 = np.where(inside, labs, 0)
+                assert np.array_equal(mx[k][present], ndi.maximum(im, lab2, idx[present]))
+                assert np.array_equal(mn[k][present], ndi.minimum(im, lab2, idx[present]))
+                assert np.isnan(mx[k][~present]).all() and np.isnan(mn[k][~present]).all()
+            single = K.label_stats(labs, ims, n)
+            assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(got, single))
+    # the measurement table's path: label_statistics of each compartment alone is the same
+    from ihcscore.measure import label_statistics_many
+    chans = {"A": planes[0], "B": planes[1]}
+    for labs, st in zip((nuclei, cells), label_statistics_many([nuclei, cells], chans, n)):
+        ref = label_statistics(labs, chans, n)
+        assert st.keys() == ref.keys()
+        assert all(np.array_equal(st[k], ref[k], equal_nan=True) for k in st)
+    # tiny and empty label images
+    c, *_ = K.label_stats(np.ones((1, 1), np.int32), [np.ones((1, 1), np.float32)], 1)
+    assert c.tolist() == [1]
+    c, *_ = K.label_stats(np.zeros((0, 4), np.int32), [np.zeros((0, 4), np.float32)], 2)
+    assert c.tolist() == [0, 0]
+
+
+def test_bincount_sum_runs_and_edges():
+    """Long runs, single pixels, all-background, out-of-range labels (numpy's answer)."""
+    rng = np.random.default_rng(3)
+    w = rng.random((37, 53)).astype(np.float32)
+    cases = [np.zeros((37, 53), np.int32), np.full((37, 53), 4, np.int32),
+             np.repeat(rng.integers(0, 6, (37, 1)), 53, axis=1).astype(np.int32),
+             rng.integers(0, 6, (37, 53)).astype(np.int32)]
+    for lab in cases:
+        c, s = K.bincount_sum(lab, w, 5)
+        assert np.array_equal(c, np.bincount(lab.ravel(), minlength=6))
+        assert np.array_equal(s, np.bincount(lab.ravel(), weights=w.ravel(), minlength=6))
+    bad = cases[3].copy()
+    bad[3, 3] = -1
+    with pytest.raises(ValueError):  # numpy's own error for negative labels
+        K.bincount_sum(bad, w, 5)
+
+
+def test_membrane_ring_equals_distance_reference_on_edge_cases():
+    """The row-vectorised stencil against the distance-transform definition (from the kernel's
+    own inner boundaries: skimage's differ on images of one pixel's width): tiny images, labels
+    on the borders, one label everywhere, widths whose stencil is wider than the image."""
+    rng = np.random.default_rng(4)
+    cases = [np.ones((1, 1), np.int32), np.ones((1, 7), np.int32), np.ones((6, 1), np.int32),
+             np.full((5, 6), 3, np.int32), np.zeros((4, 4), np.int32)]
+    for _ in range(30):
+        h, w = rng.integers(1, 30, 2)
+        lab, _ = ndi.label(rng.random((h, w)) < 0.6)
+        cases.append(segmentation.expand_labels(lab, 2).astype(np.int32))
+    for cells in cases:
+        b = K.find_inner_boundaries(cells)
+        dist = ndi.distance_transform_edt(~b) if b.any() else np.full(b.shape, np.inf)
+        for w in (0.5, 1.0, 1.5, 2.0, 3.3, 5.9, 8.0):
+            ref = np.where((cells > 0) & (dist < w), cells, 0)
+            assert np.array_equal(K.membrane_ring(cells, w), ref), (cells.shape, w)
+
+
+def test_expand_row_passes_agree():
+    """The offset scan (small reach) and the parabola envelope pick the same label for every
+    reach the scan serves, ties included (the scan's upper limit and just past it too)."""
+    rng = np.random.default_rng(6)
+    for it in range(60):
+        h, w = rng.integers(1, 70, 2)
+        dens = rng.choice([0.002, 0.02, 0.1, 0.4])
+        lab = np.where(rng.random((h, w)) < dens, rng.integers(1, 5, (h, w)), 0).astype(np.int32)
+        for R in list(range(0, 7)) + [K._EXPAND_NEAR_MAX_R]:
+            for max_d2 in {R * R, R * R + R, R * R + 2 * R}:
+                dy = np.empty(lab.shape, np.int16)
+                K._expand_columns(lab, R, dy)
+                a = np.empty_like(lab)
+                K._expand_near(lab, R, max_d2, a, dy)
+                b = np.empty_like(lab)
+                K._expand_bounded(lab, R, max_d2, b, np.empty(lab.shape, np.int16))
+                assert np.array_equal(a, b), (it, R, max_d2)
+    for dist in (K._EXPAND_NEAR_MAX_R, K._EXPAND_NEAR_MAX_R + 0.5, K._EXPAND_NEAR_MAX_R + 1):
+        lab = np.where(rng.random((90, 80)) < 0.01, rng.integers(1, 5, (90, 80)), 0).astype(np.int32)
+        assert np.array_equal(K.expand_labels(lab, dist), K._expand_labels_ft(lab, dist))
+
+
+@pytest.mark.parametrize("line", [False, True])
+def test_watershed_components_edge_cases(line):
+    """Against the whole-image reference: empty and full masks, one-row / one-column images
+    (both column borders at once), markers on the borders and outside the mask, plateaus,
+    -0.0 beside 0.0, one label split over several markers, float32 and float64."""
+    rng = np.random.default_rng(9)
+    cases = []
+    for shape in ((1, 1), (1, 17), (17, 1), (2, 2), (13, 11), (40, 3)):
+        img = rng.integers(0, 3, shape).astype(np.float32)  # plateaus, exact ties
+        mk = np.where(rng.random(shape) < 0.2, rng.integers(1, 4, shape), 0).astype(np.int32)
+        mk[0, 0] = 1
+        mk[-1, -1] = 2
+        for m in (np.zeros(shape, bool), np.ones(shape, bool), rng.random(shape) < 0.7):
+            cases.append((img, mk, m))
+    img = np.where(rng.random((30, 30)) < 0.5, np.float32(-0.0), np.float32(0.0))
+    mk = np.zeros((30, 30), np.int32)
+    mk[0, 0], mk[29, 29], mk[0, 29], mk[15, 15] = 1, 2, 3, 1
+    cases.append((img, mk, None))
+    for img, mk, m in cases:
+        for im in (img, img.astype(np.float64)):
+            ref = _raster_watershed(im, mk, m, line)
+            assert np.array_equal(K.watershed_components(im, mk, m, line), ref), (img.shape, line)
+            ref = _raster_watershed(-im, mk, m, line)
+            assert np.array_equal(K.watershed_components(im, mk, m, line, negate=True), ref)

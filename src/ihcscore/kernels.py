@@ -17,18 +17,24 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   mask=mask, watershed_line=...)`` with connectivity 1, flooding each connected
   component of the mask alone: scikit-image 0.26's (value, age) pop order, so labels
   are identical except where markers of different labels have exactly equal values
-  (taken in raster order here) and their floods meet at equal values.
+  (taken in raster order here) and their floods meet at equal values. Components come
+  from runs (:func:`label`'s union-find); a component with one label is filled without
+  a flood; the flood's heap holds order-preserving integer keys (value and age in one
+  word for float32 images without a line). Images must not contain NaN.
 - :func:`distance_transform_edt` (per foreground run of a row, the minimum over the
   run's columns and the two background pixels that end it; exact squared distances,
   so ``sqrt`` gives scipy's values bit for bit in float64) and
   :func:`expand_labels` (nearest label within a distance; equal ties may pick a
-  different label than scipy's feature transform).
+  different label than scipy's feature transform; small distances scan the column
+  offsets instead of building parabola envelopes, with the same choice).
 - :func:`squared_edt`: the exact int64 squared distances behind them (also used by
   :func:`membrane_ring` and :func:`binary_dilation_disk`).
+- :func:`label` = ``scipy.ndimage.label`` (2-D, connectivity 1 or 2), the same numbering.
 - :func:`find_inner_boundaries` = ``find_boundaries(labels, mode="inner")``;
   :func:`membrane_ring` = pixels of a label within ``width`` of such a boundary
   pixel (what ``distance_transform_edt(~boundary) < width`` gives), by a stencil.
-- :func:`label_stats` = one pass count/sum/sum of squares/min/max per label;
+- :func:`label_stats` = one pass count/sum/sum of squares/min/max per label
+  (:func:`label_stats_many`: of several label images over the same images at once);
   :func:`bincount_sum`, :func:`shape_sums`: ``np.bincount`` sums in one pass (bit-identical).
 - :func:`gaussian_filter` = ``scipy.ndimage.gaussian_filter`` ("nearest"/"reflect",
   2-D float), bit-identical; both passes in one sweep over the rows.
@@ -61,9 +67,11 @@ __all__ = [
     "distance_transform_edt",
     "squared_edt",
     "expand_labels",
+    "label",
     "find_inner_boundaries",
     "membrane_ring",
     "label_stats",
+    "label_stats_many",
     "bincount_sum",
     "shape_sums",
     "gaussian_filter",
@@ -532,295 +540,325 @@ def _h_maxima_2d(image, h, two_res, out, J, I):
 # --------------------------------------------------------------------------- watershed by components
 
 @njit(**_JIT)
-def _cc_push(hv, ha, hp, hl, n, v, a, p, lab):
-    """Binary min-heap push ordered by (value, age); ages are unique, so the order is total."""
-    child = n
-    while child > 0:
-        parent = (child - 1) >> 1
-        pv = hv[parent]
-        if v < pv or (v == pv and a < ha[parent]):
-            hv[child] = pv
-            ha[child] = ha[parent]
-            hp[child] = hp[parent]
-            hl[child] = hl[parent]
-            child = parent
-        else:
-            break
-    hv[child] = v
-    ha[child] = a
-    hp[child] = p
-    hl[child] = lab
+def _ws_key(bits, q, top, full, neg):
+    """Order-preserving unsigned key of pixel ``q``'s value, negated when ``neg``.
+
+    ``bits`` is the float image viewed as unsigned integers of its width, ``top`` that
+    width's sign bit, ``full`` all its bits. Keys compare as the floats do, -0.0 equal
+    to 0.0 (NaN is not supported).
+    """
+    b = np.uint64(bits[q])
+    if neg:
+        b ^= top
+    if b == top:
+        b = np.uint64(0)
+    if b & top:
+        return b ^ full
+    return b | top
 
 
 @njit(**_JIT)
-def _cc_fix(hv, ha, hp, hl, n):
-    """After taking the root of a heap now holding ``n`` items: move item ``n`` to the root, sift down."""
-    v = hv[n]
-    a = ha[n]
-    p = hp[n]
-    lab = hl[n]
+def _ws_push(hk, ha, n, k, a):
+    """Min-heap push of key ``k`` with age ``a`` (ages break ties)."""
+    i = n
+    while i > 0:
+        par = (i - 1) >> 1
+        pk = hk[par]
+        if k < pk or (k == pk and a < ha[par]):
+            hk[i] = pk
+            ha[i] = ha[par]
+            i = par
+        else:
+            break
+    hk[i] = k
+    ha[i] = a
+
+
+@njit(**_JIT)
+def _ws_down(hk, ha, n, k, a):
+    """Put (``k``, ``a``) in the vacant root of a heap of ``n`` entries and sift it down."""
     i = 0
     while True:
         l = 2 * i + 1
         if l >= n:
             break
         r = l + 1
-        if r < n and (hv[r] < hv[l] or (hv[r] == hv[l] and ha[r] < ha[l])):
-            l = r
-        if hv[l] < v or (hv[l] == v and ha[l] < a):
-            hv[i] = hv[l]
+        if r < n:
+            kr = hk[r]
+            kl = hk[l]
+            if kr < kl or (kr == kl and ha[r] < ha[l]):
+                l = r
+        kl = hk[l]
+        if kl < k or (kl == k and ha[l] < a):
+            hk[i] = kl
             ha[i] = ha[l]
-            hp[i] = hp[l]
-            hl[i] = hl[l]
             i = l
         else:
             break
-    hv[i] = v
+    hk[i] = k
     ha[i] = a
-    hp[i] = p
-    hl[i] = lab
 
 
 @njit(**_JIT)
-def _cc_collect(wf, outf, H, W, comp, marks, st):
-    """Breadth-first collection of one 4-connected mask component (resumable).
-
-    ``st`` = [next, count, n_markers, first label, several labels]; returns 0 when
-    done, 1 when ``comp`` and 2 when ``marks`` must grow first (then call again).
-    Arrays are parameters, never reassigned here: no reference counting in the loop.
-    """
-    i = st[0]
-    m = st[1]
-    nmk = st[2]
-    lab1 = st[3]
-    multi = st[4]
-    status = 0
-    while i < m:
-        if m + 4 > comp.size:
-            status = 1
+def _ws_push1(hk, n, k):
+    """Push of a one-word (unique) key on a 4-ary min-heap."""
+    i = n
+    while i > 0:
+        par = (i - 1) >> 2
+        pk = hk[par]
+        if k < pk:
+            hk[i] = pk
+            i = par
+        else:
             break
-        p = comp[i]
-        lv = outf[p]
-        if lv != 0:
-            if nmk == marks.size:
-                status = 2
-                break
-            marks[nmk] = p
-            nmk += 1
-            if lab1 == 0:
-                lab1 = lv
-            elif lv != lab1:
-                multi = 1
-        i += 1
-        r = p // W
-        c = p - r * W
-        if r > 0 and wf[p - W] == 1:
-            wf[p - W] = 2
-            comp[m] = p - W
-            m += 1
-        if c > 0 and wf[p - 1] == 1:
-            wf[p - 1] = 2
-            comp[m] = p - 1
-            m += 1
-        if c < W - 1 and wf[p + 1] == 1:
-            wf[p + 1] = 2
-            comp[m] = p + 1
-            m += 1
-        if r < H - 1 and wf[p + W] == 1:
-            wf[p + W] = 2
-            comp[m] = p + W
-            m += 1
-    st[0] = i
-    st[1] = m
-    st[2] = nmk
-    st[3] = lab1
-    st[4] = multi
-    return status
+    hk[i] = k
 
 
 @njit(**_JIT)
-def _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, st, sign):
+def _ws_down1(hk, n, k):
+    """Put one-word key ``k`` in the vacant root of a 4-ary heap of ``n`` entries, bottom-up:
+    the hole goes down the smallest children to a leaf (branch-free choice; ``hk[n:n + 4]``
+    are set to the maximum key as sentinels, so the array needs four spare entries), then
+    ``k`` sifts up from there."""
+    big = np.uint64(0xFFFFFFFFFFFFFFFF)
+    hk[n] = big
+    hk[n + 1] = big
+    hk[n + 2] = big
+    hk[n + 3] = big
+    i = 0
+    l = 1
+    while l < n:
+        a = l + (hk[l + 1] < hk[l])
+        b = l + 2 + (hk[l + 3] < hk[l + 2])
+        l = b if hk[b] < hk[a] else a
+        hk[i] = hk[l]
+        i = l
+        l = 4 * i + 1
+    while i > 0:
+        par = (i - 1) >> 2
+        pk = hk[par]
+        if k < pk:
+            hk[i] = pk
+            i = par
+        else:
+            break
+    hk[i] = k
+
+
+@njit(**_JIT)
+def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg, packed):
     """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
 
-    Returns 1 when the heap must grow before the next pop (then call again), 0 when done.
+    Returns 1 when the arrays must grow before the next pop (then call again), 0 when done.
     skimage's rules: pop in (value, age) order; a neighbour's value is never below its
     parent's; with ``wsl`` pixels are labelled when popped and one touching another
-    label becomes a line (0); markers are the entries with age < ``nmk``.
+    label becomes a line; markers are the entries with age < ``nmk``.
+    The heap holds only keys (``hk``: value key, and age in ``ha``; ``packed``: value key
+    << 32 | age in one word); an entry's pixel is ``ap[age]``, its label ``al[age]`` with
+    ``wsl``, else the pixel's own (labels are set at push). The popped root is replaced by
+    the first neighbour pushed (one sift instead of two). ``wf``: bit 0 = in the mask (not
+    a line), bit 1 = first column, bit 2 = last column (no division for the borders).
     """
     n = st[0]
     age = st[1]
-    cap = hv.size
+    lo = np.uint64(0xFFFFFFFF)
+    s32 = np.uint64(32)
+    n_px = H * W
     status = 0
     while n > 0:
-        if n + 4 > cap:
+        if n + 5 > hk.size or age + 4 > ap.size:
             status = 1
             break
-        ev = hv[0]
-        ea = ha[0]
-        p = hp[0]
-        lab = hl[0]
-        n -= 1
-        if n > 0:
-            _cc_fix(hv, ha, hp, hl, n)
-        r = p // W
-        c = p - r * W
+        ek = hk[0]
+        if packed:
+            ea = np.int64(ek & lo)
+            ev = ek >> s32
+        else:
+            ea = ha[0]
+            ev = ek
+        hole = True  # the root is taken; the first push fills it
+        p = ap[ea]
+        f = wf[p]
+        up = p >= W
+        down = p + W < n_px
+        left = (f & 2) == 0
+        right = (f & 4) == 0
+        skip = False
         if wsl:
+            lab = al[ea]
             if outf[p] != 0 and ea >= nmk:
-                continue  # already labelled from another neighbour
-            diff = wf[p] == 0
-            if not diff:
-                for k in range(4):
-                    if k == 0:
-                        if r == 0:
-                            continue
-                        q = p - W
-                    elif k == 1:
-                        if c == 0:
-                            continue
-                        q = p - 1
-                    elif k == 2:
-                        if c == W - 1:
-                            continue
-                        q = p + 1
-                    else:
-                        if r == H - 1:
-                            continue
-                        q = p + W
-                    if wf[q] != 0:
-                        ql = outf[q]
-                        if ql != 0 and ql != lab:
-                            diff = True
-                            wf[p] = 0
-                            break
-            if not diff:
-                outf[p] = lab
-        for k in range(4):
-            if k == 0:
-                if r == 0:
-                    continue
-                q = p - W
-            elif k == 1:
-                if c == 0:
-                    continue
-                q = p - 1
-            elif k == 2:
-                if c == W - 1:
-                    continue
-                q = p + 1
+                skip = True  # already labelled from another neighbour
+            elif (f & 1) == 0 or (up and (wf[p - W] & 1) != 0 and outf[p - W] != 0 and outf[p - W] != lab) \
+                    or (left and (wf[p - 1] & 1) != 0 and outf[p - 1] != 0 and outf[p - 1] != lab) \
+                    or (right and (wf[p + 1] & 1) != 0 and outf[p + 1] != 0 and outf[p + 1] != lab) \
+                    or (down and (wf[p + W] & 1) != 0 and outf[p + W] != 0 and outf[p + W] != lab):
+                wf[p] = f & 6  # a line pixel
             else:
-                if r == H - 1:
+                outf[p] = lab
+        else:
+            lab = outf[p]
+        if not skip:
+            for k in range(4):
+                if k == 0:
+                    if not up:
+                        continue
+                    q = p - W
+                elif k == 1:
+                    if not left:
+                        continue
+                    q = p - 1
+                elif k == 2:
+                    if not right:
+                        continue
+                    q = p + 1
+                else:
+                    if not down:
+                        continue
+                    q = p + W
+                if (wf[q] & 1) == 0 or outf[q] != 0:
                     continue
-                q = p + W
-            if wf[q] == 0 or outf[q] != 0:
-                continue
-            v = sign * np.float64(imf[q])
-            if v < ev:
-                v = ev
-            if not wsl:
-                outf[q] = lab
-            _cc_push(hv, ha, hp, hl, n, v, age, q, lab)
-            age += 1
-            n += 1
+                v = _ws_key(bits, q, top, full, neg)
+                if v < ev:
+                    v = ev
+                if wsl:
+                    al[age] = lab
+                else:
+                    outf[q] = lab
+                ap[age] = q
+                if packed:
+                    if hole:
+                        _ws_down1(hk, n, (v << s32) | np.uint64(age))
+                    else:
+                        _ws_push1(hk, n, (v << s32) | np.uint64(age))
+                else:
+                    if hole:
+                        _ws_down(hk, ha, n, v, age)
+                    else:
+                        _ws_push(hk, ha, n, v, age)
+                if hole:
+                    hole = False
+                else:
+                    n += 1
+                age += 1
+        if hole:
+            n -= 1
+            if n > 0:
+                if packed:
+                    _ws_down1(hk, n, hk[n])
+                else:
+                    _ws_down(hk, ha, n, hk[n], ha[n])
     st[0] = n
     st[1] = age
     return status
 
 
 @njit(**_JIT)
-def _next_equal(a, start, v):
-    """First index >= ``start`` where flat ``a`` equals ``v`` (``a.size`` if none)."""
-    for i in range(start, a.size):
-        if a[i] == v:
-            return i
-    return a.size
-
-
-@njit(**_JIT)
-def _watershed_cc(image, out, work, wsl, sign):
+def _watershed_cc(bits, out, work, wsl, neg, top, full, packed, rstart, rc0, rc1, parent):
     """Seeded watershed (4-connectivity) one connected component of the mask at a time.
 
-    ``out`` holds the markers (0 outside the mask) and receives the labels; ``work`` is
-    the mask as uint8 (1 inside) and is used as scratch. Components of the mask never
-    interact in the flood, so each is flooded alone with a heap that stays small (in
-    cache). A component with markers of at most one label is that label (or 0) entirely.
-    The pop order inside a component is (value, age) with markers aged in raster order:
-    the same as one (value, age) flood of the whole image with raster-ordered markers.
+    ``bits`` is the image viewed as unsigned integers (see :func:`_ws_key`; ``packed``
+    when value keys fit 32 bits and ages 32 bits); ``out`` holds the markers (0 outside
+    the mask) and receives the labels; ``work`` is the mask as :func:`_cc_prepare` makes it
+    (line pixels lose bit 0). ``rstart``, ``rc0``, ``rc1``, ``parent``: room for the mask's runs
+    (:func:`_run_components`). Components of the mask never interact in the flood, so
+    each is flooded alone with a heap that stays small (in cache). A component with
+    markers of at most one label is that label (or 0) entirely, filled run by run. The
+    pop order inside a component is (value, age) with markers aged in raster order: the
+    same as one (value, age) flood of the whole image with raster-ordered markers.
     """
-    H, W = image.shape
-    imf = image.ravel()
+    H, W = out.shape
+    bf = bits.ravel()
     outf = out.ravel()
     wf = work.ravel()
-    n_px = H * W
-    comp = np.empty(1 << 14, dtype=np.int64)
-    marks = np.empty(1 << 10, dtype=np.int64)
-    st = np.zeros(5, dtype=np.int64)
+    nr, nc = _run_components(work, 0, rstart, rc0, rc1, parent)
+    size = np.zeros(nc + 1, dtype=np.int64)
+    nmk = np.zeros(nc + 1, dtype=np.int64)
+    lab1 = np.zeros(nc + 1, dtype=out.dtype)
+    multi = np.zeros(nc + 1, dtype=np.bool_)
+    for r in range(H):
+        base = r * W
+        for j in range(rstart[r], rstart[r + 1]):
+            k = parent[j]
+            size[k] += rc1[j] - rc0[j]
+            for c in range(rc0[j], rc1[j]):
+                lv = outf[base + c]
+                if lv != 0:
+                    nmk[k] += 1
+                    if lab1[k] == 0:
+                        lab1[k] = lv
+                    elif lv != lab1[k]:
+                        multi[k] = True
+    # one label: fill; several: list the markers by component, in raster order
+    start = np.zeros(nc + 2, dtype=np.int64)
+    for k in range(1, nc + 1):
+        start[k + 1] = start[k] + (nmk[k] if multi[k] else 0)
+    marks = np.empty(start[nc + 1], dtype=np.int64)
+    pos = start.copy()
+    for r in range(H):
+        base = r * W
+        for j in range(rstart[r], rstart[r + 1]):
+            k = parent[j]
+            if multi[k]:
+                for c in range(rc0[j], rc1[j]):
+                    if outf[base + c] != 0:
+                        marks[pos[k]] = base + c
+                        pos[k] += 1
+            elif lab1[k] != 0:
+                lv = lab1[k]
+                orow = out[r]
+                for c in range(rc0[j], rc1[j]):
+                    orow[c] = lv
     fst = np.zeros(2, dtype=np.int64)
     cap = 1 << 12
-    hv = np.empty(cap, dtype=np.float64)
+    hk = np.empty(cap, dtype=np.uint64)
     ha = np.empty(cap, dtype=np.int64)
-    hp = np.empty(cap, dtype=np.int64)
-    hl = np.empty(cap, dtype=out.dtype)
-    p0 = -1
-    while True:
-        # (the scan is a call: arrays reassigned in this loop would cost reference counting per pixel)
-        p0 = _next_equal(wf, p0 + 1, 1)
-        if p0 >= n_px:
-            break
-        wf[p0] = 2
-        comp[0] = p0
-        st[0] = 0
-        st[1] = 1
-        st[2] = 0
-        st[3] = 0
-        st[4] = 0
-        while True:
-            s = _cc_collect(wf, outf, H, W, comp, marks, st)
-            if s == 0:
-                break
-            if s == 1:
-                comp = _grow_arr(comp, 2 * comp.size)
-            else:
-                marks = _grow_arr(marks, 2 * marks.size)
-        m = st[1]
-        nmk = st[2]
-        if st[4] == 0:
-            lab1 = st[3]
-            if lab1 != 0:
-                for j in range(m):
-                    outf[comp[j]] = lab1
+    ap = np.empty(cap, dtype=np.int64)
+    al = np.empty(cap, dtype=out.dtype)
+    for k in range(1, nc + 1):
+        if not multi[k]:
             continue
-        # several labels: flood, markers first in raster order (ages 0..nmk-1)
-        mk = np.sort(marks[:nmk])
-        if cap < nmk + 4:
-            while cap < nmk + 4:
+        # markers first (ages 0..nmk-1); without a line every pixel gets one age, so
+        # size + 8 entries never grow
+        m = size[k]
+        if cap < m + 8:
+            while cap < m + 8:
                 cap *= 2
-            hv = np.empty(cap, dtype=np.float64)
+            hk = np.empty(cap, dtype=np.uint64)
             ha = np.empty(cap, dtype=np.int64)
-            hp = np.empty(cap, dtype=np.int64)
-            hl = np.empty(cap, dtype=out.dtype)
+            ap = np.empty(cap, dtype=np.int64)
+            al = np.empty(cap, dtype=out.dtype)
         n = 0
-        for j in range(nmk):
-            p = mk[j]
-            _cc_push(hv, ha, hp, hl, n, sign * np.float64(imf[p]), j, p, outf[p])
+        m0 = start[k]
+        for j in range(nmk[k]):
+            p = marks[m0 + j]
+            ap[j] = p
+            al[j] = outf[p]
+            v = _ws_key(bf, p, top, full, neg)
+            if packed:
+                _ws_push1(hk, n, (v << np.uint64(32)) | np.uint64(j))
+            else:
+                _ws_push(hk, ha, n, v, j)
             n += 1
         fst[0] = n
-        fst[1] = nmk
-        while _cc_flood(imf, outf, wf, H, W, wsl, nmk, hv, ha, hp, hl, fst, sign) != 0:
+        fst[1] = nmk[k]
+        while _cc_flood(bf, outf, wf, H, W, wsl, nmk[k], hk, ha, ap, al, fst, top, full, neg, packed) != 0:
             cap *= 2
-            hv = _grow_arr(hv, cap)
+            hk = _grow_arr(hk, cap)
             ha = _grow_arr(ha, cap)
-            hp = _grow_arr(hp, cap)
-            hl = _grow_arr(hl, cap)
+            ap = _grow_arr(ap, cap)
+            al = _grow_arr(al, cap)
 
 
 @njit(**_JIT)
 def _cc_prepare(markers, mask, out, work):
+    """``out`` = markers inside the mask; ``work`` = 1 inside the mask, plus 2 in the first
+    and 4 in the last column (inside pixels only; see :func:`_cc_flood`)."""
     H, W = mask.shape
     for r in range(H):
         for c in range(W):
             if mask[r, c]:
                 out[r, c] = markers[r, c]
-                work[r, c] = 1
+                work[r, c] = 1 | (2 if c == 0 else 0) | (4 if c == W - 1 else 0)
             else:
                 out[r, c] = 0
                 work[r, c] = 0
@@ -861,7 +899,17 @@ def watershed_components(image: np.ndarray, markers: np.ndarray, mask: np.ndarra
     work = np.empty((H, W), dtype=np.uint8)
     if out.size:
         _cc_prepare(markers, mask, out, work)
-        _watershed_cc(image, out, work, bool(watershed_line), -1.0 if negate else 1.0)
+        wide = image.dtype == np.float64
+        bits = image.view(np.uint64 if wide else np.uint32)
+        top = np.uint64(1 << (63 if wide else 31))
+        full = np.uint64((1 << (64 if wide else 32)) - 1)
+        # one-word heap keys (value << 32 | age) need 32-bit values and ages; with a line a
+        # pixel may be pushed more than once
+        packed = not wide and not watershed_line and out.size < (1 << 32)
+        cap = H * ((W + 1) // 2)  # most runs the mask can have (untouched pages cost nothing)
+        runs = [np.empty(cap, dtype=np.int64) for _ in range(3)]
+        _watershed_cc(bits, out, work, bool(watershed_line), bool(negate), top, full, packed,
+                      np.empty(H + 1, dtype=np.int64), *runs)
     return out
 
 
@@ -1152,17 +1200,9 @@ def _expand(labels, fidx, d2, max_d2, out):
 
 
 @njit(**_JIT)
-def _expand_bounded(labels, R, max_d2, out, dy):
-    """Nearest label within ``sqrt(max_d2)`` (``R = floor(sqrt(max_d2))``), no full distance maps.
-
-    The same choice as the feature transform of :func:`_sq_edt_into` followed by :func:`_expand`:
-    the Felzenszwalb-Huttenlocher envelope picks, among the nearest feature pixels, the one in the
-    smallest column, and the column pass the upper of two equidistant rows. Column pass: ``dy``
-    (int16) = signed row offset to the nearest feature in the column if within ``R`` (ties: up),
-    else ``NONE``. Row pass: the lower envelope of only the parabolas with ``dy**2 <= max_d2``
-    (those can never win within ``max_d2``; dropping them does not change which of the tied
-    minimal parabolas the envelope keeps: the one with the smallest column).
-    """
+def _expand_columns(labels, R, dy):
+    """Column pass of the bounded expansion: ``dy`` (int16) = signed row offset to the nearest
+    labelled pixel in the column if within ``R`` (ties: up), else 32767. Branch-free row loops."""
     H, W = labels.shape
     NONE = np.int16(32767)
     last = np.empty(W, dtype=np.int64)
@@ -1172,26 +1212,85 @@ def _expand_bounded(labels, R, max_d2, out, dy):
         lr = labels[r]
         dr = dy[r]
         for c in range(W):
-            if lr[c] != 0:
-                last[c] = r
-                dr[c] = 0
-            else:
-                d = r - last[c]
-                dr[c] = -d if d <= R else NONE
+            l = r if lr[c] != 0 else last[c]
+            last[c] = l
+            d = r - l
+            dr[c] = np.int16(-d) if d <= R else NONE
     for c in range(W):
         last[c] = H + R + 2
     for r in range(H - 1, -1, -1):
         lr = labels[r]
         dr = dy[r]
         for c in range(W):
-            if lr[c] != 0:
-                last[c] = r
-            else:
-                d = last[c] - r
-                if d <= R:
-                    cur = dr[c]
-                    if cur == NONE or d < -cur:
-                        dr[c] = d
+            l = r if lr[c] != 0 else last[c]
+            last[c] = l
+            d = l - r
+            cur = dr[c]
+            dr[c] = np.int16(d) if d <= R and (cur == NONE or d < -cur) else cur
+
+
+@njit(**_JIT)
+def _expand_near(labels, R, max_d2, out, dy):
+    """Row pass of the bounded expansion for small ``R``: each pixel takes the nearest of the
+    column pass's candidates at column offsets ``-R..R`` (smallest column on ties, as the
+    envelope of :func:`_expand_bounded` does), by whole-row loops over the offsets (vectorised,
+    int16: squared distances up to ``2 * R**2`` must stay below 16384).
+    """
+    H, W = labels.shape
+    NONE = np.int16(32767)
+    BIG = np.int16(16384)
+    G = np.empty(W, dtype=np.int16)
+    best = np.empty(W, dtype=np.int16)
+    bdx = np.empty(W, dtype=np.int16)
+    lc = np.empty(W, dtype=labels.dtype)
+    lf = labels.ravel()
+    for r in range(H):
+        dr = dy[r]
+        for c in range(W):
+            d = dr[c]
+            G[c] = d * d if d != NONE else BIG
+        best[:] = BIG
+        bdx[:] = 0
+        for dx in range(-R, R + 1):
+            d2 = np.int16(dx * dx)
+            ddx = np.int16(dx)
+            c0 = max(0, -dx)
+            c1 = min(W, W - dx)
+            # slices, not shifted indices: only then does the loop vectorise
+            gs = G[c0 + dx:c1 + dx]
+            bs = best[c0:c1]
+            ds = bdx[c0:c1]
+            for i in range(c1 - c0):
+                g = np.int16(gs[i] + d2)
+                lt = g < bs[i]
+                bs[i] = g if lt else bs[i]
+                ds[i] = ddx if lt else ds[i]
+        # the candidate's label in each column, then the chosen one's: branch-free gathers
+        # (unsigned indices: no negative-index wraparound code, so they vectorise)
+        base = r * W
+        for c in range(W):
+            d = dr[c]
+            lc[c] = lf[np.uint64(base + (d if d != NONE else 0) * W + c)]
+        orow = out[r]
+        for c in range(W):
+            v = lc[np.uint64(c + bdx[c])]
+            orow[c] = v if best[c] <= max_d2 else 0
+
+
+@njit(**_JIT)
+def _expand_bounded(labels, R, max_d2, out, dy):
+    """Nearest label within ``sqrt(max_d2)`` (``R = floor(sqrt(max_d2))``), no full distance maps.
+
+    The same choice as the feature transform of :func:`_sq_edt_into` followed by :func:`_expand`:
+    the Felzenszwalb-Huttenlocher envelope picks, among the nearest feature pixels, the one in the
+    smallest column, and the column pass the upper of two equidistant rows. Column pass
+    (:func:`_expand_columns`) into ``dy``, then the row pass: the lower envelope of only the
+    parabolas with ``dy**2 <= max_d2`` (those can never win within ``max_d2``; dropping them does
+    not change which of the tied minimal parabolas the envelope keeps: the one with the smallest column).
+    """
+    H, W = labels.shape
+    NONE = np.int16(32767)
+    _expand_columns(labels, R, dy)
     v = np.empty(W, dtype=np.int64)
     z = np.empty(W + 1, dtype=np.float64)
     for r in range(H):
@@ -1240,6 +1339,11 @@ def _expand_bounded(labels, R, max_d2, out, dy):
                 orow[q] = 0
 
 
+#: Up to this reach (px) the expansion's row pass scans the 2R + 1 column offsets (cost ~R) instead
+#: of building parabola envelopes.
+_EXPAND_NEAR_MAX_R = 24  # (int16 sums in _expand_near: 2 * 24**2 + 24**2 < 16384)
+
+
 def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     """Grow labels by ``distance`` px without overlap: each background pixel takes the
     label of its nearest labelled pixel if that is at most ``distance`` away.
@@ -1267,7 +1371,12 @@ def expand_labels(labels: np.ndarray, distance: float = 1) -> np.ndarray:
     if R > 30000:
         return _expand_labels_ft(labels, distance)
     if labels.size:
-        _expand_bounded(labels, R, max_d2, out, np.empty(labels.shape, dtype=np.int16))
+        dy = np.empty(labels.shape, dtype=np.int16)
+        if R <= _EXPAND_NEAR_MAX_R:
+            _expand_columns(labels, R, dy)
+            _expand_near(labels, R, max_d2, out, dy)
+        else:
+            _expand_bounded(labels, R, max_d2, out, dy)
     return out
 
 
@@ -1292,6 +1401,109 @@ def _max_sq_within(distance: float, strict: bool) -> int:
             return k
         k -= 1
     return -1
+
+
+# --------------------------------------------------------------------------- connected components
+
+@njit(**_JIT)
+def _uf_find(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@njit(**_JIT)
+def _run_components(img, d, rstart, rc0, rc1, parent):
+    """Connected components of ``img`` (nonzero pixels) by runs.
+
+    Runs of row ``r`` are ``rstart[r]..rstart[r + 1] - 1``, run ``j`` spans columns
+    ``rc0[j]..rc1[j] - 1``; the runs of each row are joined by union-find to the runs of the
+    row above that they touch (``d`` = 0: 4-connectivity, 1: 8-connectivity). A component's
+    root is its first run, so numbering roots in run order numbers components in raster
+    order of their first pixel, as ``scipy.ndimage.label`` does. On return ``parent[j]`` is
+    the component (1..n) of run ``j``. Returns (number of runs, n).
+    """
+    H, W = img.shape
+    nr = 0
+    for r in range(H):
+        row = img[r]
+        rstart[r] = nr
+        c = 0
+        while c < W:
+            if not row[c]:
+                c += 1
+                continue
+            c0 = c
+            while c < W and row[c]:
+                c += 1
+            rc0[nr] = c0
+            rc1[nr] = c
+            parent[nr] = nr
+            nr += 1
+    rstart[H] = nr
+    for r in range(1, H):
+        k = rstart[r - 1]
+        kend = rstart[r]
+        for j in range(rstart[r], rstart[r + 1]):
+            c0 = rc0[j]
+            c1 = rc1[j]
+            while k < kend and rc1[k] + d <= c0:
+                k += 1
+            m = k
+            while m < kend and rc0[m] < c1 + d:
+                a = _uf_find(parent, m)
+                b = _uf_find(parent, j)
+                if a < b:
+                    parent[b] = a
+                elif b < a:
+                    parent[a] = b
+                m += 1
+    n = 0
+    for j in range(nr):
+        p = parent[j]
+        if p == j:
+            n += 1
+            parent[j] = n
+        else:
+            parent[j] = parent[p]  # p < j is already its root's component
+    return nr, n
+
+
+@njit(**_JIT)
+def _label_runs(img, d, rstart, rc0, rc1, parent, out):
+    """:func:`_run_components`, written into ``out`` (zeros); returns the count."""
+    H, W = img.shape
+    nr, n = _run_components(img, d, rstart, rc0, rc1, parent)
+    for r in range(H):
+        orow = out[r]
+        for j in range(rstart[r], rstart[r + 1]):
+            lab = parent[j]
+            for c in range(rc0[j], rc1[j]):
+                orow[c] = lab
+    return n
+
+
+def label(image: np.ndarray, connectivity: int = 1):
+    """``scipy.ndimage.label(image, structure)`` of a 2-D image with the cross (``connectivity=1``)
+    or the 3x3 square (``connectivity=2``) structure: the same int32 labels, numbered in raster
+    order of each component's first pixel, and their count. Releases the GIL.
+    """
+    image = np.ascontiguousarray(image, dtype=bool)
+    if image.ndim != 2:
+        raise ValueError("2-D images only")
+    if connectivity not in (1, 2):
+        raise ValueError("connectivity must be 1 or 2")
+    H, W = image.shape
+    out = np.zeros((H, W), dtype=np.int32)
+    if out.size == 0:
+        return out, 0
+    cap = H * ((W + 1) // 2)  # most runs an image can have (untouched pages cost nothing)
+    rc0 = np.empty(cap, dtype=np.int64)
+    rc1 = np.empty(cap, dtype=np.int64)
+    parent = np.empty(cap, dtype=np.int64)
+    n = _label_runs(image, connectivity - 1, np.empty(H + 1, dtype=np.int64), rc0, rc1, parent, out)
+    return out, int(n)
 
 
 # --------------------------------------------------------------------------- boundaries, membrane
@@ -1325,20 +1537,32 @@ def find_inner_boundaries(labels: np.ndarray) -> np.ndarray:
 
 @njit(**_JIT)
 def _ring(lab, bnd, dys, dxs, out):
+    """``out`` = ``lab`` where a ``bnd`` pixel lies at one of the offsets (``dys``, ``dxs``), else 0.
+
+    Row by row: the boundary rows at each offset are OR-ed into a row buffer over whole rows
+    (branch-free, vectorised), then the labels are masked with it.
+    """
     H, W = lab.shape
     K = dys.size
+    hit = np.empty(W, dtype=np.uint8)
     for r in range(H):
+        hit[:] = 0
+        for k in range(K):
+            rr = r + dys[k]
+            if rr < 0 or rr >= H:
+                continue
+            dx = dxs[k]
+            c0 = max(0, -dx)
+            c1 = min(W, W - dx)
+            # slices, not shifted indices: only then does the loop vectorise (10x)
+            h = hit[c0:c1]
+            b = bnd[rr, c0 + dx:c1 + dx]
+            for c in range(c1 - c0):
+                h[c] |= b[c]
+        lr = lab[r]
+        orow = out[r]
         for c in range(W):
-            v = lab[r, c]
-            res = 0
-            if v != 0:
-                for k in range(K):
-                    rr = r + dys[k]
-                    cc = c + dxs[k]
-                    if 0 <= rr < H and 0 <= cc < W and bnd[rr, cc]:
-                        res = v
-                        break
-            out[r, c] = res
+            orow[c] = lr[c] if hit[c] else 0
 
 
 def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
@@ -1361,33 +1585,98 @@ def membrane_ring(labels: np.ndarray, width: float) -> np.ndarray:
         return np.where((labels != 0) & (d2 <= kmax), labels, 0).astype(labels.dtype)
     dy, dx = np.mgrid[-r:r + 1, -r:r + 1]
     sel = (dy * dy + dx * dx) <= kmax
-    # Nearest offsets first: most ring pixels stop at the first hit.
-    order = np.argsort((dy * dy + dx * dx)[sel], kind="stable")
-    _ring(labels, bnd, dy[sel][order].astype(np.int64), dx[sel][order].astype(np.int64), out)
+    _ring(labels, bnd.view(np.uint8), dy[sel].astype(np.int64), dx[sel].astype(np.int64), out)
     return out
 
 
 # --------------------------------------------------------------------------- label statistics
 
 @njit(**_JIT)
-def _label_stats(labels, images, n, count, s, s2, mn, mx):
-    H, W = labels.shape
+def _run_stats(row, c, j, acc, l, i, k):
+    """Statistics of ``row[c:j]`` added to ``acc[l, i, k]`` in pixel order."""
+    s = acc[l, i, k, 0]
+    s2 = acc[l, i, k, 1]
+    mn = acc[l, i, k, 2]
+    mx = acc[l, i, k, 3]
+    for x in range(c, j):
+        v = np.float64(row[x])
+        s += v
+        s2 += v * v
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+    acc[l, i, k, 0] = s
+    acc[l, i, k, 1] = s2
+    acc[l, i, k, 2] = mn
+    acc[l, i, k, 3] = mx
+
+
+@njit(**_JIT)
+def _run_stats2(ra, rb, c, j, acc, l, i, k):
+    """:func:`_run_stats` of two images (``k``, ``k + 1``) at once: twice the independent
+    additions in flight (the sums are latency-bound)."""
+    s = acc[l, i, k, 0]
+    s2 = acc[l, i, k, 1]
+    mn = acc[l, i, k, 2]
+    mx = acc[l, i, k, 3]
+    t = acc[l, i, k + 1, 0]
+    t2 = acc[l, i, k + 1, 1]
+    tn = acc[l, i, k + 1, 2]
+    tx = acc[l, i, k + 1, 3]
+    for x in range(c, j):
+        v = np.float64(ra[x])
+        w = np.float64(rb[x])
+        s += v
+        s2 += v * v
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+        t += w
+        t2 += w * w
+        tn = w if w < tn else tn
+        tx = w if w > tx else tx
+    acc[l, i, k, 0] = s
+    acc[l, i, k, 1] = s2
+    acc[l, i, k, 2] = mn
+    acc[l, i, k, 3] = mx
+    acc[l, i, k + 1, 0] = t
+    acc[l, i, k + 1, 1] = t2
+    acc[l, i, k + 1, 2] = tn
+    acc[l, i, k + 1, 3] = tx
+
+
+@njit(**_JIT)
+def _label_stats(labels, images, n, count, acc):
+    """Row by row, each label image in turn, a run of one label at a time.
+
+    ``acc[l, i, k]`` = (sum, sum of squares, min, max) of image ``k`` in label ``i + 1`` of
+    label image ``l``. A run's statistics accumulate in registers in pixel order: the same
+    additions in the same order as per pixel, so sums stay bit-identical to ``np.bincount``.
+    The images' row stays in cache while every label image reads it. (Unsigned column
+    indices: no negative-index code in the scans.)
+    """
+    L = len(labels)
     K = len(images)
+    H, W = labels[0].shape
+    Wu = np.uint64(W)
+    one = np.uint64(1)
     for r in range(H):
-        for c in range(W):
-            lab = labels[r, c]
-            if lab <= 0 or lab > n:
-                continue
-            i = lab - 1
-            count[i] += 1
-            for k in range(K):
-                v = np.float64(images[k][r, c])
-                s[k, i] += v
-                s2[k, i] += v * v
-                if v < mn[k, i]:
-                    mn[k, i] = v
-                if v > mx[k, i]:
-                    mx[k, i] = v
+        for l in range(L):
+            lr = labels[l][r]
+            c = np.uint64(0)
+            while c < Wu:
+                lab = lr[c]
+                if lab <= 0 or lab > n:
+                    c += one
+                    continue
+                j = c + one
+                while j < Wu and lr[j] == lab:
+                    j += one
+                i = lab - 1
+                count[l, i] += np.int64(j - c)
+                for k in range(0, K - 1, 2):
+                    _run_stats2(images[k][r], images[k + 1][r], c, j, acc, l, i, k)
+                if K % 2:
+                    _run_stats(images[K - 1][r], c, j, acc, l, i, K - 1)
+                c = j
 
 
 def label_stats(labels: np.ndarray, images, n: int):
@@ -1405,41 +1694,60 @@ def label_stats(labels: np.ndarray, images, n: int):
     (min/max are NaN for empty labels). Sums accumulate in raster order in float64,
     like ``np.bincount(labels, weights=...)``, so they are bit-identical to it.
     """
-    labels = np.ascontiguousarray(labels)
+    return label_stats_many([labels], images, n)[0]
+
+
+def label_stats_many(label_images, images, n: int):
+    """:func:`label_stats` of several label images (e.g. a cell's compartments) over the same
+    images, in one pass over the images. Returns one ``(count, sum, sumsq, min, max)`` per label image.
+    """
+    labs = [np.ascontiguousarray(x) for x in label_images]
     if isinstance(images, np.ndarray) and images.ndim == 3:
         images = list(images)
     ims = [np.asarray(im) for im in images]
-    if any(im.shape != labels.shape for im in ims):
+    shape = labs[0].shape if labs else None
+    if labs and labs[0].ndim != 2 or any(x.shape != shape for x in labs):
+        raise ValueError("label images must be 2-D arrays of one shape")
+    if any(im.shape != shape for im in ims):
         raise ValueError("images must have the labels' shape")
-    # one dtype for the tuple the kernel receives; views (e.g. stain_od[..., 1]) are not copied
+    # one dtype for each tuple the kernel receives; views (e.g. stain_od[..., 1]) are not copied
     dt = np.result_type(*[im.dtype for im in ims]) if ims else np.float64
     stack = tuple(im if im.dtype == dt else im.astype(dt) for im in ims)
-    K = len(stack)
-    count = np.zeros(n, dtype=np.int64)
-    s = np.zeros((K, n))
-    s2 = np.zeros((K, n))
-    mn = np.full((K, n), np.inf)
-    mx = np.full((K, n), -np.inf)
-    if n > 0 and K > 0:
-        _label_stats(labels, stack, n, count, s, s2, mn, mx)
+    ldt = np.result_type(*[x.dtype for x in labs]) if labs else np.int32
+    labs = tuple(x if x.dtype == ldt else x.astype(ldt) for x in labs)
+    L, K = len(labs), len(stack)
+    count = np.zeros((L, n), dtype=np.int64)
+    acc = np.zeros((L, n, K, 4))
+    acc[..., 2] = np.inf
+    acc[..., 3] = -np.inf
+    if n > 0 and K > 0 and L > 0 and labs[0].size:
+        _label_stats(labs, stack, n, count, acc)
     empty = count == 0
-    mn[:, empty] = np.nan
-    mx[:, empty] = np.nan
-    return count, s, s2, mn, mx
-
+    acc[empty, :, 2:] = np.nan
+    return [(count[l], *(np.ascontiguousarray(acc[l, :, :, j].T) for j in range(4))) for l in range(L)]
 
 
 @njit(**_JIT)
 def _bincount_sum(labels, weights, counts, sums):
+    """Runs of one label are summed in registers (the same additions in the same order as a
+    per-pixel ``sums[lab] += w``, without a store-to-load dependency per pixel)."""
     lf = labels.ravel()
     wf = weights.ravel()
     n = counts.size
-    for i in range(lf.size):
+    N = lf.size
+    i = 0
+    while i < N:
         lab = lf[i]
         if lab < 0 or lab >= n:
             return False
-        counts[lab] += 1
-        sums[lab] += np.float64(wf[i])
+        acc = sums[lab]
+        j = i
+        while j < N and lf[j] == lab:
+            acc += np.float64(wf[j])
+            j += 1
+        sums[lab] = acc
+        counts[lab] += j - i
+        i = j
     return True
 
 
@@ -2010,6 +2318,9 @@ def warm_up() -> float:
     distance_transform_edt(img > 0.3)
     distance_transform_edt(img > 0.3, dtype=np.float64)
     expand_labels(mk, 3)
+    expand_labels(mk, _EXPAND_NEAR_MAX_R + 1)
+    label(img > 0.5, 1)
+    label(img > 0.5, 2)
     membrane_ring(mk, 2.0)
     label_stats(mk, np.stack([img, img]), 2)
     od3 = np.stack([img, img, img], axis=-1)

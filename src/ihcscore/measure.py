@@ -20,7 +20,7 @@ try:  # one-pass compiled label statistics (same numbers as the sort + reduceat 
 except ImportError:  # pragma: no cover - numba missing
     _k = None
 
-__all__ = ["COMPARTMENT_PREFIX", "STAINS", "measure_cells", "label_statistics", "label_polygons"]
+__all__ = ["COMPARTMENT_PREFIX", "STAINS", "measure_cells", "label_statistics", "label_statistics_many", "label_polygons"]
 
 COMPARTMENT_PREFIX = {"nucleus": "Nucleus", "cytoplasm": "Cytoplasm", "membrane": "Membrane", "cell": "Cell"}
 #: Deconvolved channel index -> QuPath stain name.
@@ -33,18 +33,30 @@ def label_statistics(labels: np.ndarray, images: dict[str, np.ndarray], n_labels
     Returns a dict with ``count`` and ``"{name} {stat}"`` arrays of length
     ``n_labels`` (NaN for empty labels).
     """
-    if _k is not None and labels.ndim == 2:
-        counts, s, s2, mn, mx = _k.label_stats(labels, list(images.values()), n_labels)
-        out = {"count": counts}
-        for i, name in enumerate(images):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = s[i] / counts
-                var = np.maximum(s2[i] / counts - mean * mean, 0.0)
-            out[f"{name} mean"] = mean
-            out[f"{name} std dev"] = np.sqrt(var)
-            out[f"{name} max"] = mx[i]
-            out[f"{name} min"] = mn[i]
+    return label_statistics_many([labels], images, n_labels)[0]
+
+
+def label_statistics_many(label_images, images: dict[str, np.ndarray], n_labels: int) -> list[dict]:
+    """:func:`label_statistics` of several label images over the same images (one compiled pass)."""
+    if _k is not None and all(lab.ndim == 2 for lab in label_images):
+        out = []
+        for counts, s, s2, mn, mx in _k.label_stats_many(label_images, list(images.values()), n_labels):
+            st = {"count": counts}
+            for i, name in enumerate(images):
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean = s[i] / counts
+                    var = np.maximum(s2[i] / counts - mean * mean, 0.0)
+                st[f"{name} mean"] = mean
+                st[f"{name} std dev"] = np.sqrt(var)
+                st[f"{name} max"] = mx[i]
+                st[f"{name} min"] = mn[i]
+            out.append(st)
         return out
+    return [_label_statistics_np(lab, images, n_labels) for lab in label_images]
+
+
+def _label_statistics_np(labels, images, n_labels):
+    """:func:`label_statistics` without numba: label sort + ``reduceat``."""
     flat = labels.ravel()
     counts = np.bincount(flat, minlength=n_labels + 1)[1:n_labels + 1]
     out = {"count": counts}
@@ -171,8 +183,8 @@ def measure_cells(
     }
     channels = {STAINS[c]: stain_od[..., c] for c in STAINS}
     areas = {}
-    for comp, prefix in COMPARTMENT_PREFIX.items():
-        stats = label_statistics(segmentation.compartment(comp), channels, n)
+    all_stats = label_statistics_many([segmentation.compartment(c) for c in COMPARTMENT_PREFIX], channels, n)
+    for (comp, prefix), stats in zip(COMPARTMENT_PREFIX.items(), all_stats):
         areas[comp] = stats.pop("count") * px * px
         cols[f"{prefix}: Area µm^2"] = areas[comp]
         if comp == "nucleus":
