@@ -247,3 +247,19 @@ def test_tifffile_fallback_reads_pyramid_levels(tmp_path, monkeypatch):
         # tiles read concurrently through dask's threaded scheduler
         level1 = s.to_dask_pyramid()[1].compute(scheduler="threads", num_workers=4)
         assert np.abs(level1.astype(int) - rgb[::2, ::2]).mean() < 2.0
+
+
+def test_rgba_to_rgb_composites_on_white_and_passes_opaque_pixels_through():
+    from ihcscore.slide import _to_rgb_uint8
+
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    assert np.array_equal(_to_rgb_uint8(rgba), rgba[..., :3])  # opaque: the colours unchanged
+    rgba[:5, :, 3] = 0
+    rgba[5:10, :, 3] = 128
+    out = _to_rgb_uint8(rgba)
+    assert np.all(out[:5] == 255)  # transparent: glass white
+    expect = np.round((rgba[5:10, :, :3] * 128.0 + 255.0 * 127) / 255).astype(np.uint8)
+    assert np.abs(out[5:10].astype(int) - expect).max() <= 1
+    assert np.array_equal(out[10:], rgba[10:, :, :3])

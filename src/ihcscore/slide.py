@@ -189,6 +189,8 @@ def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     if c == 1:
         return np.repeat(a, 3, axis=-1)
     if c == 4:
+        if a[..., 3].min(initial=255) == 255:  # opaque (every tile inside the scanned area): no blending
+            return np.ascontiguousarray(a[..., :3])
         alpha = a[..., 3:4].astype(np.uint16)
         rgb = a[..., :3].astype(np.uint16)
         # transparent pixels become white, the colour of glass
