@@ -307,6 +307,7 @@ def _hmax_candidates(image, h, two_res, mask, has_mask, state, out):
     stack = np.empty(6 * W + 12 * _HM_RASTER_BUDGET + 64, np.int64)
     runs = np.empty(2 * _HM_RASTER_BUDGET + 64, np.int64)
     st = np.zeros(4, np.int64)
+    budget = np.int64(_HM_RASTER_BUDGET)  # (a plain constant would compile a literal-typed variant)
     row_end = np.zeros(H, np.int64)  # candidates of rows <= r: cand[:row_end[r]]
     s = np.empty(W, image.dtype)
     up = np.full(W, ninf, image.dtype)
@@ -363,10 +364,10 @@ def _hmax_candidates(image, h, two_res, mask, has_mask, state, out):
         row_end[r] = nc
         if r >= _HM_RASTER_LAG:
             _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, row_end[r - _HM_RASTER_LAG],
-                         _HM_RASTER_BUDGET, stack, runs, st)
+                         budget, stack, runs, st)
         up, cur, down = cur, down, up
         ok, okp = okp, ok
-    _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, nc, _HM_RASTER_BUDGET, stack, runs, st)
+    _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, np.int64(nc), budget, stack, runs, st)
     return cand[:nc], derived_rows, colmax.max() - colmin.min()
 
 
@@ -423,7 +424,8 @@ def _hmax_decide(image, h, two_res, mask, has_mask, cand, state, out):
     stack = np.empty(12 * W + 64, np.int64)
     runs = np.empty(4096, np.int64)
     st = np.zeros(4, np.int64)
-    while _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, cand.size, -1, stack, runs, st):
+    while _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, cand.size, np.int64(-1), stack, runs,
+                       st):
         if st[1] + 6 * W + 24 > stack.size:
             stack = _grow_arr(stack, 2 * stack.size)
         if st[2] + 2 > runs.size:
@@ -1954,9 +1956,9 @@ def warm_up() -> float:
     bounded_reconstruction_dilation(img - 0.5, img, 3)
     flat = np.zeros((8, 48), np.float32)  # a plateau too wide for the raster-order floods
     flat[4, 40] = 1
-    for im in (img, flat):
-        h_maxima(im.astype(np.float64), 0.5, im > 0.1)
+    for im in (img, flat, img.astype(np.float64), flat.astype(np.float64)):
         h_maxima(im, 0.5)
+        h_maxima(im, 0.5, im > 0.1)
     mk = np.zeros((16, 16), np.int32)
     mk[2, 2] = 1
     mk[12, 12] = 2
