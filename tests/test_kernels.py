@@ -86,15 +86,119 @@ def test_bounded_reconstruction_with_enough_steps_equals_skimage(region):
             assert a.dtype == b.dtype and np.array_equal(a, b)
 
 
-def test_h_maxima_equals_skimage(region):
-    for img in list(_images()) + [region[0]]:
+def _hmax_images(seed=0):
+    """Smooth and quantised images (plateaus, ties), noise, large plateaus, tiny shapes."""
+    rng = np.random.default_rng(seed)
+    yield from _images(seed=seed)
+    yield rng.random((40, 50)).astype(np.float32)
+    yield np.round(rng.random((30, 70)) * 3).astype(np.float32)  # many ties between neighbours
+    yield np.round(ndi.gaussian_filter(rng.random((80, 90)), 6) * 400).astype(np.float32)  # large plateaus
+    yield np.round(ndi.gaussian_filter(rng.random((60, 60)), 2) * 40).astype(np.float32) / 7
+    for shape in ((1, 1), (1, 9), (9, 1), (2, 2)):
+        yield rng.random(shape).astype(np.float32)
+    yield np.full((5, 6), 2.0, np.float32)  # constant: h > ptp
+
+
+def _check_h_maxima(x, h, masks=(None,)):
+    ref = morphology.h_maxima(x, h).astype(bool)
+    for m in masks:
+        out = K.h_maxima(x, h, m)
+        assert out.dtype == bool and np.array_equal(out, ref if m is None else ref & m)
+    return ref
+
+
+def test_h_maxima_equals_skimage():
+    rng = np.random.default_rng(3)
+    for x in _hmax_images():
         for dt in (np.float32, np.float64):
-            x = img.astype(dt)
-            for h in (0.05, 0.5):
-                assert np.array_equal(K.h_maxima(x, h), morphology.h_maxima(x, h).astype(bool))
-    # the split's input: distance map of nuclei
-    d = ndi.distance_transform_edt(region[1] > 0)
-    assert np.array_equal(K.h_maxima(d, 0.5), morphology.h_maxima(d, 0.5).astype(bool))
+            x = x.astype(dt)
+            ptp = float(np.ptp(x))
+            masks = (None, rng.random(x.shape) < 0.5, np.ones(x.shape, bool), np.zeros(x.shape, bool))
+            for h in (1e-4, 0.05, 0.5, ptp / 3, ptp):
+                if h > 0:
+                    _check_h_maxima(x, h, masks)
+            _check_h_maxima(x * dt(1e4) - dt(3e4), 0.3 * 1e4)  # the resolution shift at large values
+
+
+def test_h_maxima_mask_cuts_plateaus():
+    """A mask that cuts plateaus (and maximal plateaus) in two: each part keeps the plateau's answer."""
+    x = np.zeros((20, 30), np.float32)
+    x[2:8, 3:25] = 5  # a maximal plateau
+    x[10:18, 5:12] = 3  # and one that is not
+    x[14, 8] = 9
+    cut = np.ones(x.shape, bool)
+    cut[:, 7:9] = False
+    sparse = (np.arange(30) % 3 == 0) & np.ones((20, 1), bool)
+    ref = _check_h_maxima(x, 1.0, (None, cut, sparse, ~cut))
+    assert ref[2:8, 3:25].all() and ref[14, 8] and ref[10:18, 5:12].sum() == 1
+
+
+def test_h_maxima_near_ties():
+    """Values closer than the resolution shift (2e-6 relative): 1 ulp apart, both peaks are
+    maxima; a peak 1 ulp above a rejected one can still be one."""
+    f32 = np.float32
+    h = f32(0.5)
+    x = np.zeros((5, 8), f32)
+    x[2, 2], x[2, 3], x[2, 4] = 1, 0.8, np.nextafter(f32(1), f32(0))
+    ref = _check_h_maxima(x, 0.5, (None, x > 0))
+    assert ref[2, 2] and ref[2, 4]
+    # p = 1 is rejected by w (p - shift(w) < h), its neighbour t = 1 + ulp is not
+    p, t = f32(1), np.nextafter(f32(1), f32(2))
+    shift = lambda a: (a - h) - f32(2 * np.finfo(f32).resolution) * abs(a)
+    w = t
+    while not p - shift(w) < h <= t - shift(w):  # found a few ulps above 1 + 2e-6
+        assert w < 1.001
+        w = np.nextafter(w, f32(2))
+    x = np.zeros((5, 8), f32)
+    x[2, 2:6] = p, t, 0.9, w
+    ref = _check_h_maxima(x, 0.5, (None, x > 0))
+    assert not ref[2, 2] and ref[2, 3] and ref[2, 5]
+
+
+def test_h_maxima_on_log_and_edm(region):
+    """The two uses in cells.py: LoG seeds within the foreground, EDM peaks within the nuclei."""
+    from ihcscore.cells import EDM_SMOOTH_PX, LAPLACIAN, SEED_TOLERANCE, subtract_background
+    measure, _ = subtract_background(region[0], 16, 2.0)
+    for sigma in (1.5, 3.0):
+        log = ndi.convolve(ndi.gaussian_filter(measure, sigma, mode="nearest"), LAPLACIAN, mode="nearest")
+        ref = _check_h_maxima(log, SEED_TOLERANCE, (None, log > 0))
+        assert ref.sum() > 50
+        _check_h_maxima(log.astype(np.float64), SEED_TOLERANCE, (log > 0,))
+    m = region[1] > 0
+    d = ndi.distance_transform_edt(m)
+    for dist in (d, ndi.gaussian_filter(d, EDM_SMOOTH_PX)):
+        ref = _check_h_maxima(dist, 0.5, (None, m))
+        assert ref.sum() > 20
+    _check_h_maxima(region[0], 0.05, (None, region[1] > 0))
+
+
+def test_h_maxima_long_floods():
+    """Wide areas within h of their maxima, full of holes: long floods in many short runs
+    (what outgrows the first flood buffers), decided both ways."""
+    rng = np.random.default_rng(5)
+    x = ndi.gaussian_filter(rng.random((240, 300)), 2).astype(np.float32) * np.float32(0.02)
+    x[::2, ::2] = -1  # a sieve: every run is short
+    x[200:, 280:] += 1  # the only ground higher by more than h, in a corner
+    _check_h_maxima(x, 0.1, (None, x > 0.005))
+    x[200:, 280:] = -1
+    _check_h_maxima(x, 0.1)
+
+
+def test_h_maxima_infinite_values():
+    """skimage breaks on +inf (a NaN seed); here +inf seeds +inf (same as a reconstruction
+    of that seed), -inf seeds -inf as in skimage."""
+    rng = np.random.default_rng(7)
+    for dt in (np.float32, np.float64):
+        x = np.round(ndi.gaussian_filter(rng.random((30, 40)), 1.5) * 20).astype(dt)
+        k = rng.random(x.shape)
+        x[k < 0.03] = np.inf
+        x[k > 0.97] = -np.inf
+        h = dt(0.5)
+        with np.errstate(invalid="ignore"):
+            s = (x - h) - dt(2 * np.finfo(dt).resolution) * np.abs(x)
+            s[x == np.inf] = np.inf
+            ref = (x - morphology.reconstruction(s, x, method="dilation")) >= h
+        assert ref.any() and np.array_equal(K.h_maxima(x, 0.5), ref)
 
 
 def test_watershed_components_matches_skimage_on_raw_od_log(region):
@@ -239,18 +343,6 @@ def test_watershed_components_split_differs_only_at_ties(region):
     a = K.watershed_components(-d, mk, m, watershed_line=True)
     b = segmentation.watershed(-d, mk, mask=m, watershed_line=True)
     assert (a != b).sum() <= 0.001 * m.sum()
-
-
-def test_reconstruction_candidate_overflow_path(region):
-    """More queue seeds than the first candidate list holds: they are listed again, same result."""
-    img = region[0]
-    seed = np.minimum(morphology.erosion(img, morphology.disk(4)), img)
-    H, W = img.shape
-    J = np.pad(seed, 1, constant_values=-np.inf).ravel()  # the frame h_maxima gives _reconstruct
-    I = np.pad(img, 1, constant_values=-np.inf).ravel()
-    K._reconstruct(J, I, W, True)
-    out = J.reshape(H + 2, W + 2)[1:-1, 1:-1]
-    assert np.array_equal(out, morphology.reconstruction(seed, img, method="dilation"))
 
 
 def test_bincount_sum_and_shape_sums(region):

@@ -217,7 +217,7 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
     dist = _k.distance_transform_edt(mask, np.float64) if _k else ndi.distance_transform_edt(mask)
     if EDM_SMOOTH_PX > 0:
         dist = (_k or ndi).gaussian_filter(dist, EDM_SMOOTH_PX)
-    peaks = (_k.h_maxima(dist, 0.5) if _k else morphology.h_maxima(dist, 0.5)) & mask
+    peaks = _k.h_maxima(dist, 0.5, mask) if _k else morphology.h_maxima(dist, 0.5) & mask
     markers, _ = _k.label(peaks, 2) if _k else ndi.label(peaks, structure=np.ones((3, 3)))
     ws = _k.watershed_components(dist, markers, mask, watershed_line=True, negate=True) if _k else \
         segmentation.watershed(-dist, markers, mask=mask, watershed_line=True)
@@ -258,8 +258,8 @@ def detect_nuclei(
     # Over-segment the LoG at its regional maxima, then keep bright regions.
     # QuPath's regional maxima with a 0.001 tolerance: maxima rising less than that above their saddle
     # merge with their neighbour (plain local maxima split noise plateaus; OS-2: 1336 -> 1332 cells).
-    seeds = (_k.h_maxima(log, SEED_TOLERANCE) if _k else
-             morphology.h_maxima(log, SEED_TOLERANCE).astype(bool)) & foreground
+    seeds = (_k.h_maxima(log, SEED_TOLERANCE, foreground) if _k else
+             morphology.h_maxima(log, SEED_TOLERANCE).astype(bool) & foreground)
     markers, n_seeds = _k.label(seeds, 2) if _k else ndi.label(seeds, structure=np.ones((3, 3)))
     regions = _k.watershed_components(log, markers, foreground, negate=True) if _k else \
         segmentation.watershed(-log, markers, mask=foreground)

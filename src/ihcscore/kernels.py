@@ -10,9 +10,9 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   steps run pipelined through cache-sized row buffers (temporal blocking), each with
   the operations of a whole-image step, so the values are exactly the iterated ones.
 - :func:`h_maxima` = ``skimage.morphology.h_maxima`` (same float32/float64
-  "resolution" shift, same ``residue >= h`` test), returns ``bool``. Its full
-  reconstruction is Vincent's hybrid algorithm (raster and anti-raster scans, then a
-  max-heap), a selection of seed and mask values, so exactly skimage's.
+  "resolution" shift, same ``residue >= h`` test), returns ``bool``; with ``mask``,
+  ``h_maxima(x, h) & mask``. It never builds the reconstruction: a 3x3 bound rejects
+  most pixels, flood fills decide the remaining (nearly) local maxima exactly.
 - :func:`watershed_components` = ``skimage.segmentation.watershed(image, markers,
   mask=mask, watershed_line=...)`` with connectivity 1, flooding each connected
   component of the mask alone: scikit-image 0.26's (value, age) pop order, so labels
@@ -97,229 +97,6 @@ def _grow_arr(a, cap):
 
 
 # --------------------------------------------------------------------------- reconstruction
-
-@njit(**_JIT)
-def _reconstruct(J, I, W, small_queue=False):
-    """In-place reconstruction by dilation of padded flat ``J`` under ``I``.
-
-    ``J`` and ``I`` are flattened ``(H+2, W+2)`` arrays whose one-pixel frame is
-    ``-inf`` in both (frame pixels never change and never propagate).
-    Vincent's hybrid algorithm, with the propagation phase ordered by value (a
-    max-heap instead of a FIFO): a pixel popped at value ``v`` is final, so each
-    is processed about once (a FIFO raised some pixels many times in small steps:
-    5.6 M pops on a 4 M px LoG, 0.85 M with the heap). The result is the same
-    fixpoint whatever the order: a selection of seed and mask values.
-    """
-    # room for the scans' candidate list (usually 1-5 % of the pixels); more are found again after
-    cap = 16 if small_queue else 4096
-    while not small_queue and cap < J.size // 16:
-        cap *= 2
-    hp = np.empty(cap, dtype=np.int64)
-    ncand = _rec_scans(J, I, W, hp)
-    if ncand + 16 > cap:
-        while cap < ncand + 16:
-            cap *= 2
-        hp = np.empty(cap, dtype=np.int64)
-        _rec_candidates(J, I, W, hp, True)
-    hv = np.empty(cap, dtype=J.dtype)
-    st = np.zeros(1, dtype=np.int64)
-    _rec_heapify(J, hv, hp, ncand, st)
-    while _rec_propagate(J, I, W, hv, hp, st) != 0:
-        cap *= 2
-        hv = _grow_arr(hv, cap)
-        hp = _grow_arr(hp, cap)
-
-
-@njit(**_JIT)
-def _rec_scans(J, I, W, cand):
-    """Raster (N+ = NW, N, NE, W) then anti-raster (N- = SE, S, SW, E) scans.
-
-    The anti-raster scan lists the pixels that can still raise an N- neighbour in
-    ``cand`` (as far as it holds them) and returns how many there are.
-    """
-    Wp = W + 2
-    n = J.size
-    Hp = n // Wp
-    for r in range(1, Hp - 1):
-        base = r * Wp
-        for c in range(1, Wp - 1):
-            p = base + c
-            v = J[p]
-            a = J[p - Wp - 1]
-            if a > v:
-                v = a
-            a = J[p - Wp]
-            if a > v:
-                v = a
-            a = J[p - Wp + 1]
-            if a > v:
-                v = a
-            a = J[p - 1]
-            if a > v:
-                v = a
-            m = I[p]
-            J[p] = v if v < m else m
-    k = 0
-    for r in range(Hp - 2, 0, -1):
-        base = r * Wp
-        for c in range(Wp - 2, 0, -1):
-            p = base + c
-            v = J[p]
-            a = J[p + Wp + 1]
-            if a > v:
-                v = a
-            a = J[p + Wp]
-            if a > v:
-                v = a
-            a = J[p + Wp - 1]
-            if a > v:
-                v = a
-            a = J[p + 1]
-            if a > v:
-                v = a
-            m = I[p]
-            if m < v:
-                v = m
-            J[p] = v
-            q = p + Wp + 1
-            enq = J[q] < v and J[q] < I[q]
-            q = p + Wp
-            enq = enq or (J[q] < v and J[q] < I[q])
-            q = p + Wp - 1
-            enq = enq or (J[q] < v and J[q] < I[q])
-            q = p + 1
-            enq = enq or (J[q] < v and J[q] < I[q])
-            if enq:
-                if k < cand.size:
-                    cand[k] = p
-                k += 1
-    return k
-
-
-@njit(**_JIT)
-def _rec_candidates(J, I, W, out, store):
-    """Pixels that can still raise an N- neighbour after the scans (Vincent's queue seeds).
-
-    (Evaluated after the anti-raster scan: a pixel's N- neighbours were final by the
-    time the scan reached it, so this is the test the scan itself would make.)
-    """
-    Wp = W + 2
-    n = J.size
-    Hp = n // Wp
-    k = 0
-    for r in range(1, Hp - 1):
-        base = r * Wp
-        for c in range(1, Wp - 1):
-            p = base + c
-            v = J[p]
-            enq = False
-            q = p + Wp + 1
-            if J[q] < v and J[q] < I[q]:
-                enq = True
-            q = p + Wp
-            if J[q] < v and J[q] < I[q]:
-                enq = True
-            q = p + Wp - 1
-            if J[q] < v and J[q] < I[q]:
-                enq = True
-            q = p + 1
-            if J[q] < v and J[q] < I[q]:
-                enq = True
-            if enq:
-                if store:
-                    out[k] = p
-                k += 1
-    return k
-
-
-@njit(**_JIT)
-def _rec_sift_down(hv, hp, i, n):
-    v = hv[i]
-    p = hp[i]
-    while True:
-        l = 2 * i + 1
-        if l >= n:
-            break
-        r = l + 1
-        if r < n and hv[r] > hv[l]:
-            l = r
-        if hv[l] > v:
-            hv[i] = hv[l]
-            hp[i] = hp[l]
-            i = l
-        else:
-            break
-    hv[i] = v
-    hp[i] = p
-
-
-@njit(**_JIT)
-def _rec_heapify(J, hv, hp, n, st):
-    for i in range(n):
-        hv[i] = J[hp[i]]
-    for i in range(n // 2 - 1, -1, -1):
-        _rec_sift_down(hv, hp, i, n)
-    st[0] = n
-
-
-@njit(**_JIT)
-def _rec_propagate(J, I, W, hv, hp, st):
-    """Max-heap propagation (resumable: ``st`` = [heap size]; returns 1 when the heap must grow)."""
-    Wp = W + 2
-    n = st[0]
-    cap = hv.size
-    status = 0
-    while n > 0:
-        if n + 8 > cap:
-            status = 1
-            break
-        v = hv[0]
-        p = hp[0]
-        n -= 1
-        if n > 0:
-            hv[0] = hv[n]
-            hp[0] = hp[n]
-            _rec_sift_down(hv, hp, 0, n)
-        if J[p] != v:
-            continue  # raised again since it was pushed: a later entry carries it
-        for k in range(8):
-            if k == 0:
-                q = p - Wp - 1
-            elif k == 1:
-                q = p - Wp
-            elif k == 2:
-                q = p - Wp + 1
-            elif k == 3:
-                q = p - 1
-            elif k == 4:
-                q = p + 1
-            elif k == 5:
-                q = p + Wp - 1
-            elif k == 6:
-                q = p + Wp
-            else:
-                q = p + Wp + 1
-            jq = J[q]
-            iq = I[q]
-            if jq < v and iq != jq:
-                nv = v if v < iq else iq
-                J[q] = nv
-                # sift up
-                i = n
-                while i > 0:
-                    par = (i - 1) >> 1
-                    if hv[par] < nv:
-                        hv[i] = hv[par]
-                        hp[i] = hp[par]
-                        i = par
-                    else:
-                        break
-                hv[i] = nv
-                hp[i] = q
-                n += 1
-    st[0] = n
-    return status
-
 
 def _float_dtype(dtype):
     return np.float32 if np.dtype(dtype) in (np.float16, np.float32, np.uint8, np.int8, np.uint16,
@@ -478,63 +255,459 @@ def bounded_reconstruction_dilation(seed: np.ndarray, mask: np.ndarray, n_steps:
     return out
 
 
-def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
+def h_maxima(image: np.ndarray, h: float, mask: np.ndarray | None = None) -> np.ndarray:
     """Maxima of height >= ``h`` (8-connectivity), like ``skimage.morphology.h_maxima``.
 
-    Float images are shifted by ``h`` plus skimage's relative "resolution"
-    (``2 * finfo(dtype).resolution * |image|``: 2e-6 relative for float32, 2e-15
-    for float64) before the reconstruction, and a pixel is a maximum when
-    ``image - reconstruction >= h``: the same arithmetic in the same dtype as
-    skimage, so the result is identical. Returns ``bool`` (skimage: ``uint8``).
+    skimage reconstructs (by dilation) the shifted image ``shift(x) = x - h - 2 *
+    finfo(dtype).resolution * |x|`` (2e-6 relative for float32, 2e-15 for float64) under
+    the image and keeps the pixels where ``image - reconstruction >= h``. This decides that
+    test pixel by pixel, with the same arithmetic in the same dtype, so the result is
+    identical, without computing the reconstruction everywhere:
+
+    - one vectorised pass rejects every pixel whose 3x3 window already lifts the
+      reconstruction too high (it is at least ``min(max of shift over the window, x)``);
+      what is left are (nearly) local maxima;
+    - a candidate on a plateau (equal 8-neighbours) whose plateau was already reached earlier
+      in raster order takes that plateau's answer;
+    - the other candidates are decided by flood fills (see :func:`_hmax_floods`), first in
+      raster order with a small budget, then the rest highest first; what a flood learns
+      decides later candidates it reached.
+
+    Parameters
+    ----------
+    image : (M, N) float32 or float64 ndarray
+    h : float
+        Minimal height, ``> 0``.
+    mask : (M, N) bool ndarray, optional
+        Only pixels inside the mask are evaluated and can be ``True``
+        (``h_maxima(image, h, mask) == h_maxima(image, h) & mask``; heights are still
+        measured over the whole image).
+
+    Returns
+    -------
+    (M, N) bool ndarray (skimage: ``uint8``).
+
+    Notes
+    -----
+    skimage turns ``+inf`` into a NaN seed (``inf - inf``) and then fails (garbage or a
+    crash); here such a pixel's seed is ``+inf`` (what the NaN-tolerant comparisons of the
+    reconstruction this replaced made of it): ``+-inf`` pixels and the neighbours of ``+inf``
+    pixels are never maxima.
     """
     image = np.asarray(image)
-    if image.size == 0 or h > np.ptp(image):
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != image.shape:
+            raise ValueError("mask must have the image's shape")
+    if image.size == 0:
         return np.zeros(image.shape, dtype=bool)
     if h == 0:
         raise ValueError("h = 0 is ambiguous, use skimage.morphology.local_maxima() instead?")
-    if not np.issubdtype(image.dtype, np.floating):
-        raise TypeError("h_maxima: float images only")
+    if h < 0:
+        raise ValueError("h must be positive")
+    if image.dtype not in (np.float32, np.float64):
+        raise TypeError("h_maxima: float32 or float64 images only")
+    if image.ndim != 2:
+        raise ValueError("h_maxima: 2-D images only")
     image = np.ascontiguousarray(image)
     dt = image.dtype.type
-    # skimage: shifted = image - h - 2 * finfo.resolution * |image|, same ops and dtype here
+    h_in = h
+    h = dt(h)
     two_res = dt(2 * np.finfo(image.dtype).resolution)
-    out = np.empty(image.shape, dtype=bool)
-    # large buffers from numpy (huge pages), not numba's allocator: on a shared machine first-touch
-    # page faults of 64-128 MB temporaries cost as much as the computation
-    n = (image.shape[0] + 2) * (image.shape[1] + 2)
-    _h_maxima_2d(image, dt(h), two_res, out, np.empty(n, image.dtype), np.empty(n, image.dtype))
+    # full-size buffers from numpy, not numba's allocator; both are written sparsely
+    out = np.zeros(image.shape, dtype=bool)
+    state = np.zeros(image.shape, dtype=np.uint8)
+    m = np.ones((1, 1), dtype=bool) if mask is None else np.ascontiguousarray(mask)
+    has_mask = mask is not None
+    cand, derived_rows, ptp = _hmax_candidates(image, h, two_res, m, has_mask, state, out)
+    if h_in > dt(ptp):  # skimage: no maxima when h exceeds np.ptp(image) (same comparison)
+        return np.zeros(image.shape, dtype=bool)
+    cand = cand[(state.reshape(-1)[cand] & _HM_DONE) == 0]
+    if cand.size:
+        # the rest highest first, which lets floods that reject a candidate mark witnesses
+        cand = cand[np.argsort(-image.reshape(-1)[cand])]  # numpy's sort: several times numba's
+        _hmax_decide(image, h, two_res, m, has_mask, cand, state, out)
+    _hmax_derived(derived_rows, state, out)
     return out
 
 
-@njit(**_JIT)
-def _h_maxima_2d(image, h, two_res, out, J, I):
-    """Shift into the padded seed, reconstruct, residue test: no intermediate full-size arrays.
+# state bits of h_maxima's pixels
+_HM_DONE = 1       # answer known: _HM_MAX
+_HM_SEEN = 2       # reached by the current flood
+_HM_MAX = 4
+_HM_WIT = 8        # reached by a flood that found p not to be a maximum (p at least as high
+#                    as every later candidate): a witness for every later candidate
+_HM_CAND = 16      # candidate (flooded, or takes its plateau's answer)
+_HM_DERIVED = 32   # takes the answer of its equal neighbour W, NW, N or NE (bits 6-7)
+_HM_RASTER_BUDGET = 512  # pixels a flood in raster order may fill before it is left for later
+_HM_RASTER_LAG = 8       # rows between finding candidates and their raster-order floods
+_HM_RASTER_RUN = 32      # nor a run longer than this (most likely a wide plateau-like area)
 
-    (The shifted seed is never above the image for h > 0, so the seed <= mask check is moot.)
+
+@njit(**_JIT)
+def _hmax_shift(x, h, two_res):
+    """skimage's shifted value ``x - h - 2 * resolution * |x|`` (in x's dtype), at most ``x``.
+
+    (The ``min`` only matters for ``x = +inf``: ``inf - inf`` is NaN.)
+    """
+    s = (x - h) - two_res * abs(x)
+    return s if s <= x else x
+
+
+@njit(**_JIT)
+def _hmax3(a, h):
+    """Row max over (c-1, c, c+1); outside the row counts as -inf."""
+    W = a.size
+    if W == 1:
+        h[0] = a[0]
+        return
+    h[0] = a[0] if a[0] > a[1] else a[1]
+    for c in range(1, W - 1):
+        x = a[c - 1]
+        y = a[c]
+        z = a[c + 1]
+        x = x if x > y else y
+        h[c] = x if x > z else z
+    h[W - 1] = a[W - 1] if a[W - 1] > a[W - 2] else a[W - 2]
+
+
+@njit(**_JIT)
+def _hmax_shift_row_max(a, h, two_res, s, out):
+    """``out`` = row max over (c-1, c, c+1) of the shifted row (outside the row: -inf)."""
+    for c in range(a.size):
+        s[c] = _hmax_shift(a[c], h, two_res)
+    _hmax3(s, out)
+
+
+@njit(**_JIT)
+def _hmax_candidates(image, h, two_res, mask, has_mask, state, out):
+    """Candidates (raster order) and ``np.ptp(image)``; marks plateau followers and rejected
+    plateaus in ``state``.
+
+    Each row's candidates get a flood (:func:`_hmax_floods`) of at most _HM_RASTER_BUDGET
+    pixels a few rows later, while the rows around them are still in cache; what they leave
+    undecided is flooded later, highest first.
+
+    A pixel passes when ``x - min(3x3 max of shift, x) >= h`` (a lower bound of the
+    reconstruction; NaN for x = +-inf fails). A passing pixel in the mask with an equal earlier
+    neighbour (W, NW, N, NE: same plateau, same answer) that failed (or was itself ruled out)
+    is ruled out; with one that is a candidate it follows it (_HM_DERIVED, resolved in raster
+    order after the floods); otherwise it is returned to be flooded.
     """
     H, W = image.shape
-    Wp = W + 2
     ninf = image.dtype.type(-np.inf)
-    for c in range(Wp):
-        J[c] = ninf
-        I[c] = ninf
-        J[(H + 1) * Wp + c] = ninf
-        I[(H + 1) * Wp + c] = ninf
+    f = image.reshape(-1)
+    of = out.reshape(-1)
+    sf = state.reshape(-1)
+    mf = mask.reshape(-1)
+    # room for any flood within the budget
+    stack = np.empty(6 * W + 12 * _HM_RASTER_BUDGET + 64, np.int64)
+    runs = np.empty(2 * _HM_RASTER_BUDGET + 64, np.int64)
+    st = np.zeros(4, np.int64)
+    budget = np.int64(_HM_RASTER_BUDGET)  # (a plain constant would compile a literal-typed variant)
+    row_end = np.zeros(H, np.int64)  # candidates of rows <= r: cand[:row_end[r]]
+    s = np.empty(W, image.dtype)
+    up = np.full(W, ninf, image.dtype)
+    cur = np.empty(W, image.dtype)
+    down = np.empty(W, image.dtype)
+    ok = np.zeros(W, np.bool_)
+    okp = np.zeros(W, np.bool_)  # the previous row's ok
+    nw = (W + 7) // 8
+    sel = np.zeros(8 * nw, np.bool_)  # ok and in the mask, read 8 at a time
+    selw = sel.view(np.uint64)
+    cols = np.empty(W, np.int64)
+    derived_rows = np.zeros(H, np.bool_)
+    cand = np.empty(max(1024, W), np.int64)
+    nc = 0
+    _hmax_shift_row_max(image[0], h, two_res, s, cur)
+    colmin = image[0].copy()  # per column (a reduction would not vectorise)
+    colmax = image[0].copy()
     for r in range(H):
-        base = (r + 1) * Wp
-        J[base] = ninf
-        I[base] = ninf
-        J[base + W + 1] = ninf
-        I[base + W + 1] = ninf
+        if r + 1 < H:
+            _hmax_shift_row_max(image[r + 1], h, two_res, s, down)
+        else:
+            down[:] = ninf
+        row = image[r]
         for c in range(W):
-            x = image[r, c]
-            I[base + c + 1] = x
-            J[base + c + 1] = (x - h) - two_res * abs(x)
-    _reconstruct(J, I, W)
+            a = up[c]
+            b = cur[c]
+            d = down[c]
+            a = a if a > b else b
+            a = a if a > d else d
+            x = row[c]
+            a = a if a < x else x
+            ok[c] = (x - a) >= h
+            y = colmin[c]
+            colmin[c] = y if y < x else x
+            y = colmax[c]
+            colmax[c] = y if y > x else x
+        base = r * W
+        if has_mask:
+            mrow = mask[r]
+            for c in range(W):
+                sel[c] = ok[c] & mrow[c]
+        else:
+            sel[:W] = ok
+        k = 0
+        for j in range(nw):
+            if selw[j]:
+                for c in range(8 * j, 8 * j + 8):
+                    if sel[c]:
+                        cols[k] = c
+                        k += 1
+        if nc + k > cand.size:
+            cand = _grow_arr(cand, 2 * (nc + k))
+        nc = _hmax_row_candidates(image, r, cols, k, ok, okp, sf, cand, nc, derived_rows)
+        row_end[r] = nc
+        if r >= _HM_RASTER_LAG:
+            _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, row_end[r - _HM_RASTER_LAG],
+                         budget, stack, runs, st)
+        up, cur, down = cur, down, up
+        ok, okp = okp, ok
+    _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, np.int64(nc), budget, stack, runs, st)
+    return cand[:nc], derived_rows, colmax.max() - colmin.min()
+
+
+@njit(**_JIT)
+def _hmax_row_candidates(image, r, cols, k, ok, okp, sf, cand, nc, derived_rows):
+    H, W = image.shape
+    row = image[r]
+    base = r * W
+    for j in range(k):
+        c = cols[j]
+        if sf[base + c] & _HM_DONE:  # decided by a flood
+            sf[base + c] |= _HM_CAND
+            continue
+        v = row[c]
+        drop = False
+        parent = -1
+        for d in range(4):  # W, NW, N, NE
+            if d == 0:
+                if c == 0 or row[c - 1] != v:
+                    continue
+                good = ok[c - 1]
+                q = base + c - 1
+            else:
+                cq = c + d - 2
+                if r == 0 or cq < 0 or cq >= W or image[r - 1, cq] != v:
+                    continue
+                good = okp[cq]
+                q = base - W + cq
+            if not good or sf[q] & _HM_DONE:  # (q decided a maximum would have p decided too)
+                drop = True
+                break
+            if parent < 0 and sf[q] & _HM_CAND:
+                parent = d
+        if drop:
+            sf[base + c] |= _HM_DONE
+        elif parent >= 0:
+            sf[base + c] |= _HM_CAND | _HM_DERIVED | (parent << 6)
+            derived_rows[r] = True
+        else:
+            sf[base + c] |= _HM_CAND
+            cand[nc] = base + c
+            nc += 1
+    return nc
+
+
+@njit(**_JIT)
+def _hmax_decide(image, h, two_res, mask, has_mask, cand, state, out):
+    """Flood the candidates, highest first (see :func:`_hmax_floods`)."""
+    H, W = image.shape
+    f = image.reshape(-1)
+    of = out.reshape(-1)
+    sf = state.reshape(-1)
+    mf = mask.reshape(-1)
+    stack = np.empty(12 * W + 64, np.int64)
+    runs = np.empty(4096, np.int64)
+    st = np.zeros(4, np.int64)
+    while _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, cand.size, np.int64(-1), stack, runs,
+                       st):
+        if st[1] + 6 * W + 24 > stack.size:
+            stack = _grow_arr(stack, 2 * stack.size)
+        if st[2] + 2 > runs.size:
+            runs = _grow_arr(runs, 2 * runs.size)
+
+
+@njit(**_JIT)
+def _hmax_derived(derived_rows, state, out):
+    """Plateau followers take their (earlier) neighbour's answer, in raster order."""
+    H, W = state.shape
+    sf = state.reshape(-1)
+    of = out.reshape(-1)
     for r in range(H):
-        base = (r + 1) * Wp + 1
-        for c in range(W):
-            out[r, c] = (image[r, c] - J[base + c]) >= h
+        if not derived_rows[r]:
+            continue
+        for t in range(r * W, (r + 1) * W):
+            x = sf[t]
+            if x & _HM_DERIVED:
+                d = x >> 6
+                q = t - 1 if d == 0 else t - W + d - 2
+                if sf[q] & _HM_MAX:
+                    sf[t] = x | _HM_DONE | _HM_MAX
+                    of[t] = True
+                else:
+                    sf[t] = x | _HM_DONE
+
+
+@njit(**_JIT)
+def _hmax_floods(f, W, H, h, two_res, sf, mf, has_mask, of, cand, end, budget, stack, runs, st):
+    """Decide the candidates ``cand`` (highest first) by scan-line flood fills.
+
+    With R(p) = max over pixels w and 8-paths w -> p of ``min(shift(w), min of f on the
+    path)``, p (value v) is not a maximum iff ``v - R(p) < h``; subtraction is monotone, so
+    that holds iff a path from p over "inside" pixels z (``v - f(z) < h``) reaches a
+    witness: a pixel w with ``v - shift(w) < h``, a pixel u with ``f(u) >= v`` known not to
+    be a maximum (its own witness serves p), or a pixel marked _HM_WIT. A flood fills p's
+    inside component (marking _HM_SEEN, recording runs ``[runs[2i], runs[2i+1]]``) until it
+    meets a witness. Then:
+
+    - p not a maximum: every pixel reached reaches p's witness too, so those not above p
+      are not maxima; with the candidates in decreasing order (``budget < 0``), as no later
+      candidate is higher than p, every pixel reached is a witness for all of them (_HM_WIT);
+    - p a maximum: pixels of value v reached have p's inside component and answer; lower
+      ones for which p is a witness (``f - shift(v) < h``) are not maxima.
+
+    With ``budget >= 0`` a flood that fills more pixels is abandoned (the candidate stays
+    undecided, also when its buffers are too small. Otherwise resumable: ``st`` = [next
+    candidate, stack size, runs length, pixels filled]; returns True when ``stack`` needs
+    ``6 W + 24`` free entries (seeds are triples) or ``runs`` 2 (grow them and call
+    again), False when all are decided.
+    """
+    i = st[0]
+    n = st[1]
+    nr = st[2]
+    filled = st[3]
+    ordered = budget < 0
+    while True:
+        if n == 0:
+            while i < end and sf[cand[i]] & (_HM_DONE | _HM_WIT):
+                i += 1
+            if i == end:
+                st[0] = i
+                st[1] = 0
+                return False
+            stack[0] = cand[i]
+            stack[1] = -1
+            stack[2] = -1
+            n = 3
+            nr = 0
+            filled = 0
+        v = f[cand[i]]
+        res = True
+        while n > 0:
+            if n + 6 * W + 24 > stack.size or nr + 2 > runs.size:
+                if not ordered:  # no growing in the raster pass: leave it for later
+                    filled = budget + 1
+                    break
+                st[0] = i
+                st[1] = n
+                st[2] = nr
+                st[3] = filled
+                return True
+            # a seed, and the span of the run (in the row above or below) that pushed it
+            n -= 3
+            q = stack[n]
+            pl = stack[n + 1]
+            pr = stack[n + 2]
+            if sf[q] & _HM_SEEN:
+                continue
+            r = q // W
+            base = r * W
+            # (a flood with a budget stops extending a run at lim pixels)
+            lim = W if ordered else min(budget - filled, _HM_RASTER_RUN)
+            cl = q - base
+            while cl > 0:
+                t = base + cl - 1
+                if sf[t] & _HM_SEEN or not (v - f[t] < h):
+                    break
+                cl -= 1
+                if q - base - cl >= lim:
+                    break
+            cr = q - base
+            while cr < W - 1:
+                t = base + cr + 1
+                if sf[t] & _HM_SEEN or not (v - f[t] < h):
+                    break
+                cr += 1
+                if cr - cl >= lim:
+                    break
+            if not ordered and (filled + cr - cl >= budget or cr - cl + 1 >= _HM_RASTER_RUN):
+                filled = budget + 1
+                break
+            for t in range(base + cl, base + cr + 1):
+                x = f[t]
+                y = sf[t]
+                if (v - _hmax_shift(x, h, two_res) < h or y & _HM_WIT
+                        or (x >= v and y & (_HM_DONE | _HM_MAX) == _HM_DONE)):
+                    res = False
+                    cr = t - 1 - base
+                    break
+                sf[t] = y | _HM_SEEN
+            if cr >= cl:
+                runs[nr] = base + cl
+                runs[nr + 1] = base + cr
+                nr += 2
+                filled += cr - cl + 1
+            if not res:
+                break
+            a = cl - 1 if cl > 0 else 0
+            b = cr + 1 if cr < W - 1 else W - 1
+            pr_row = pl // W if pl >= 0 else -1
+            for rr in range(r - 1, r + 2, 2):
+                if rr < 0 or rr >= H:
+                    continue
+                lo = rr * W + a
+                hi = rr * W + b
+                # the pushing run's span there is all seen: scan only what sticks out of it
+                for seg in range(2):
+                    if rr != pr_row:
+                        s0 = lo if seg == 0 else hi + 1
+                        s1 = hi
+                    elif seg == 0:
+                        s0 = lo
+                        s1 = min(hi, pl - 1)
+                    else:
+                        s0 = max(lo, pr + 1)
+                        s1 = hi
+                    prev = False
+                    for t in range(s0, s1 + 1):
+                        good = not (sf[t] & _HM_SEEN) and v - f[t] < h
+                        if good and not prev:
+                            stack[n] = t
+                            stack[n + 1] = base + cl
+                            stack[n + 2] = base + cr
+                            n += 3
+                        prev = good
+        if not ordered and filled > budget:  # abandoned
+            for j in range(0, nr, 2):
+                for t in range(runs[j], runs[j + 1] + 1):
+                    sf[t] ^= _HM_SEEN
+        elif res:
+            sp = _hmax_shift(v, h, two_res)
+            for j in range(0, nr, 2):
+                for t in range(runs[j], runs[j + 1] + 1):
+                    x = f[t]
+                    y = sf[t] ^ _HM_SEEN
+                    if x == v:
+                        y |= _HM_DONE | _HM_MAX
+                        of[t] = not has_mask or mf[t]
+                    elif x < v and x - sp < h:
+                        y |= _HM_DONE
+                    sf[t] = y
+        elif ordered:
+            for j in range(0, nr, 2):
+                for t in range(runs[j], runs[j + 1] + 1):
+                    sf[t] = (sf[t] ^ _HM_SEEN) | _HM_WIT
+        else:
+            for j in range(0, nr, 2):
+                for t in range(runs[j], runs[j + 1] + 1):
+                    y = sf[t] ^ _HM_SEEN
+                    if f[t] <= v:
+                        y |= _HM_DONE
+                    sf[t] = y
+        n = 0
+        i += 1
 
 
 # --------------------------------------------------------------------------- watershed by components
@@ -2307,8 +2480,11 @@ def warm_up() -> float:
     rng = np.random.default_rng(0)
     img = rng.random((16, 16)).astype(np.float32)
     bounded_reconstruction_dilation(img - 0.5, img, 3)
-    h_maxima(img.astype(np.float64), 0.5)
-    h_maxima(img, 0.5)
+    flat = np.zeros((8, 48), np.float32)  # a plateau too wide for the raster-order floods
+    flat[4, 40] = 1
+    for im in (img, flat, img.astype(np.float64), flat.astype(np.float64)):
+        h_maxima(im, 0.5)
+        h_maxima(im, 0.5, im > 0.1)
     mk = np.zeros((16, 16), np.int32)
     mk[2, 2] = 1
     mk[12, 12] = 2
