@@ -48,7 +48,8 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
 - :func:`binary_dilation_disk`, :func:`fill_holes`: exact replacements for
   ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
 - :func:`first_pixel_index`: raster index of each label's first pixel (the order
-  ``scipy.ndimage.label`` numbers components in).
+  ``scipy.ndimage.label`` numbers components in); :func:`label_row_ranges`: the rows
+  each label spans (``ndi.find_objects``' row slices).
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
@@ -82,6 +83,7 @@ __all__ = [
     "binary_dilation_disk",
     "fill_holes",
     "first_pixel_index",
+    "label_row_ranges",
     "rgb_to_od",
     "warm_up",
 ]
@@ -2443,6 +2445,30 @@ def first_pixel_index(labels: np.ndarray, n: int) -> np.ndarray:
     return first
 
 
+@njit(**_JIT)
+def _row_ranges(labels, start, stop):
+    H, W = labels.shape
+    n = start.size
+    for r in range(H):
+        row = labels[r]
+        for c in range(W):
+            v = row[c]
+            if 0 < v <= n:
+                if start[v - 1] < 0:
+                    start[v - 1] = r
+                stop[v - 1] = r + 1
+
+
+def label_row_ranges(labels: np.ndarray, n: int):
+    """Rows ``[start, stop)`` spanned by each label ``1..n`` of a 2-D image (-1, -1 where absent)."""
+    labels = np.ascontiguousarray(labels)
+    start = np.full(int(n), -1, dtype=np.int64)
+    stop = np.full(int(n), -1, dtype=np.int64)
+    if labels.size and n > 0:
+        _row_ranges(labels, start, stop)
+    return start, stop
+
+
 # --------------------------------------------------------------------------- optical density
 
 @njit(**_JIT)
@@ -2515,5 +2541,6 @@ def warm_up() -> float:
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
     first_pixel_index(mk, 2)
+    label_row_ranges(mk, 2)
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0

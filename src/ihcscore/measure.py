@@ -84,15 +84,27 @@ def _label_statistics_np(labels, images, n_labels):
     return out
 
 
-def _shape_features(nuclei: np.ndarray, n: int, px_um: float) -> dict[str, np.ndarray]:
-    """Centroid (px), area, perimeter, circularity and moment-ellipse axes of each nucleus."""
+def _shape_features(nuclei: np.ndarray, n: int, px_um: float, row_offset: int = 0) -> dict[str, np.ndarray]:
+    """Centroid (px), area, perimeter, circularity and moment-ellipse axes of each nucleus.
+
+    ``nuclei`` may be rows ``row_offset...`` of a larger image: the row sums are moved to
+    that image's rows exactly (integer-valued sums, far below 2**53) before any division,
+    so a nucleus gets the same values, bit for bit, as from the whole image.
+    """
     if _k is not None and nuclei.ndim == 2:  # one compiled pass, same sums as the bincounts below
         count, raw, edges_k = _k.shape_sums(nuclei, n)
         cnt = count.astype(np.float64)
+        if row_offset:
+            d = float(row_offset)
+            raw = raw.copy()
+            raw[2] += 2 * d * raw[0] + cnt * d * d  # sum (r + d)^2, from the local sum of r
+            raw[4] += d * raw[1]  # sum (r + d) c
+            raw[0] += cnt * d
         cnt_safe = np.maximum(cnt, 1)
         m_r, m_c, m_rr, m_cc, m_rc = (raw[i] / cnt_safe for i in range(5))
     else:
         rows, cols = np.indices(nuclei.shape, dtype=np.float64)
+        rows += row_offset
         flat = nuclei.ravel()
         cnt = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
         cnt_safe = np.maximum(cnt, 1)
@@ -146,6 +158,7 @@ def measure_cells(
     origin_px=(0.0, 0.0),
     downsample: float = 1.0,
     mpp0: float | None = None,
+    threads: int = 1,
 ) -> pd.DataFrame:
     """Measure every cell of a segmentation.
 
@@ -161,6 +174,10 @@ def measure_cells(
         Level-0 pixels per detection pixel.
     mpp0 : float, optional
         Level-0 µm per pixel; defaults to ``pixel_size_um / downsample``.
+    threads : int
+        Measure up to this many bands of rows at once. Each cell is measured
+        whole, in the band where its first row lies, visiting its pixels in the
+        same order as one band would: the table is identical for any value.
 
     Returns
     -------
@@ -174,27 +191,65 @@ def measure_cells(
     n = segmentation.n_cells
     if mpp0 is None:
         mpp0 = px / downsample
-    shape = _shape_features(segmentation.nuclei, n, px)
-    x_px = origin_px[0] + (shape.pop("cx") + 0.5) * downsample - 0.5
-    y_px = origin_px[1] + (shape.pop("cy") + 0.5) * downsample - 0.5
-    cols: dict[str, np.ndarray] = {
-        "label": np.arange(1, n + 1, dtype=np.int64),
-        "x_px": x_px, "y_px": y_px, "x_um": x_px * mpp0, "y_um": y_px * mpp0,
-    }
+    images = [segmentation.compartment(c) for c in COMPARTMENT_PREFIX]
+    n_bands = min(int(threads), segmentation.cells.shape[0] // MIN_BAND_ROWS) if _k is not None else 1
+    if n_bands > 1 and n > 0:
+        cols = _measure_in_bands(segmentation.nuclei, segmentation.cells, images, stain_od, n, px, n_bands)
+    else:
+        cols = _measure_rows(segmentation.nuclei, images, stain_od, n, px, 0)
+    x_px = origin_px[0] + (cols.pop("cx") + 0.5) * downsample - 0.5
+    y_px = origin_px[1] + (cols.pop("cy") + 0.5) * downsample - 0.5
+    table = {"label": np.arange(1, n + 1, dtype=np.int64),
+             "x_px": x_px, "y_px": y_px, "x_um": x_px * mpp0, "y_um": y_px * mpp0}
+    table.update(cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["Nucleus/Cell area ratio"] = table["Nucleus: Area µm^2"] / table["Cell: Area µm^2"]
+    return pd.DataFrame(table)
+
+
+#: Bands of :func:`measure_cells` are at least this many rows tall.
+MIN_BAND_ROWS = 256
+
+
+def _measure_rows(nuclei, images, stain_od, n, px, row_offset) -> dict[str, np.ndarray]:
+    """Centroid and measurement columns of labels ``1..n`` from (rows of) the label images."""
+    shape = _shape_features(nuclei, n, px, row_offset)
+    cols = {"cx": shape.pop("cx"), "cy": shape.pop("cy")}
     channels = {STAINS[c]: stain_od[..., c] for c in STAINS}
-    areas = {}
-    all_stats = label_statistics_many([segmentation.compartment(c) for c in COMPARTMENT_PREFIX], channels, n)
+    all_stats = label_statistics_many(images, channels, n)
     for (comp, prefix), stats in zip(COMPARTMENT_PREFIX.items(), all_stats):
-        areas[comp] = stats.pop("count") * px * px
-        cols[f"{prefix}: Area µm^2"] = areas[comp]
+        cols[f"{prefix}: Area µm^2"] = stats.pop("count") * px * px
         if comp == "nucleus":
             cols.update(shape)
         for stain in STAINS.values():
             for stat in ("mean", "std dev", "max", "min"):
                 cols[f"{prefix}: {stain} OD {stat}"] = stats[f"{stain} {stat}"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cols["Nucleus/Cell area ratio"] = areas["nucleus"] / areas["cell"]
-    return pd.DataFrame(cols)
+    return cols
+
+
+def _measure_in_bands(nuclei, cells, images, stain_od, n, px, n_bands) -> dict[str, np.ndarray]:
+    """:func:`_measure_rows` in bands of rows, in threads; each label taken from the band holding its first row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start, stop = _k.label_row_ranges(cells, n)  # a cell holds its nucleus and compartments
+    edges = np.linspace(0, cells.shape[0], n_bands + 1).round().astype(int)
+    band_of = np.searchsorted(edges, start, side="right") - 1
+    band_of[start < 0] = 0  # absent labels: empty statistics, as from one band
+
+    def band(i):
+        owned = band_of == i
+        r0 = int(edges[i])
+        r1 = max(int(edges[i + 1]), int(stop[owned].max(initial=0)))
+        rows = slice(r0, r1)
+        return owned, _measure_rows(nuclei[rows], [im[rows] for im in images], stain_od[rows], n, px, r0)
+
+    with ThreadPoolExecutor(max_workers=n_bands, thread_name_prefix="ihcscore-measure") as pool:
+        parts = list(pool.map(band, range(n_bands)))
+    cols = {name: np.empty(n, dtype=values.dtype) for name, values in parts[0][1].items()}
+    for owned, part in parts:
+        for name, values in part.items():
+            cols[name][owned] = values[owned]
+    return cols
 
 
 def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0) -> dict:

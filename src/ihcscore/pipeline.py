@@ -148,7 +148,7 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = unmix(od, stains)
     seg = segment_cells(od, stain_od, params, threads=threads)
-    cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0)
+    cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads)
     if polygons and len(cells):
         nuc = label_polygons(seg.nuclei, origin_px=origin_px, downsample=downsample)
         cel = label_polygons(seg.cells, origin_px=origin_px, downsample=downsample) \
