@@ -741,3 +741,29 @@ def test_watershed_components_edge_cases(line):
             assert np.array_equal(K.watershed_components(im, mk, m, line), ref), (img.shape, line)
             ref = _raster_watershed(-im, mk, m, line)
             assert np.array_equal(K.watershed_components(im, mk, m, line, negate=True), ref)
+
+
+def test_label_order_and_extent_helpers():
+    """first_pixel_index / label_row_ranges against numpy and ndi.find_objects; paste_labels against copyto."""
+    rng = np.random.default_rng(12)
+    for shape in ((1, 1), (1, 9), (9, 1), (37, 23)):
+        lab = rng.integers(0, 7, shape).astype(np.int32)
+        lab[lab == 3] = 0  # an absent label
+        n = 8  # two labels past the largest one present
+        flat = lab.ravel()
+        first = K.first_pixel_index(lab, n)
+        start, stop = K.label_row_ranges(lab, n)
+        slices = ndi.find_objects(lab, max_label=n)
+        for i in range(1, n + 1):
+            hits = np.flatnonzero(flat == i)
+            assert first[i - 1] == (hits[0] if len(hits) else -1)
+            sl = slices[i - 1]
+            assert (start[i - 1], stop[i - 1]) == ((sl[0].start, sl[0].stop) if sl else (-1, -1))
+        lut = rng.integers(-1, 3, n + 1).astype(np.int32)
+        lut[0] = 0
+        dst = rng.integers(0, 5, (shape[0] + 4, shape[1])).astype(np.int32)
+        ref = dst.copy()
+        moved = lut[lab]
+        np.copyto(ref[2:2 + shape[0]], moved, where=moved > 0)
+        K.paste_labels(lab, lut, dst[2:2 + shape[0]])
+        assert np.array_equal(dst, ref)

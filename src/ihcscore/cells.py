@@ -480,8 +480,13 @@ def segment_in_bands(od: np.ndarray, stain_od: np.ndarray, params: DetectionPara
             lut = np.zeros(seg.n_cells + 1, dtype=np.int32)
             lut[1:][owned] = rank[starts[i]:starts[i + 1]]
             for name in _LABEL_IMAGES:
-                lab = lut[getattr(seg, name)]
-                np.copyto(out[name][p0:p0 + lab.shape[0]], lab, where=lab > 0)
+                src = getattr(seg, name)
+                dst = out[name][p0:p0 + src.shape[0]]
+                if _k:
+                    _k.paste_labels(src, lut, dst)
+                else:
+                    lab = lut[src]
+                    np.copyto(dst, lab, where=lab > 0)
             measure[y0:y1] = seg.extra["measure_image"][y0 - p0:y1 - p0]
 
         list(pool.map(write, range(n_bands)))

@@ -49,7 +49,8 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
 - :func:`first_pixel_index`: raster index of each label's first pixel (the order
   ``scipy.ndimage.label`` numbers components in); :func:`label_row_ranges`: the rows
-  each label spans (``ndi.find_objects``' row slices).
+  each label spans (``ndi.find_objects``' row slices); :func:`paste_labels`: relabelled
+  objects written into a larger label image.
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
@@ -84,6 +85,7 @@ __all__ = [
     "fill_holes",
     "first_pixel_index",
     "label_row_ranges",
+    "paste_labels",
     "rgb_to_od",
     "warm_up",
 ]
@@ -2459,6 +2461,29 @@ def _row_ranges(labels, start, stop):
                 stop[v - 1] = r + 1
 
 
+@njit(**_JIT)
+def _paste(src, lut, dst):
+    H, W = src.shape
+    for r in range(H):
+        s = src[r]
+        d = dst[r]
+        for c in range(W):
+            v = lut[s[c]]
+            if v > 0:
+                d[c] = v
+
+
+def paste_labels(src: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> None:
+    """Write the objects of ``src`` that ``lut`` maps to a label > 0 into ``dst``, relabelled, in place.
+
+    ``np.copyto(dst, lut[src], where=lut[src] > 0)`` in one pass; ``dst`` may be a view.
+    """
+    if src.shape != dst.shape or src.ndim != 2:
+        raise ValueError("src and dst must be 2-D arrays of the same shape")
+    if src.size:
+        _paste(np.ascontiguousarray(src), np.ascontiguousarray(lut, dtype=dst.dtype), dst)
+
+
 def label_row_ranges(labels: np.ndarray, n: int):
     """Rows ``[start, stop)`` spanned by each label ``1..n`` of a 2-D image (-1, -1 where absent)."""
     labels = np.ascontiguousarray(labels)
@@ -2542,5 +2567,6 @@ def warm_up() -> float:
     fill_holes(img > 0.5)
     first_pixel_index(mk, 2)
     label_row_ranges(mk, 2)
+    paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0
