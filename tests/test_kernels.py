@@ -767,3 +767,32 @@ def test_label_order_and_extent_helpers():
         np.copyto(ref[2:2 + shape[0]], moved, where=moved > 0)
         K.paste_labels(lab, lut, dst[2:2 + shape[0]])
         assert np.array_equal(dst, ref)
+
+
+def test_fill_holes_edge_cases():
+    """Run-based fill_holes against scipy: empty/full masks, single rows and columns, holes
+    touching nothing but the border, nested holes, one-pixel holes, random masks."""
+    rng = np.random.default_rng(4)
+    masks = []
+    for shape in ((1, 1), (1, 9), (9, 1), (2, 2), (3, 3), (5, 7), (64, 33)):
+        masks += [np.zeros(shape, bool), np.ones(shape, bool)]
+        for p in (0.3, 0.6, 0.8):
+            masks.append(rng.random(shape) < p)
+    ring = np.ones((9, 9), bool)
+    ring[1:-1, 1:-1] = False
+    ring[3:6, 3:6] = True
+    ring[4, 4] = False  # a hole inside an island inside a hole
+    masks.append(ring)
+    masks.append(~ring)
+    open_left = ring.copy()
+    open_left[4, 0] = False  # background reaches the border only through one pixel
+    masks.append(open_left)
+    diag = np.ones((5, 5), bool)
+    diag[1, 1] = diag[2, 2] = diag[3, 3] = False  # diagonal only: three separate holes
+    masks.append(diag)
+    comb = np.ones((6, 12), bool)
+    comb[1:5, 1::2] = False  # teeth joined by a row below (one U-shaped hole each side)
+    comb[4, 1:11] = False
+    masks.append(comb)
+    for m in masks:
+        assert np.array_equal(K.fill_holes(m), ndi.binary_fill_holes(m)), m.shape

@@ -1619,6 +1619,22 @@ def _run_components(img, d, rstart, rc0, rc1, parent):
             parent[nr] = nr
             nr += 1
     rstart[H] = nr
+    _join_runs(H, d, rstart, rc0, rc1, parent)
+    n = 0
+    for j in range(nr):
+        p = parent[j]
+        if p == j:
+            n += 1
+            parent[j] = n
+        else:
+            parent[j] = parent[p]  # p < j is already its root's component
+    return nr, n
+
+
+@njit(**_JIT)
+def _join_runs(H, d, rstart, rc0, rc1, parent):
+    """Union-find of each row's runs with the runs of the row above that they touch
+    (see :func:`_run_components`); a root is always the smallest run of its set."""
     for r in range(1, H):
         k = rstart[r - 1]
         kend = rstart[r]
@@ -1636,15 +1652,6 @@ def _run_components(img, d, rstart, rc0, rc1, parent):
                 elif b < a:
                     parent[a] = b
                 m += 1
-    n = 0
-    for j in range(nr):
-        p = parent[j]
-        if p == j:
-            n += 1
-            parent[j] = n
-        else:
-            parent[j] = parent[p]  # p < j is already its root's component
-    return nr, n
 
 
 @njit(**_JIT)
@@ -2351,70 +2358,46 @@ def binary_dilation_disk(x: np.ndarray, radius: float, eps: float = 1e-6) -> np.
 
 
 @njit(**_JIT)
-def _fill_flood(mask, reach, stack, st):
-    """Depth-first flood of background (4-neighbours) from the stack; resumable (``st`` = [size]):
-    returns 1 when the stack must grow first. Arrays are parameters: no reference counting in the loop."""
+def _fill_holes(mask, out, rstart, rc0, rc1, parent):
+    """Background 4-connected components not touching the border become foreground:
+    background runs joined by union-find (:func:`_join_runs`), a set touching the border
+    marked at its root, the runs of the other sets filled."""
     H, W = mask.shape
-    mf = mask.ravel()
-    rf = reach.ravel()
-    sp = st[0]
-    status = 0
-    while sp > 0:
-        if sp + 4 > stack.size:
-            status = 1
-            break
-        sp -= 1
-        p = stack[sp]
-        r = p // W
-        c = p - r * W
-        if r > 0 and not mf[p - W] and not rf[p - W]:
-            rf[p - W] = True
-            stack[sp] = p - W
-            sp += 1
-        if r < H - 1 and not mf[p + W] and not rf[p + W]:
-            rf[p + W] = True
-            stack[sp] = p + W
-            sp += 1
-        if c > 0 and not mf[p - 1] and not rf[p - 1]:
-            rf[p - 1] = True
-            stack[sp] = p - 1
-            sp += 1
-        if c < W - 1 and not mf[p + 1] and not rf[p + 1]:
-            rf[p + 1] = True
-            stack[sp] = p + 1
-            sp += 1
-    st[0] = sp
-    return status
-
-
-@njit(**_JIT)
-def _fill_holes(mask, out):
-    """Background 4-connected components not touching the border become foreground."""
-    H, W = mask.shape
-    reach = np.zeros((H, W), dtype=np.bool_)
-    stack = np.empty(1 << 14, dtype=np.int64)
-    st = np.zeros(1, dtype=np.int64)
-    nb = 2 * (H + W)
-    for i in range(nb):
-        # border pixels: top row, bottom row, left column, right column
-        if i < W:
-            r, c = 0, i
-        elif i < 2 * W:
-            r, c = H - 1, i - W
-        elif i < 2 * W + H:
-            r, c = i - 2 * W, 0
-        else:
-            r, c = i - 2 * W - H, W - 1
-        if mask[r, c] or reach[r, c]:
-            continue
-        reach[r, c] = True
-        stack[0] = r * W + c
-        st[0] = 1
-        while _fill_flood(mask, reach, stack, st) != 0:
-            stack = _grow_arr(stack, 2 * stack.size)
+    nr = 0
     for r in range(H):
-        for c in range(W):
-            out[r, c] = mask[r, c] or not reach[r, c]
+        row = mask[r]
+        orow = out[r]
+        rstart[r] = nr
+        c = 0
+        while c < W:
+            if row[c]:
+                orow[c] = True
+                c += 1
+                continue
+            c0 = c
+            while c < W and not row[c]:
+                orow[c] = False
+                c += 1
+            rc0[nr] = c0
+            rc1[nr] = c
+            parent[nr] = nr
+            nr += 1
+    rstart[H] = nr
+    _join_runs(H, 0, rstart, rc0, rc1, parent)
+    edge = np.zeros(nr, dtype=np.bool_)
+    for r in range(H):
+        for j in range(rstart[r], rstart[r + 1]):
+            p = parent[j]
+            p = parent[p]  # p <= j: its parent is already its root
+            parent[j] = p
+            if r == 0 or r == H - 1 or rc0[j] == 0 or rc1[j] == W:
+                edge[p] = True
+    for r in range(H):
+        orow = out[r]
+        for j in range(rstart[r], rstart[r + 1]):
+            if not edge[parent[j]]:
+                for c in range(rc0[j], rc1[j]):
+                    orow[c] = True
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -2422,7 +2405,10 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     mask = np.ascontiguousarray(mask, dtype=bool)
     out = np.empty(mask.shape, dtype=bool)
     if mask.size:
-        _fill_holes(mask, out)
+        H, W = mask.shape
+        cap = H * ((W + 1) // 2)  # most runs a row set can have (untouched pages cost nothing)
+        _fill_holes(mask, out, np.empty(H + 1, dtype=np.int64),
+                    *[np.empty(cap, dtype=np.int64) for _ in range(3)])
     return out
 
 
