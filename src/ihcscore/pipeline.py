@@ -143,15 +143,22 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
     return cells
 
 
-def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1):
-    """Deconvolve, segment and measure one detection-resolution tile."""
+def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
+                    keep=None):
+    """Deconvolve, segment and measure one detection-resolution tile.
+
+    ``keep(cells) -> bool array`` selects the rows to return (and to outline) before the outlines.
+    """
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = unmix(od, stains)
     seg = segment_cells(od, stain_od, params, threads=threads)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads)
+    if keep is not None:
+        cells = cells[keep(cells)].reset_index(drop=True)
     if polygons and len(cells):
-        nuc = label_polygons(seg.nuclei, origin_px=origin_px, downsample=downsample)
-        cel = label_polygons(seg.cells, origin_px=origin_px, downsample=downsample) \
+        ids = cells["label"].to_numpy()
+        nuc = label_polygons(seg.nuclei, ids, origin_px=origin_px, downsample=downsample)
+        cel = label_polygons(seg.cells, ids, origin_px=origin_px, downsample=downsample) \
             if params.cell_expansion_um > 0 else nuc
         cells["nucleus_polygon"] = [nuc.get(int(i)) for i in cells["label"]]
         cells["cell_polygon"] = [cel.get(int(i)) for i in cells["label"]]
@@ -291,13 +298,16 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
     slide = _worker_slide(slide_path, mpp_override)
     rgb = read_detection_tile(slide, task.padded, ds)
     py0, px0 = task.padded[0], task.padded[1]
-    cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons)
     cy0, cx0, cy1, cx1 = task.core
-    # Centroid in detection-grid coordinates (the inverse of measure's mapping).
-    gx = (cells["x_px"].to_numpy() + 0.5) / ds - 0.5
-    gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
-    inside = (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
-    return cells[inside].reset_index(drop=True)
+
+    def in_core(cells):
+        # Centroid in detection-grid coordinates (the inverse of measure's mapping).
+        gx = (cells["x_px"].to_numpy() + 0.5) / ds - 0.5
+        gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
+        return (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
+
+    cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core)
+    return cells
 
 
 def _die_with_parent(parent_pid: int) -> None:
