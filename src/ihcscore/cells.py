@@ -382,14 +382,20 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
     n_bands = min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
     if n_bands > 1:
         return segment_in_bands(od, stain_od, params, n_bands)
-    return _in_raster_order(_segment_whole(od, stain_od, params))
+    seg = _segment_whole(od, stain_od, params)
+    # Connected-component labels already run in raster order; nuclei of the hematoxylin pass come last.
+    return _in_raster_order(seg) if _adds_hematoxylin_nuclei(params) else seg
+
+
+def _adds_hematoxylin_nuclei(params: DetectionParams) -> bool:
+    return params.hematoxylin_threshold > 0 and params.image == "od_sum"
 
 
 def _segment_whole(od, stain_od, params: DetectionParams) -> Segmentation:
     px = params.pixel_size_um
     image = detection_image(od, stain_od, params)
     nuclei, measure = detect_nuclei(image, params, return_measure_image=True)
-    if params.hematoxylin_threshold > 0 and params.image == "od_sum":
+    if _adds_hematoxylin_nuclei(params):
         nuclei = _add_hematoxylin_nuclei(nuclei, od, stain_od, params)
     cells = expand_cells(nuclei, params.cell_expansion_um / px)
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
