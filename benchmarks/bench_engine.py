@@ -9,7 +9,7 @@ regionprops) on the same synthetic H-DAB image, and their ratio: once with the
 engine on one thread (per core) and once with its default threads (row bands
 segmented side by side, ``ihcscore.cells.segment_in_bands``; identical results).
 Both pipelines run in this one process after ``ihcscore.runtime.retain_freed_memory``
-(what ``ihcscore score`` and its tile workers do); ``--malloc default`` leaves the
+(what ``ihcscore score`` does); ``--malloc default`` leaves the
 allocator alone.
 
 The engine's numba kernels (``ihcscore.kernels``) are compiled, or loaded from

@@ -231,7 +231,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from ihcscore.runtime import retain_freed_memory
 
-    retain_freed_memory()  # as `ihcscore score` and its tile workers do; the naive baseline gets it too
+    retain_freed_memory()  # as `ihcscore score` does in its main process; the naive baseline gets it too
     if args.score_slide:
         args.slide = args.score_slide
         _score_child(args)

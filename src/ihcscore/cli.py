@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from .runtime import retain_freed_memory
 
-    retain_freed_memory()  # a scoring run allocates and frees tile-sized buffers thousands of times
+    retain_freed_memory()  # tiles scored in this process (--workers 1) reuse freed buffers
     return args.func(args)
 
 

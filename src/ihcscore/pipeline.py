@@ -36,7 +36,7 @@ from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import label_polygons, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads, retain_freed_memory
+from .runtime import default_threads
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -332,12 +332,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _init_tile_worker(parent_pid: int) -> None:
-    """Pool initializer: die with the parent, and reuse freed tile-sized buffers."""
-    _die_with_parent(parent_pid)
-    retain_freed_memory()
-
-
 def _run_tasks(fn, tasks, workers: int, client=None):
     """Yield results of ``fn(task)`` as they complete: inline, in processes, or on Dask."""
     if client is not None:
@@ -354,7 +348,7 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         for t in tasks:
             yield fn(t)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_init_tile_worker, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(fn, t) for t in tasks]
         for fut in as_completed(futures):
             yield fut.result()
