@@ -269,9 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .runtime import retain_freed_memory
+    if getattr(args, "workers", 1) <= 1 and not getattr(args, "dask", None):
+        from .runtime import retain_freed_memory
 
-    retain_freed_memory()  # tiles scored in this process (--workers 1) reuse freed buffers
+        retain_freed_memory()  # tiles are scored in this process: reuse their freed buffers
     return args.func(args)
 
 
