@@ -231,7 +231,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from ihcscore.runtime import retain_freed_memory
 
-    retain_freed_memory()  # as `ihcscore score` does in its main process; the naive baseline gets it too
+    if not args.score_slide or args.workers <= 1:
+        retain_freed_memory()  # as `ihcscore score --workers 1` does; the naive baseline gets it too
     if args.score_slide:
         args.slide = args.score_slide
         _score_child(args)

@@ -1,9 +1,9 @@
 """Process-wide settings for long scoring runs: memory allocator and thread count.
 
 Nothing here runs on import. The command line (when it scores tiles in its
-own process, ``--workers 1``) and the benchmarks call :func:`retain_freed_memory`; a library user (a notebook,
-napari) may call it too, or leave the allocator as it is. Tile worker
-processes do not need it: their buffers (a few MB for 1024 px tiles) stay
+own process, ``--workers 1``) and the benchmarks call
+:func:`retain_freed_memory`; a library user (a notebook, napari) may call it
+too, or leave the allocator as it is. Tile worker processes do not need it: their buffers (a few MB for 1024 px tiles) stay
 below glibc's adaptive mmap threshold and are reused anyway, and retaining
 would hold every worker at its peak memory between tiles.
 """
