@@ -796,3 +796,173 @@ def test_fill_holes_edge_cases():
     masks.append(comb)
     for m in masks:
         assert np.array_equal(K.fill_holes(m), ndi.binary_fill_holes(m)), m.shape
+
+
+# --------------------------------------------------------------------------- label_contours / label_polygons
+
+def _contours_reference(labels, ids=None):
+    """``{lab: (longest find_contours contour, box start)}``, as label_polygons traced them before."""
+    from skimage import measure
+    slices = ndi.find_objects(labels)
+    wanted = range(1, len(slices) + 1) if ids is None else ids
+    out = {}
+    for lab in wanted:
+        sl = slices[lab - 1] if lab - 1 < len(slices) else None
+        if sl is None:
+            continue
+        contours = measure.find_contours(np.pad(labels[sl] == lab, 1).astype(np.float32), 0.5)
+        if not contours:
+            continue
+        c = max(contours, key=len)
+        if len(c) < 4:
+            continue
+        out[lab] = (c, (sl[0].start, sl[1].start))
+    return out
+
+
+def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsample=1.0):
+    """``ihcscore.measure.label_polygons`` before ``kernels.label_contours`` (find_contours per object)."""
+    import shapely
+    from skimage import measure
+    slices = ndi.find_objects(labels)
+    wanted = range(1, len(slices) + 1) if ids is None else ids
+    found, rings = [], []
+    for lab in wanted:
+        sl = slices[lab - 1] if lab - 1 < len(slices) else None
+        if sl is None:
+            continue
+        mask = np.pad(labels[sl] == lab, 1).astype(np.float32)
+        contours = measure.find_contours(mask, 0.5)
+        if not contours:
+            continue
+        c = max(contours, key=len)
+        if len(c) < 4:
+            continue
+        r = (c[:, 0] - 1 + sl[0].start + 0.5) * downsample - 0.5 + origin_px[1]
+        x = (c[:, 1] - 1 + sl[1].start + 0.5) * downsample - 0.5 + origin_px[0]
+        found.append(lab)
+        rings.append(shapely.linearrings(np.column_stack([x, r])))
+    if not rings:
+        return {}
+    simple = shapely.simplify(np.asarray(rings, dtype=object), 0.5 * downsample, preserve_topology=False)
+    coords, index = shapely.get_coordinates(simple, return_index=True)
+    splits = np.searchsorted(index, np.arange(1, len(found)))
+    out = {}
+    for lab, ring in zip(found, np.split(coords, splits)):
+        if len(ring) >= 4:
+            out[lab] = ring
+    return out
+
+
+def _assert_contours_equal(labels, ids=None):
+    ref = _contours_reference(labels, ids)
+    found, offsets, coords, origin = K.label_contours(labels, ids)
+    assert found.tolist() == list(ref)
+    for k, lab in enumerate(found.tolist()):
+        c, start = ref[lab]
+        got = coords[offsets[k]:offsets[k + 1]]
+        assert got.shape == c.shape and np.array_equal(got, c), lab
+        assert tuple(origin[k]) == start
+    return ref
+
+
+def _contour_edge_cases():
+    """Label images with holes, diagonal-only contacts (several contours), thin and border objects."""
+    z = np.zeros((9, 9), np.int32)
+    yield z  # empty
+    yield np.ones((5, 7), np.int32)  # one object filling the image (touches every border)
+    yield np.ones((1, 1), np.int32)
+    yield np.array([[0, 3, 0, 3, 0, 3]], np.int32)  # 1-row image, one label in three pieces (ties)
+    ring = np.ones((7, 7), np.int32)
+    ring[2:5, 2:5] = 0  # hole
+    ring[3, 3] = 2  # an object inside the hole
+    yield ring
+    diag = np.zeros((8, 8), np.int32)
+    diag[[1, 2, 3, 4], [1, 2, 3, 4]] = 1  # diagonal chain: one contour per pixel, all of length 5
+    diag[6, 0:3] = 1  # a longer piece later in raster order: it wins
+    diag[0, 7] = 2
+    diag[1, 6] = 2  # two pixels touching at a corner
+    yield diag
+    checker = (np.indices((6, 6)).sum(0) % 2).astype(np.int32)  # only diagonal contacts
+    yield checker
+    yield checker * 3 + (1 - checker)  # two interleaved labels
+    tie = np.zeros((6, 9), np.int32)
+    tie[1:3, 1:3] = 5  # two equal squares, diagonally apart: the first (raster) one wins
+    tie[3:5, 3:5] = 5
+    tie[0:2, 6:8] = 5
+    yield tie
+    line = np.zeros((5, 12), np.int32)
+    line[2, 1:11] = 1  # 1-row object
+    line[0:5, 11] = 2  # 1-column object on the border
+    line[4, 0] = 3  # 1-pixel object in a corner
+    yield line
+    spiral = np.zeros((11, 11), np.int32)
+    spiral[1, 1:10] = 1
+    spiral[1:10, 9] = 1
+    spiral[9, 1:10] = 1
+    spiral[3:10, 1] = 1
+    spiral[3, 1:8] = 1
+    spiral[3:8, 7] = 1
+    spiral[7, 3:8] = 1
+    spiral[5, 5] = 1  # isolated pixel inside, touching nothing
+    yield spiral
+
+
+@pytest.mark.parametrize("labels", list(_contour_edge_cases()), ids=lambda a: f"{a.shape}")
+def test_label_contours_edge_cases(labels):
+    _assert_contours_equal(labels)
+    assert _label_polygons_dicts_equal(labels)
+
+
+def test_label_contours_random_masks():
+    rng = np.random.default_rng(7)
+    n_multi = 0
+    for i in range(150):
+        h, w = rng.integers(1, 40, 2)
+        if i % 3 == 0:  # blobs with holes and diagonal contacts
+            lab = (ndi.gaussian_filter(rng.random((h, w)), 1.5) > 0.5).astype(np.int32)
+            lab = ndi.label(lab)[0].astype(np.int32) if i % 2 else lab
+        else:  # noise: many contours per label
+            lab = (rng.random((h, w)) < rng.uniform(0.2, 0.8)) * rng.integers(1, 5, (h, w))
+            lab = lab.astype(np.int32)
+        ref = _assert_contours_equal(lab)
+        n_multi += sum(ndi.label(lab == k)[1] > 1 for k in ref)  # 4-connected pieces: several contours
+        ids = rng.permutation(np.arange(0, 7))  # any order; missing and out-of-range labels skipped
+        ids = ids[ids > 0]
+        _assert_contours_equal(lab, ids.tolist())
+    assert n_multi > 50  # the choice among several contours was exercised
+
+
+def test_label_contours_dtypes():
+    lab = np.zeros((6, 6), np.uint16)
+    lab[1:4, 2:5] = 300
+    lab[5, 5] = 2
+    for dt in (np.uint16, np.int32, np.int64, np.uint32):
+        _assert_contours_equal(lab.astype(dt))
+
+
+def _label_polygons_dicts_equal(labels, **kw):
+    from ihcscore.measure import label_polygons
+    new = label_polygons(labels, **kw)
+    old = _label_polygons_reference(labels, **kw)
+    return list(new) == list(old) and all(
+        new[k].dtype == old[k].dtype and np.array_equal(new[k], old[k]) for k in old)
+
+
+@pytest.fixture(scope="module")
+def analysed_region():
+    from ihcscore.pipeline import analyze_region
+    from ihcscore.preset import load_preset
+    from ihcscore.synthetic import make_synthetic_region
+    rgb, _, _ = make_synthetic_region((512, 512), 0.5, seed=1)
+    return analyze_region(rgb, 0.5, load_preset("cxcr4")).segmentation
+
+
+@pytest.mark.parametrize("which", ["nuclei", "cells"])
+def test_label_polygons_on_segmentation(analysed_region, which):
+    labels = getattr(analysed_region, which)
+    ref = _assert_contours_equal(labels)
+    assert len(ref) > 100
+    assert _label_polygons_dicts_equal(labels)
+    assert _label_polygons_dicts_equal(labels, origin_px=(1234.0, 567.5), downsample=2.0)
+    assert _label_polygons_dicts_equal(labels, ids=[5, 3, 10 ** 6, 17])

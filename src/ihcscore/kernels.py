@@ -51,6 +51,11 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   ``scipy.ndimage.label`` numbers components in); :func:`label_row_ranges`: the rows
   each label spans (``ndi.find_objects``' row slices); :func:`paste_labels`: relabelled
   objects written into a larger label image.
+- :func:`label_contours`: the longest ``skimage.measure.find_contours`` contour (level 0.5)
+  of each object's 1-pixel-padded mask, identical (same vertices, order, start point and
+  choice among several contours): marching squares over the object's box with skimage's
+  segment order, assembled as skimage's ``_assemble_contours`` does, with vertex-indexed
+  arrays and linked vertex lists instead of dicts and deques.
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
@@ -86,6 +91,7 @@ __all__ = [
     "first_pixel_index",
     "label_row_ranges",
     "paste_labels",
+    "label_contours",
     "rgb_to_od",
     "warm_up",
 ]
@@ -2480,6 +2486,247 @@ def label_row_ranges(labels: np.ndarray, n: int):
     return start, stop
 
 
+# --------------------------------------------------------------------------- contours
+
+@njit(**_JIT)
+def _label_boxes(labels, n, r0, r1, c0, c1):
+    """``ndi.find_objects`` bounds of labels ``1..n``, one run of equal labels at a time."""
+    H, W = labels.shape
+    for r in range(H):
+        row = labels[r]
+        c = 0
+        while c < W:
+            v = row[c]
+            start = c
+            c += 1
+            if v <= 0 or v > n:
+                continue
+            while c < W and row[c] == v:
+                c += 1
+            i = v - 1
+            if r0[i] < 0:
+                r0[i] = r
+                c0[i] = start
+                c1[i] = c
+            else:
+                if start < c0[i]:
+                    c0[i] = start
+                if c > c1[i]:
+                    c1[i] = c
+            r1[i] = r + 1
+
+
+@njit(**_JIT)
+def _object_contours(labels, ids, box, mask, start_of, end_of, node_key, node_next,
+                     c_first, c_last, c_len, c_alive):
+    """Longest ``find_contours`` contour of each object in ``ids`` (see :func:`label_contours`).
+
+    Vertices are edge midpoints of the object's padded box (width ``W``), keyed
+    ``2 * (r * W + c) + t``: ``t = 0`` is ``(r, c + 0.5)``, ``t = 1`` is ``(r + 0.5, c)``.
+    """
+    n = box.shape[0]
+    found = np.empty(ids.size, np.int64)
+    offsets = np.zeros(ids.size + 1, np.int64)
+    coords = np.empty((1024, 2), np.float64)
+    nv = 0
+    k = 0
+    for lab in ids:
+        if lab < 1 or lab > n or box[lab - 1, 0] < 0:
+            continue
+        r0, r1, c0, c1 = box[lab - 1, 0], box[lab - 1, 1], box[lab - 1, 2], box[lab - 1, 3]
+        H = r1 - r0 + 2
+        W = c1 - c0 + 2
+        for i in range(H * W):
+            mask[i] = 0
+        for r in range(r0, r1):
+            row = labels[r]
+            base = (r - r0 + 1) * W + 1 - c0
+            for c in range(c0, c1):
+                if row[c] == lab:
+                    mask[base + c] = 1
+        nn = 0  # nodes (one vertex of a contour each) and contours, in creation order
+        nc = 0
+        for r in range(H - 1):
+            for c in range(W - 1):
+                i = r * W + c
+                case = mask[i] + 2 * mask[i + 1] + 4 * mask[i + W] + 8 * mask[i + W + 1]
+                if case == 0 or case == 15:
+                    continue
+                top = 2 * i
+                left = 2 * i + 1
+                bottom = 2 * (i + W)
+                right = 2 * (i + 1) + 1
+                # skimage's segments (fully_connected="low"), from -> to, in its order
+                f1 = -1
+                t1 = -1
+                if case == 1:
+                    f0, t0 = top, left
+                elif case == 2:
+                    f0, t0 = right, top
+                elif case == 3:
+                    f0, t0 = right, left
+                elif case == 4:
+                    f0, t0 = left, bottom
+                elif case == 5:
+                    f0, t0 = top, bottom
+                elif case == 6:
+                    f0, t0 = right, top
+                    f1, t1 = left, bottom
+                elif case == 7:
+                    f0, t0 = right, bottom
+                elif case == 8:
+                    f0, t0 = bottom, right
+                elif case == 9:
+                    f0, t0 = top, left
+                    f1, t1 = bottom, right
+                elif case == 10:
+                    f0, t0 = bottom, top
+                elif case == 11:
+                    f0, t0 = bottom, left
+                elif case == 12:
+                    f0, t0 = left, right
+                elif case == 13:
+                    f0, t0 = top, right
+                else:
+                    f0, t0 = left, top
+                for s in range(2 if f1 >= 0 else 1):
+                    f = f0 if s == 0 else f1
+                    t = t0 if s == 0 else t1
+                    # _assemble_contours: a contour starting at ``t`` (tail) and one ending at ``f`` (head)
+                    tail = start_of[t]
+                    head = end_of[f]
+                    start_of[t] = -1
+                    end_of[f] = -1
+                    if tail >= 0 and head >= 0:
+                        if tail == head:  # closes the contour
+                            node_key[nn] = t
+                            node_next[c_last[head]] = nn
+                            c_last[head] = nn
+                            c_len[head] += 1
+                            nn += 1
+                        else:  # head + tail, kept under the older number
+                            node_next[c_last[head]] = c_first[tail]
+                            keep = min(head, tail)
+                            drop = max(head, tail)
+                            c_first[keep] = c_first[head]
+                            c_last[keep] = c_last[tail]
+                            c_len[keep] = c_len[head] + c_len[tail]
+                            c_alive[drop] = False
+                            start_of[node_key[c_first[keep]]] = keep
+                            end_of[node_key[c_last[keep]]] = keep
+                    elif tail < 0 and head < 0:
+                        node_key[nn] = f
+                        node_key[nn + 1] = t
+                        node_next[nn] = nn + 1
+                        c_first[nc] = nn
+                        c_last[nc] = nn + 1
+                        c_len[nc] = 2
+                        c_alive[nc] = True
+                        start_of[f] = nc
+                        end_of[t] = nc
+                        nn += 2
+                        nc += 1
+                    elif head < 0:
+                        node_key[nn] = f
+                        node_next[nn] = c_first[tail]
+                        c_first[tail] = nn
+                        c_len[tail] += 1
+                        start_of[f] = tail
+                        nn += 1
+                    else:
+                        node_key[nn] = t
+                        node_next[c_last[head]] = nn
+                        c_last[head] = nn
+                        c_len[head] += 1
+                        end_of[t] = head
+                        nn += 1
+        best = -1
+        best_len = 0
+        for j in range(nc):
+            if c_alive[j]:
+                if c_len[j] > best_len:  # max(contours, key=len): the first longest
+                    best = j
+                    best_len = c_len[j]
+                # a contour left open (none are for a padded mask) must not leak into the next object
+                start_of[node_key[c_first[j]]] = -1
+                end_of[node_key[c_last[j]]] = -1
+        if best < 0 or best_len < 4:
+            continue
+        if nv + best_len > coords.shape[0]:
+            bigger = np.empty((max(2 * coords.shape[0], nv + best_len), 2), np.float64)
+            bigger[:nv] = coords[:nv]
+            coords = bigger
+        node = c_first[best]
+        for _ in range(best_len):
+            key = node_key[node]
+            q = key >> 1
+            r = q // W
+            c = q - r * W
+            if key & 1:
+                coords[nv, 0] = r + 0.5
+                coords[nv, 1] = c
+            else:
+                coords[nv, 0] = r
+                coords[nv, 1] = c + 0.5
+            nv += 1
+            node = node_next[node]
+        found[k] = lab
+        k += 1
+        offsets[k] = nv
+    return found[:k], offsets[:k + 1], coords[:nv]
+
+
+def label_contours(labels: np.ndarray, ids=None):
+    """Outline of each object of a 2-D label image: ``find_contours`` on its padded mask, the longest.
+
+    For each label ``lab`` in ``ids`` (default ``1..labels.max()``) present in ``labels``, the
+    contour ``max(skimage.measure.find_contours(np.pad(labels[sl] == lab, 1).astype(float), 0.5),
+    key=len)`` with ``sl = ndi.find_objects(labels)[lab - 1]``, identical (same vertices, order
+    and start point; closed, so the first vertex is repeated at the end). Objects whose
+    contour has fewer than 4 vertices are left out.
+
+    Returns
+    -------
+    found : (K,) int64
+        The labels outlined, in the order of ``ids``.
+    offsets : (K + 1,) int64
+        Contour ``k`` is ``coords[offsets[k]:offsets[k + 1]]``.
+    coords : (V, 2) float64
+        ``(row, col)`` vertices in the padded box's coordinates (as ``find_contours`` gives them).
+    origin : (K, 2) int64
+        ``(sl[0].start, sl[1].start)`` of each object.
+    """
+    labels = np.ascontiguousarray(labels)
+    if labels.ndim != 2:
+        raise ValueError("labels must be 2-D")
+    n = int(labels.max(initial=0)) if labels.size else 0
+    ids = np.arange(1, n + 1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).ravel()
+    box = np.full((n, 4), -1, dtype=np.int64)
+    if n > 0:
+        _label_boxes(labels, n, box[:, 0], box[:, 1], box[:, 2], box[:, 3])
+    sel = ids[(ids >= 1) & (ids <= n)]
+    sel = sel[box[sel - 1, 0] >= 0] if sel.size else sel
+    if sel.size == 0:
+        e = np.empty(0, np.int64)
+        return e, np.zeros(1, np.int64), np.empty((0, 2), np.float64), np.empty((0, 2), np.int64)
+    # scratch for the largest padded box: mask, vertex -> contour maps (left all -1 by each
+    # object, as every contour of a padded mask is closed), nodes and contours
+    size = int(((box[sel - 1, 1] - box[sel - 1, 0] + 2) * (box[sel - 1, 3] - box[sel - 1, 2] + 2)).max())
+    mask = np.empty(size, np.uint8)
+    start_of = np.full(2 * size, -1, np.int64)
+    end_of = np.full(2 * size, -1, np.int64)
+    node_key = np.empty(4 * size, np.int64)
+    node_next = np.empty(4 * size, np.int64)
+    c_first = np.empty(size, np.int64)
+    c_last = np.empty(size, np.int64)
+    c_len = np.empty(size, np.int64)
+    c_alive = np.empty(size, np.bool_)
+    found, offsets, coords = _object_contours(labels, ids, box, mask, start_of, end_of, node_key, node_next,
+                                              c_first, c_last, c_len, c_alive)
+    origin = box[found - 1][:, [0, 2]]
+    return found, offsets, coords, origin
+
+
 # --------------------------------------------------------------------------- optical density
 
 @njit(**_JIT)
@@ -2554,5 +2801,6 @@ def warm_up() -> float:
     first_pixel_index(mk, 2)
     label_row_ranges(mk, 2)
     paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
+    label_contours(mk)
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0

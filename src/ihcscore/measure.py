@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage import measure as skmeasure
 
 from .cells import Segmentation
 
@@ -256,32 +255,26 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     """Outline of each labelled object as an (K, 2) array of level-0 ``(x, y)`` vertices.
 
     Contours are traced on the pixel-edge grid (marching squares at 0.5 on the
-    object's mask) and simplified by 0.5 px (Douglas-Peucker, all objects in one
-    shapely/GEOS call); rings are closed.
+    object's mask: the longest ``skimage.measure.find_contours`` contour, computed for
+    all objects in one compiled call, :func:`ihcscore.kernels.label_contours`) and
+    simplified by 0.5 px (Douglas-Peucker, all objects in one shapely/GEOS call);
+    rings are closed.
     """
     import shapely
 
-    slices = ndi.find_objects(labels)
-    wanted = range(1, len(slices) + 1) if ids is None else ids
-    found, rings = [], []
-    for lab in wanted:
-        sl = slices[lab - 1] if lab - 1 < len(slices) else None
-        if sl is None:
-            continue
-        mask = np.pad(labels[sl] == lab, 1).astype(np.float32)
-        contours = skmeasure.find_contours(mask, 0.5)
-        if not contours:
-            continue
-        c = max(contours, key=len)
-        if len(c) < 4:
-            continue
-        r = (c[:, 0] - 1 + sl[0].start + 0.5) * downsample - 0.5 + origin_px[1]
-        x = (c[:, 1] - 1 + sl[1].start + 0.5) * downsample - 0.5 + origin_px[0]
-        found.append(lab)
-        rings.append(shapely.linearrings(np.column_stack([x, r])))
-    if not rings:
+    from . import kernels
+
+    found, offsets, c, origin = kernels.label_contours(labels, ids)
+    if not found.size:
         return {}
-    simple = shapely.simplify(np.asarray(rings, dtype=object), 0.5 * downsample, preserve_topology=False)
+    lengths = np.diff(offsets)
+    start = np.repeat(origin, lengths, axis=0)
+    # box-local (row, col) -> level-0 (x, y); operations kept in this order (bit-identical outlines)
+    r = (c[:, 0] - 1 + start[:, 0] + 0.5) * downsample - 0.5 + origin_px[1]
+    x = (c[:, 1] - 1 + start[:, 1] + 0.5) * downsample - 0.5 + origin_px[0]
+    rings = shapely.linearrings(np.column_stack([x, r]), indices=np.repeat(np.arange(found.size), lengths))
+    found = found.tolist()
+    simple = shapely.simplify(rings, 0.5 * downsample, preserve_topology=False)
     coords, index = shapely.get_coordinates(simple, return_index=True)
     splits = np.searchsorted(index, np.arange(1, len(found)))
     out = {}
