@@ -58,7 +58,7 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   arrays and linked vertex lists instead of dicts and deques.
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
-environment compiles them (see ``benchmarks/bench_engine.py``; a few seconds),
+environment compiles them (see ``benchmarks/bench_engine.py``; about half a minute),
 later processes load them from numba's cache.
 """
 
