@@ -744,7 +744,8 @@ def test_watershed_components_edge_cases(line):
 
 
 def test_label_order_and_extent_helpers():
-    """first_pixel_index / label_row_ranges against numpy and ndi.find_objects; paste_labels against copyto."""
+    """first_pixel_index / label_row_ranges against numpy and ndi.find_objects; paste_labels against copyto;
+    apply_lut against fancy indexing."""
     rng = np.random.default_rng(12)
     for shape in ((1, 1), (1, 9), (9, 1), (37, 23)):
         lab = rng.integers(0, 7, shape).astype(np.int32)
@@ -767,6 +768,8 @@ def test_label_order_and_extent_helpers():
         np.copyto(ref[2:2 + shape[0]], moved, where=moved > 0)
         K.paste_labels(lab, lut, dst[2:2 + shape[0]])
         assert np.array_equal(dst, ref)
+        assert np.array_equal(K.apply_lut(lut, lab), lut[lab])
+        assert np.array_equal(K.apply_lut(lut > 0, lab[:, ::-1]), (lut > 0)[lab[:, ::-1]])  # bool, a view
 
 
 def test_fill_holes_edge_cases():

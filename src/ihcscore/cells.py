@@ -275,7 +275,7 @@ def detect_nuclei(
         bright &= ~touched[index]
     keep = np.zeros(n_seeds + 1, dtype=bool)
     keep[index] = bright
-    mask = keep[regions]
+    mask = _k.apply_lut(keep, regions) if _k else keep[regions]
 
     # Merge neighbouring regions of one nucleus, then split touching nuclei by shape.
     mask = (_k.binary_dilation_3x3(mask) if _k else ndi.binary_dilation(mask, structure=np.ones((3, 3)))) \
@@ -302,7 +302,7 @@ def detect_nuclei(
     ok[0] = False
     relabel = np.zeros(n + 1, dtype=np.int32)
     relabel[ok] = np.arange(1, int(ok.sum()) + 1, dtype=np.int32)
-    nuclei = relabel[labels]
+    nuclei = _k.apply_lut(relabel, labels) if _k else relabel[labels]
     if return_measure_image:
         return nuclei, measure
     return nuclei
@@ -430,7 +430,8 @@ def _in_raster_order(seg: Segmentation) -> Segmentation:
         return seg
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[order + 1] = np.arange(1, n + 1, dtype=np.int32)
-    return replace(seg, **{name: lut[getattr(seg, name)] for name in _LABEL_IMAGES})
+    take = _k.apply_lut if _k else (lambda table, labels: table[labels])
+    return replace(seg, **{name: take(lut, getattr(seg, name)) for name in _LABEL_IMAGES})
 
 
 def _owned(nuclei: np.ndarray, n: int, row0: int, row1: int) -> np.ndarray:

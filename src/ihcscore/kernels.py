@@ -50,7 +50,7 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
 - :func:`first_pixel_index`: raster index of each label's first pixel (the order
   ``scipy.ndimage.label`` numbers components in); :func:`label_row_ranges`: the rows
   each label spans (``ndi.find_objects``' row slices); :func:`paste_labels`: relabelled
-  objects written into a larger label image.
+  objects written into a larger label image; :func:`apply_lut` = ``lut[labels]``.
 - :func:`label_contours`: the longest ``skimage.measure.find_contours`` contour (level 0.5)
   of each object's 1-pixel-padded mask, identical (same vertices, order, start point and
   choice among several contours): marching squares over the object's box with skimage's
@@ -91,6 +91,7 @@ __all__ = [
     "first_pixel_index",
     "label_row_ranges",
     "paste_labels",
+    "apply_lut",
     "label_contours",
     "rgb_to_od",
     "warm_up",
@@ -2454,6 +2455,24 @@ def _row_ranges(labels, start, stop):
 
 
 @njit(**_JIT)
+def _apply_lut(lut, labels, out):
+    a = labels.ravel()
+    o = out.ravel()
+    for i in range(a.size):
+        o[i] = lut[a[i]]
+
+
+def apply_lut(lut: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``lut[labels]`` for a 1-D table and an integer label image whose values lie in ``[0, len(lut))``."""
+    labels = np.ascontiguousarray(labels)
+    lut = np.ascontiguousarray(lut)
+    out = np.empty(labels.shape, dtype=lut.dtype)
+    if labels.size:
+        _apply_lut(lut, labels, out)
+    return out
+
+
+@njit(**_JIT)
 def _paste(src, lut, dst):
     H, W = src.shape
     for r in range(H):
@@ -2801,6 +2820,8 @@ def warm_up() -> float:
     first_pixel_index(mk, 2)
     label_row_ranges(mk, 2)
     paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
+    apply_lut(np.array([0, 2, 1], np.int32), mk)
+    apply_lut(np.array([False, True, True]), mk)
     label_contours(mk)
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0
