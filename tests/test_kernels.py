@@ -969,3 +969,23 @@ def test_label_polygons_on_segmentation(analysed_region, which):
     assert _label_polygons_dicts_equal(labels)
     assert _label_polygons_dicts_equal(labels, origin_px=(1234.0, 567.5), downsample=2.0)
     assert _label_polygons_dicts_equal(labels, ids=[5, 3, 10 ** 6, 17])
+
+
+def test_watershed_components_one_word_flood_equals_general_flood(region):
+    """float32 without a line takes the one-word-key flood; float64 (exact widening, same
+    order) the general one: identical labels on LoG data, plateaus, signed zeros, negate."""
+    from ihcscore.cells import LAPLACIAN
+    rng = np.random.default_rng(11)
+    log = ndi.convolve(ndi.gaussian_filter(region[0], 2.0, mode="nearest"), LAPLACIAN, mode="nearest")
+    log = log.astype(np.float32)
+    fg = log > 0
+    mk, _ = ndi.label(_local_maxima(log) & fg, structure=np.ones((3, 3)))
+    ties = rng.integers(-2, 3, (50, 61)).astype(np.float32) * np.float32(0.5)
+    ties[rng.random(ties.shape) < 0.2] = np.float32(-0.0)
+    mt = np.where(rng.random(ties.shape) < 0.05, rng.integers(1, 6, ties.shape), 0).astype(np.int32)
+    for img, m, msk in ((log, mk, fg), (ties, mt, rng.random(ties.shape) < 0.8), (ties, mt, None)):
+        for neg in (False, True):
+            a = K.watershed_components(img, m, msk, negate=neg)
+            b = K.watershed_components(img.astype(np.float64), m, msk, negate=neg)
+            assert np.array_equal(a, b)
+            assert (a > 0).sum() > 0

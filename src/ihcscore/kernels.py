@@ -20,7 +20,8 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   (taken in raster order here) and their floods meet at equal values. Components come
   from runs (:func:`label`'s union-find); a component with one label is filled without
   a flood; the flood's heap holds order-preserving integer keys (value and age in one
-  word for float32 images without a line). Images must not contain NaN.
+  word for float32 images without a line, whose flood tests neighbours and makes keys
+  without branches). Images must not contain NaN.
 - :func:`distance_transform_edt` (per foreground run of a row, the minimum over the
   run's columns and the two background pixels that end it; exact squared distances,
   so ``sqrt`` gives scipy's values bit for bit in float64) and
@@ -830,36 +831,30 @@ def _ws_down1(hk, n, k):
 
 
 @njit(**_JIT)
-def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg, packed):
+def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg):
     """Flood one component from the heap (resumable: ``st`` = [heap size, next age]).
 
     Returns 1 when the arrays must grow before the next pop (then call again), 0 when done.
     skimage's rules: pop in (value, age) order; a neighbour's value is never below its
     parent's; with ``wsl`` pixels are labelled when popped and one touching another
     label becomes a line; markers are the entries with age < ``nmk``.
-    The heap holds only keys (``hk``: value key, and age in ``ha``; ``packed``: value key
-    << 32 | age in one word); an entry's pixel is ``ap[age]``, its label ``al[age]`` with
-    ``wsl``, else the pixel's own (labels are set at push). The popped root is replaced by
-    the first neighbour pushed (one sift instead of two). ``wf``: bit 0 = in the mask (not
-    a line), bit 1 = first column, bit 2 = last column (no division for the borders).
+    The heap holds only keys (``hk``: value key, and age in ``ha``; float32 images without
+    a line use :func:`_cc_flood_packed`); an entry's pixel is ``ap[age]``, its label
+    ``al[age]`` with ``wsl``, else the pixel's own (labels are set at push). The popped
+    root is replaced by the first neighbour pushed (one sift instead of two). ``wf``:
+    bit 0 = in the mask (not a line), bit 1 = first column, bit 2 = last column (no
+    division for the borders).
     """
     n = st[0]
     age = st[1]
-    lo = np.uint64(0xFFFFFFFF)
-    s32 = np.uint64(32)
     n_px = H * W
     status = 0
     while n > 0:
         if n + 5 > hk.size or age + 4 > ap.size:
             status = 1
             break
-        ek = hk[0]
-        if packed:
-            ea = np.int64(ek & lo)
-            ev = ek >> s32
-        else:
-            ea = ha[0]
-            ev = ek
+        ev = hk[0]
+        ea = ha[0]
         hole = True  # the root is taken; the first push fills it
         p = ap[ea]
         f = wf[p]
@@ -909,16 +904,10 @@ def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg
                 else:
                     outf[q] = lab
                 ap[age] = q
-                if packed:
-                    if hole:
-                        _ws_down1(hk, n, (v << s32) | np.uint64(age))
-                    else:
-                        _ws_push1(hk, n, (v << s32) | np.uint64(age))
+                if hole:
+                    _ws_down(hk, ha, n, v, age)
                 else:
-                    if hole:
-                        _ws_down(hk, ha, n, v, age)
-                    else:
-                        _ws_push(hk, ha, n, v, age)
+                    _ws_push(hk, ha, n, v, age)
                 if hole:
                     hole = False
                 else:
@@ -927,13 +916,70 @@ def _cc_flood(bits, outf, wf, H, W, wsl, nmk, hk, ha, ap, al, st, top, full, neg
         if hole:
             n -= 1
             if n > 0:
-                if packed:
-                    _ws_down1(hk, n, hk[n])
-                else:
-                    _ws_down(hk, ha, n, hk[n], ha[n])
+                _ws_down(hk, ha, n, hk[n], ha[n])
     st[0] = n
     st[1] = age
     return status
+
+
+@njit(**_JIT)
+def _cc_flood_packed(bits, outf, wf, W, n_px, neg, hk, ap, n, age):
+    """:func:`_cc_flood` for float32 images without a line: one-word keys
+    (value key << 32 | age), labels set at push, ``wf`` bit 0 = in the mask and not yet
+    labelled (markers cleared). ``hk`` and ``ap`` hold every pixel of the component plus
+    eight entries, so they never grow. The four neighbour tests and the key are
+    branch-free (those branches are unpredictable); ``p`` is the pixel itself
+    (never free) where a neighbour is off the image, and unsigned indices skip numba's
+    negative-index checks.
+    """
+    lo = np.uint64(0xFFFFFFFF)
+    s32 = np.uint64(32)
+    top = np.uint64(0x80000000)
+    flip = np.uint64(0x80000000) if neg else np.uint64(0)
+    one = np.uint8(1)
+    uW = np.uint64(W)
+    un = np.uint64(n_px)
+    cand = np.empty(4, dtype=np.uint64)
+    while n > 0:
+        ek = hk[0]
+        ev = ek >> s32
+        p = np.uint64(ap[ek & lo])
+        f = wf[p]
+        lab = outf[p]
+        qu = p - uW if p >= uW else p
+        ql = p if f & 2 else p - np.uint64(1)
+        qr = p if f & 4 else p + np.uint64(1)
+        qd = p + uW if p + uW < un else p
+        m = np.uint64(0)
+        cand[m] = qu
+        m += np.uint64(wf[qu] & one)
+        cand[m] = ql
+        m += np.uint64(wf[ql] & one)
+        cand[m] = qr
+        m += np.uint64(wf[qr] & one)
+        cand[m] = qd
+        m += np.uint64(wf[qd] & one)
+        if m == 0:
+            n -= 1
+            if n > 0:
+                _ws_down1(hk, n, hk[n])
+            continue
+        for i in range(m):
+            q = cand[i]
+            wf[q] &= np.uint8(0xFE)
+            outf[q] = lab
+            ap[age] = q
+            b = np.uint64(bits[q]) ^ flip
+            b = np.uint64(0) if b == top else b  # -0.0 as 0.0
+            v = b ^ (((np.uint64(0) - (b >> np.uint64(31))) & lo) | top)
+            v = ev if v < ev else v
+            k = (v << s32) | np.uint64(age)
+            if i == 0:
+                _ws_down1(hk, n, k)  # the first push fills the popped root
+            else:
+                _ws_push1(hk, n, k)
+                n += 1
+            age += 1
 
 
 @njit(**_JIT)
@@ -941,9 +987,10 @@ def _watershed_cc(bits, out, work, wsl, neg, top, full, packed, rstart, rc0, rc1
     """Seeded watershed (4-connectivity) one connected component of the mask at a time.
 
     ``bits`` is the image viewed as unsigned integers (see :func:`_ws_key`; ``packed``
-    when value keys fit 32 bits and ages 32 bits); ``out`` holds the markers (0 outside
-    the mask) and receives the labels; ``work`` is the mask as :func:`_cc_prepare` makes it
-    (line pixels lose bit 0). ``rstart``, ``rc0``, ``rc1``, ``parent``: room for the mask's runs
+    when value keys fit 32 bits and ages 32 bits: :func:`_cc_flood_packed`); ``out`` holds
+    the markers (0 outside the mask) and receives the labels; ``work`` is the mask as
+    :func:`_cc_prepare` makes it (line pixels, and with ``packed`` labelled pixels, lose
+    bit 0). ``rstart``, ``rc0``, ``rc1``, ``parent``: room for the mask's runs
     (:func:`_run_components`). Components of the mask never interact in the flood, so
     each is flooded alone with a heap that stays small (in cache). A component with
     markers of at most one label is that label (or 0) entirely, filled run by run. The
@@ -1020,12 +1067,16 @@ def _watershed_cc(bits, out, work, wsl, neg, top, full, packed, rstart, rc0, rc1
             v = _ws_key(bf, p, top, full, neg)
             if packed:
                 _ws_push1(hk, n, (v << np.uint64(32)) | np.uint64(j))
+                wf[p] &= np.uint8(0xFE)
             else:
                 _ws_push(hk, ha, n, v, j)
             n += 1
+        if packed:
+            _cc_flood_packed(bf, outf, wf, W, H * W, neg, hk, ap, n, nmk[k])
+            continue
         fst[0] = n
         fst[1] = nmk[k]
-        while _cc_flood(bf, outf, wf, H, W, wsl, nmk[k], hk, ha, ap, al, fst, top, full, neg, packed) != 0:
+        while _cc_flood(bf, outf, wf, H, W, wsl, nmk[k], hk, ha, ap, al, fst, top, full, neg) != 0:
             cap *= 2
             hk = _grow_arr(hk, cap)
             ha = _grow_arr(ha, cap)
