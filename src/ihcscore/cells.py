@@ -347,7 +347,7 @@ def expand_cells(nuclei: np.ndarray, distance_px: float) -> np.ndarray:
 
 def compartments(nuclei: np.ndarray, cells: np.ndarray, membrane_width_px: float):
     """Cytoplasm (cell minus nucleus) and membrane (ring within ``membrane_width_px`` of the cell boundary)."""
-    cytoplasm = np.where(nuclei > 0, 0, cells).astype(cells.dtype)
+    cytoplasm = np.where(nuclei == 0, cells, cells.dtype.type(0))
     if _k:  # same ring, by a small stencil instead of a distance transform
         return cytoplasm, _k.membrane_ring(cells, membrane_width_px).astype(cells.dtype, copy=False)
     boundary = segmentation.find_boundaries(cells, mode="inner")
