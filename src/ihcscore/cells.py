@@ -189,18 +189,17 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
     # Reconstruction limited to 3 radii of geodesic propagation: QuPath's is unbounded, so its
     # background (and its nuclei) depend on where a tile ends. Bounded, a pixel's result depends only
     # on pixels within 4 radii, which the tile overlap covers (DetectionParams.context_um).
-    seed = np.minimum(eroded, image)
     steps = int(np.ceil(BACKGROUND_RECONSTRUCTION_RADII * radius_px))
-    if _k:
-        background = _k.bounded_reconstruction_dilation(seed, image, steps)
+    if _k:  # its first step is min(seed, mask)
+        background = _k.bounded_reconstruction_dilation(eroded, image, steps)
     else:
-        background = seed
+        background = np.minimum(eroded, image)
         for _ in range(steps):
             grown = np.minimum(ndi.grey_dilation(background, size=(3, 3)), image)
             if np.array_equal(grown, background):
                 break
             background = grown
-    return (image - background).astype(np.float32), invalid
+    return (image - background).astype(np.float32, copy=False), invalid
 
 
 def _split_touching(mask: np.ndarray) -> np.ndarray:
