@@ -253,7 +253,7 @@ def test_region_in_threaded_bands_is_identical(preset_name):
     from ihcscore.pipeline import analyze_region
 
     preset = load_preset(preset_name)
-    pad = int(np.ceil(preset.detection.context_um() / 0.5))
+    pad = preset.detection.context_px()  # the presets detect at 0.5 µm/px, as the region below
     rows = 3 * MIN_BAND_CONTEXTS * pad + 7  # just tall enough for 3 bands, uneven split
     rgb, truth, _ = make_synthetic_region((rows, 640), 0.5, seed=11)
     one = analyze_region(rgb, 0.5, preset, threads=1)

@@ -103,6 +103,10 @@ class DetectionParams:
         return (10.0 + self.cell_expansion_um + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
                 + 3 * self.sigma_um)
 
+    def context_px(self) -> int:
+        """:meth:`context_um` in whole pixels of ``pixel_size_um`` (rounded up): the overlap of tiles and bands."""
+        return int(np.ceil(self.context_um() / self.pixel_size_um))
+
 
 @dataclass
 class Segmentation:
@@ -377,7 +381,7 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
     Segmentation
         Labels ``1..n`` numbered in raster order of each nucleus's first pixel.
     """
-    pad = int(np.ceil(params.context_um() / params.pixel_size_um))
+    pad = params.context_px()
     n_bands = min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
     if n_bands > 1:
         return segment_in_bands(od, stain_od, params, n_bands)
@@ -460,7 +464,7 @@ def segment_in_bands(od: np.ndarray, stain_od: np.ndarray, params: DetectionPara
     from concurrent.futures import ThreadPoolExecutor
 
     H, W = od.shape[:2]
-    pad = int(np.ceil(params.context_um() / params.pixel_size_um))
+    pad = params.context_px()
     edges = np.linspace(0, H, n_bands + 1).round().astype(int)
 
     def band(i):

@@ -486,7 +486,7 @@ def analyze_slide(
     params = replace(preset.detection, pixel_size_um=px)
     w0, h0 = slide.dimensions
     shape_det = (int(h0 / ds), int(w0 / ds))
-    pad = int(math.ceil(params.context_um() / px))
+    pad = params.context_px()
 
     mask, mask_ds = _tissue(slide, tissue)
     keep = None
