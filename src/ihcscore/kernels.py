@@ -2586,6 +2586,29 @@ def _label_boxes(labels, n, r0, r1, c0, c1):
             r1[i] = r + 1
 
 
+#: skimage's marching-squares segments (``fully_connected="low"``) of each square case (mask bits:
+#: 1 top-left, 2 top-right, 4 bottom-left, 8 bottom-right), as (from, to) edge pairs in skimage's
+#: order; edges 0 top, 1 left, 2 bottom, 3 right; -1: no (second) segment.
+_MS_SEGMENTS = np.array([
+    [-1, -1, -1, -1], [0, 1, -1, -1], [3, 0, -1, -1], [3, 1, -1, -1],
+    [1, 2, -1, -1], [0, 2, -1, -1], [3, 0, 1, 2], [3, 2, -1, -1],
+    [2, 3, -1, -1], [0, 1, 2, 3], [2, 0, -1, -1], [2, 1, -1, -1],
+    [1, 3, -1, -1], [0, 3, -1, -1], [1, 0, -1, -1], [-1, -1, -1, -1],
+], dtype=np.int64)
+
+
+@njit(**_JIT)
+def _ms_vertex(i, W, edge):
+    """Vertex key of ``edge`` (0 top, 1 left, 2 bottom, 3 right) of the square at flat index ``i``."""
+    if edge == 0:
+        return 2 * i
+    if edge == 1:
+        return 2 * i + 1
+    if edge == 2:
+        return 2 * (i + W)
+    return 2 * (i + 1) + 1
+
+
 @njit(**_JIT)
 def _object_contours(labels, ids, box, mask, start_of, end_of, node_key, node_next,
                      c_first, c_last, c_len, c_alive):
@@ -2622,46 +2645,12 @@ def _object_contours(labels, ids, box, mask, start_of, end_of, node_key, node_ne
                 case = mask[i] + 2 * mask[i + 1] + 4 * mask[i + W] + 8 * mask[i + W + 1]
                 if case == 0 or case == 15:
                     continue
-                top = 2 * i
-                left = 2 * i + 1
-                bottom = 2 * (i + W)
-                right = 2 * (i + 1) + 1
-                # skimage's segments (fully_connected="low"), from -> to, in its order
-                f1 = -1
-                t1 = -1
-                if case == 1:
-                    f0, t0 = top, left
-                elif case == 2:
-                    f0, t0 = right, top
-                elif case == 3:
-                    f0, t0 = right, left
-                elif case == 4:
-                    f0, t0 = left, bottom
-                elif case == 5:
-                    f0, t0 = top, bottom
-                elif case == 6:
-                    f0, t0 = right, top
-                    f1, t1 = left, bottom
-                elif case == 7:
-                    f0, t0 = right, bottom
-                elif case == 8:
-                    f0, t0 = bottom, right
-                elif case == 9:
-                    f0, t0 = top, left
-                    f1, t1 = bottom, right
-                elif case == 10:
-                    f0, t0 = bottom, top
-                elif case == 11:
-                    f0, t0 = bottom, left
-                elif case == 12:
-                    f0, t0 = left, right
-                elif case == 13:
-                    f0, t0 = top, right
-                else:
-                    f0, t0 = left, top
-                for s in range(2 if f1 >= 0 else 1):
-                    f = f0 if s == 0 else f1
-                    t = t0 if s == 0 else t1
+                seg = _MS_SEGMENTS[case]
+                for s in range(0, 4, 2):
+                    if seg[s] < 0:
+                        break
+                    f = _ms_vertex(i, W, seg[s])
+                    t = _ms_vertex(i, W, seg[s + 1])
                     # _assemble_contours: a contour starting at ``t`` (tail) and one ending at ``f`` (head)
                     tail = start_of[t]
                     head = end_of[f]
