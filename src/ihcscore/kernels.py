@@ -819,15 +819,7 @@ def _ws_down1(hk, n, k):
         hk[i] = hk[l]
         i = l
         l = 4 * i + 1
-    while i > 0:
-        par = (i - 1) >> 2
-        pk = hk[par]
-        if k < pk:
-            hk[i] = pk
-            i = par
-        else:
-            break
-    hk[i] = k
+    _ws_push1(hk, i, k)
 
 
 @njit(**_JIT)
