@@ -36,7 +36,7 @@ from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import label_polygons, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads
+from .runtime import default_threads, die_with_parent
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -310,28 +310,6 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
     return cells
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Pool initializer: a worker ends when the process that started it dies, even by SIGKILL.
-
-    Without it, workers of a killed ``ihcscore score`` stay blocked on their queue forever (orphans
-    holding memory). Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a no-op.
-    """
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _run_tasks(fn, tasks, workers: int, client=None):
     """Yield results of ``fn(task)`` as they complete: inline, in processes, or on Dask."""
     if client is not None:
@@ -348,7 +326,7 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         for t in tasks:
             yield fn(t)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(fn, t) for t in tasks]
         for fut in as_completed(futures):
             yield fut.result()

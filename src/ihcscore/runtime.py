@@ -1,4 +1,4 @@
-"""Process-wide settings for long scoring runs: memory allocator and thread count.
+"""Process-wide settings for long scoring runs: memory allocator, thread count, worker lifetime.
 
 Nothing here runs on import. The command line (when it scores tiles in its
 own process, ``--workers 1``) and the benchmarks call
@@ -14,10 +14,21 @@ import ctypes
 import os
 import sys
 
-__all__ = ["retain_freed_memory", "default_threads"]
+__all__ = ["retain_freed_memory", "default_threads", "die_with_parent"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_PR_SET_PDEATHSIG = 1
+
+
+def _linux_libc():
+    """The C library of this Linux process (ctypes), or None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def retain_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
@@ -43,12 +54,8 @@ def retain_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
     bool
         ``True`` where it took effect (Linux with glibc); elsewhere a no-op.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    mallopt = getattr(_linux_libc(), "mallopt", None)  # musl and other C libraries have none
+    if mallopt is None:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, int(max_block_bytes)) == 1)
@@ -60,3 +67,19 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a worker ends when the process that started it dies, even by SIGKILL.
+
+    Without it, workers of a killed ``ihcscore score`` stay blocked on their queue forever (orphans
+    holding memory). Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere a no-op.
+    """
+    import signal
+
+    prctl = getattr(_linux_libc(), "prctl", None)
+    if prctl is None:
+        return
+    prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
