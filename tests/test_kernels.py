@@ -744,7 +744,7 @@ def test_watershed_components_edge_cases(line):
 
 
 def test_label_order_and_extent_helpers():
-    """first_pixel_index / label_row_ranges against numpy and ndi.find_objects; paste_labels against copyto;
+    """first_pixel_index / label_boxes against numpy and ndi.find_objects; paste_labels against copyto;
     apply_lut against fancy indexing."""
     rng = np.random.default_rng(12)
     for shape in ((1, 1), (1, 9), (9, 1), (37, 23)):
@@ -753,13 +753,13 @@ def test_label_order_and_extent_helpers():
         n = 8  # two labels past the largest one present
         flat = lab.ravel()
         first = K.first_pixel_index(lab, n)
-        start, stop = K.label_row_ranges(lab, n)
+        box = K.label_boxes(lab, n)
         slices = ndi.find_objects(lab, max_label=n)
         for i in range(1, n + 1):
             hits = np.flatnonzero(flat == i)
             assert first[i - 1] == (hits[0] if len(hits) else -1)
             sl = slices[i - 1]
-            assert (start[i - 1], stop[i - 1]) == ((sl[0].start, sl[0].stop) if sl else (-1, -1))
+            assert tuple(box[i - 1]) == ((sl[0].start, sl[0].stop, sl[1].start, sl[1].stop) if sl else (-1,) * 4)
         lut = rng.integers(-1, 3, n + 1).astype(np.int32)
         lut[0] = 0
         dst = rng.integers(0, 5, (shape[0] + 4, shape[1])).astype(np.int32)

@@ -49,8 +49,8 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
 - :func:`binary_dilation_disk`, :func:`fill_holes`: exact replacements for
   ``ndi.binary_dilation(x, structure=disk)`` and ``ndi.binary_fill_holes``.
 - :func:`first_pixel_index`: raster index of each label's first pixel (the order
-  ``scipy.ndimage.label`` numbers components in); :func:`label_row_ranges`: the rows
-  each label spans (``ndi.find_objects``' row slices); :func:`paste_labels`: relabelled
+  ``scipy.ndimage.label`` numbers components in); :func:`label_boxes`: each label's
+  ``ndi.find_objects`` bounds; :func:`paste_labels`: relabelled
   objects written into a larger label image; :func:`apply_lut` = ``lut[labels]``.
 - :func:`label_contours`: the longest ``skimage.measure.find_contours`` contour (level 0.5)
   of each object's 1-pixel-padded mask, identical (same vertices, order, start point and
@@ -90,7 +90,7 @@ __all__ = [
     "binary_dilation_disk",
     "fill_holes",
     "first_pixel_index",
-    "label_row_ranges",
+    "label_boxes",
     "paste_labels",
     "apply_lut",
     "label_contours",
@@ -2484,20 +2484,6 @@ def first_pixel_index(labels: np.ndarray, n: int) -> np.ndarray:
 
 
 @njit(**_JIT)
-def _row_ranges(labels, start, stop):
-    H, W = labels.shape
-    n = start.size
-    for r in range(H):
-        row = labels[r]
-        for c in range(W):
-            v = row[c]
-            if 0 < v <= n:
-                if start[v - 1] < 0:
-                    start[v - 1] = r
-                stop[v - 1] = r + 1
-
-
-@njit(**_JIT)
 def _apply_lut(lut, labels, out):
     a = labels.ravel()
     o = out.ravel()
@@ -2538,16 +2524,6 @@ def paste_labels(src: np.ndarray, lut: np.ndarray, dst: np.ndarray) -> None:
         _paste(np.ascontiguousarray(src), np.ascontiguousarray(lut, dtype=dst.dtype), dst)
 
 
-def label_row_ranges(labels: np.ndarray, n: int):
-    """Rows ``[start, stop)`` spanned by each label ``1..n`` of a 2-D image (-1, -1 where absent)."""
-    labels = np.ascontiguousarray(labels)
-    start = np.full(int(n), -1, dtype=np.int64)
-    stop = np.full(int(n), -1, dtype=np.int64)
-    if labels.size and n > 0:
-        _row_ranges(labels, start, stop)
-    return start, stop
-
-
 # --------------------------------------------------------------------------- contours
 
 @njit(**_JIT)
@@ -2576,6 +2552,16 @@ def _label_boxes(labels, n, r0, r1, c0, c1):
                 if c > c1[i]:
                     c1[i] = c
             r1[i] = r + 1
+
+
+def label_boxes(labels: np.ndarray, n: int) -> np.ndarray:
+    """``ndi.find_objects`` bounds of labels ``1..n`` of a 2-D image as an ``(n, 4)`` int64 array of
+    ``(row start, row stop, col start, col stop)``; -1 where a label is absent."""
+    labels = np.ascontiguousarray(labels)
+    box = np.full((int(n), 4), -1, dtype=np.int64)
+    if labels.size and n > 0:
+        _label_boxes(labels, int(n), box[:, 0], box[:, 1], box[:, 2], box[:, 3])
+    return box
 
 
 #: skimage's marching-squares segments (``fully_connected="low"``) of each square case (mask bits:
@@ -2752,9 +2738,7 @@ def label_contours(labels: np.ndarray, ids=None):
         raise ValueError("labels must be 2-D")
     n = int(labels.max(initial=0)) if labels.size else 0
     ids = np.arange(1, n + 1, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64).ravel()
-    box = np.full((n, 4), -1, dtype=np.int64)
-    if n > 0:
-        _label_boxes(labels, n, box[:, 0], box[:, 1], box[:, 2], box[:, 3])
+    box = label_boxes(labels, n)
     sel = ids[(ids >= 1) & (ids <= n)]
     sel = sel[box[sel - 1, 0] >= 0] if sel.size else sel
     if sel.size == 0:
@@ -2850,7 +2834,7 @@ def warm_up() -> float:
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
     first_pixel_index(mk, 2)
-    label_row_ranges(mk, 2)
+    label_boxes(mk, 2)
     paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
     apply_lut(np.array([0, 2, 1], np.int32), mk)
     apply_lut(np.array([False, True, True]), mk)

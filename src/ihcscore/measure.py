@@ -229,7 +229,8 @@ def _measure_in_bands(nuclei, cells, images, stain_od, n, px, n_bands) -> dict[s
     """:func:`_measure_rows` in bands of rows, in threads; each label taken from the band holding its first row."""
     from concurrent.futures import ThreadPoolExecutor
 
-    start, stop = _k.label_row_ranges(cells, n)  # a cell holds its nucleus and compartments
+    box = _k.label_boxes(cells, n)  # a cell holds its nucleus and compartments
+    start, stop = box[:, 0], box[:, 1]
     edges = np.linspace(0, cells.shape[0], n_bands + 1).round().astype(int)
     band_of = np.searchsorted(edges, start, side="right") - 1
     band_of[start < 0] = 0  # absent labels: empty statistics, as from one band
