@@ -95,6 +95,7 @@ __all__ = [
     "apply_lut",
     "label_contours",
     "rgb_to_od",
+    "resample_rgb",
     "warm_up",
 ]
 
@@ -2792,6 +2793,145 @@ def rgb_to_od(rgb: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
 
 # --------------------------------------------------------------------------- warm-up
 
+
+# --------------------------------------------------------------------------- anti-aliased resampling
+
+@njit(**_JIT)
+def _smooth_row(src, y, C, w, acc, buf, grow):
+    """Row ``y`` of scipy's ``gaussian_filter(src, (s, s, 0), mode="nearest")`` of (M, N, C) uint8
+    values held as (M, N * C) rows.
+
+    The axis-0 pass, rounded to float32, then the axis-1 pass (taps ``C`` apart) through the
+    extended line ``buf``: scipy's float64 operations in its order, as in ``_gauss_rows``.
+    """
+    M, L = src.shape
+    r1 = w.size - 1
+    w0 = w[0]
+    s0 = src[y]
+    for c in range(L):
+        acc[c] = np.float64(s0[c]) * w0
+    for k in range(r1, 0, -1):
+        a = src[_ext_index(y - k, M, False)]
+        b = src[_ext_index(y + k, M, False)]
+        wk = w[k]
+        for c in range(L):
+            acc[c] += (np.float64(a[c]) + np.float64(b[c])) * wk
+    e = r1 * C
+    mid = buf[e:e + L]
+    for c in range(L):
+        mid[c] = acc[c]
+    for i in range(r1):
+        for ch in range(C):
+            buf[i * C + ch] = mid[ch]
+            buf[e + L + i * C + ch] = mid[L - C + ch]
+    for c in range(L):
+        acc[c] = np.float64(mid[c]) * w0
+    for k in range(r1, 0, -1):
+        wk = w[k]
+        lo = buf[e - k * C:e - k * C + L]
+        hi = buf[e + k * C:e + k * C + L]
+        for c in range(L):
+            acc[c] += (np.float64(lo[c]) + np.float64(hi[c])) * wk
+    for c in range(L):
+        grow[c] = acc[c]
+
+
+@njit(**_JIT)
+def _smoothed_slot(src, y, other, have, C, w, acc, buf, rows):
+    """Slot of ``rows`` holding smoothed row ``y``; computed into the slot not holding ``other``."""
+    if have[0] == y:
+        return 0
+    if have[1] == y:
+        return 1
+    slot = 1 if have[0] == other else 0
+    _smooth_row(src, y, C, w, acc, buf, rows[slot])
+    have[slot] = y
+    return slot
+
+
+@njit(**_JIT)
+def _resample(src, w, ys, wy, xs, wx, out, acc, buf, rows):
+    """Bilinear samples (scipy's ``zoom_shift``, order 1) of the smoothed rows, two source rows cached."""
+    h, ow, C = out.shape
+    have = np.array([-1, -1])
+    for r in range(h):
+        a = _smoothed_slot(src, ys[r, 0], ys[r, 1], have, C, w, acc, buf, rows)
+        b = _smoothed_slot(src, ys[r, 1], ys[r, 0], have, C, w, acc, buf, rows)
+        g0 = rows[a]
+        g1 = rows[b]
+        wy0 = wy[r, 0]
+        wy1 = wy[r, 1]
+        o = out[r]
+        for c in range(ow):
+            x0 = xs[c, 0] * C
+            x1 = xs[c, 1] * C
+            wx0 = wx[c, 0]
+            wx1 = wx[c, 1]
+            for ch in range(C):
+                t = 0.0
+                t += np.float64(g0[x0 + ch]) * wy0 * wx0
+                t += np.float64(g0[x1 + ch]) * wy0 * wx1
+                t += np.float64(g1[x0 + ch]) * wy1 * wx0
+                t += np.float64(g1[x1 + ch]) * wy1 * wx1
+                o[c, ch] = t
+
+
+def _linear_taps(n_out, origin_out, origin_src, scale, n_src):
+    """Per output index: the two source indices and weights of scipy's order-1 ``zoom_shift``.
+
+    ``affine_transform(x, [scale], offset)`` runs ``zoom_shift`` with ``shift = offset / scale``:
+    the coordinate is ``(k + shift) * scale``, the weights ``1 - f`` and ``1 - (1 - f)`` of its
+    fraction ``f``, and "nearest" clamps the two indices, not the coordinate.
+    """
+    offset = np.float64((origin_out + 0.5) * scale - 0.5 - origin_src)
+    shift = offset / np.float64(scale)
+    cc = (np.arange(n_out, dtype=np.float64) + shift) * np.float64(scale)
+    start = np.floor(cc)
+    w0 = 1.0 - (cc - start)
+    idx = np.stack([start, start + 1], axis=1)
+    return np.clip(idx, 0, n_src - 1).astype(np.int64), np.stack([w0, 1.0 - w0], axis=1)
+
+
+def resample_rgb(src: np.ndarray, src_origin, scale: float, out_origin, out_shape) -> np.ndarray:
+    """Anti-aliased bilinear resampling onto a coarser grid, as scipy computes it, bit for bit.
+
+    Equal to ``affine_transform(gaussian_filter(src.astype(float32), (s, s, 0), mode="nearest")[..., c],
+    [scale, scale], offset, output_shape=out_shape, order=1, mode="nearest")`` per channel, with
+    ``s = (scale - 1) / 2`` and ``offset = (out_origin + 0.5) * scale - 0.5 - src_origin`` (what
+    :func:`ihcscore.pipeline.resample_to_grid` computes), but smoothing only the source rows the
+    bilinear samples read, one row at a time, straight from ``uint8``.
+
+    Parameters
+    ----------
+    src : (M, N, C) uint8 array
+    src_origin, out_origin : (y, x) int
+        Global grid positions of ``src[0, 0]`` and of the first output pixel.
+    scale : float
+        Source pixels per output pixel (> 1).
+    out_shape : (h, w)
+
+    Returns
+    -------
+    (h, w, C) float32
+    """
+    from scipy.ndimage._filters import _gaussian_kernel1d
+    src = np.ascontiguousarray(src)
+    M, N, C = src.shape
+    out = np.empty((out_shape[0], out_shape[1], C), np.float32)
+    if out.size == 0:
+        return out
+    sd = (float(scale) - 1.0) / 2.0
+    lw = int(4.0 * sd + 0.5)
+    fw = _gaussian_kernel1d(sd, 0, lw)[::-1]
+    w = np.ascontiguousarray(fw[lw::-1])
+    ys, wy = _linear_taps(out_shape[0], out_origin[0], src_origin[0], scale, M)
+    xs, wx = _linear_taps(out_shape[1], out_origin[1], src_origin[1], scale, N)
+    _resample(src.reshape(M, N * C), w, ys, wy, xs, wx, out, np.empty(N * C),
+              np.empty((N + 2 * lw) * C, np.float32), np.empty((2, N * C), np.float32))
+    return out
+
+
+
 def warm_up() -> float:
     """Compile (or load from cache) every kernel on tiny inputs; returns seconds taken."""
     import time
@@ -2833,6 +2973,7 @@ def warm_up() -> float:
     binary_dilation_3x3(img > 0.3)
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
+    resample_rgb((img[..., None] * 255).astype(np.uint8).repeat(3, -1), (0, 0), 2.2, (0, 0), (6, 6))
     first_pixel_index(mk, 2)
     label_boxes(mk, 2)
     paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
