@@ -2,8 +2,11 @@
 
     .venv/bin/python benchmarks/bench_slide.py --size 16384            # 16384 x 16384 px at 0.5 µm/px
     .venv/bin/python benchmarks/bench_slide.py --size 40000 --workers 4
+    .venv/bin/python benchmarks/bench_slide.py --mpp 0.25 --level-downsample 4   # a 40x scan, Aperio pyramid
 
-The synthetic slide is generated on demand (``ihcscore.synthetic.write_large_synthetic_slide``,
+The slide is scanned at ``--mpp`` and scored at the preset's detection pixel size (0.5 µm/px): at 0.25
+µm/px (a 40x scan) with ``--level-downsample 4`` (levels 1, 4, 16 as Aperio stores them) every tile
+is read from level 0 and resampled 2x, as for a real SVS. The synthetic slide is generated on demand (``ihcscore.synthetic.write_large_synthetic_slide``,
 block by block, bounded memory) into ``--out`` (default ``benchmarks/out/``, not committed) and reused
 by later runs. Then, each measured in this run on this machine:
 
@@ -112,15 +115,17 @@ def _score_child(args) -> None:
 
 
 # ----------------------------------------------------------------------------- measurements
-def ensure_slide(size: int, mpp: float, out: Path, workers: int) -> Path:
+def ensure_slide(size: int, mpp: float, out: Path, workers: int, level_downsample: int = 2) -> Path:
     from ihcscore.synthetic import write_large_synthetic_slide
 
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"synthetic_{size}_{mpp:g}um.tif"
+    # no dot before the extension: the truth files are named after the part before the first dot
+    name = f"synthetic_{size}_{mpp:g}um".replace(".", "p") + ("" if level_downsample == 2 else f"_L{level_downsample}")
+    path = out / f"{name}.tif"
     if path.is_file() and path.with_name(path.name.split(".")[0] + ".truth.json").is_file():
         print(f"slide: {path} (reused)", flush=True)
         return path
-    print(f"generating {path} ({size} x {size} px, {mpp} µm/px) ...", flush=True)
+    print(f"generating {path} ({size} x {size} px, {mpp} µm/px, levels {level_downsample}x apart) ...", flush=True)
     t0 = time.perf_counter()
     last = [0.0]
 
@@ -130,7 +135,8 @@ def ensure_slide(size: int, mpp: float, out: Path, workers: int) -> Path:
             last[0] = now
             print(f"  blocks {done}/{total}", flush=True)
 
-    write_large_synthetic_slide(path, shape=(size, size), mpp=mpp, seed=0, workers=workers, progress=progress)
+    write_large_synthetic_slide(path, shape=(size, size), mpp=mpp, seed=0, workers=workers, progress=progress,
+                                level_downsample=level_downsample)
     print(f"  generated in {time.perf_counter() - t0:.0f} s, {path.stat().st_size / 2**20:.0f} MiB", flush=True)
     return path
 
@@ -217,7 +223,9 @@ def gpu_rate(path: Path, side: int = 4096):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=16384, help="slide side in pixels (level 0)")
-    ap.add_argument("--mpp", type=float, default=0.5, help="slide pixel size, µm/px (default 0.5)")
+    ap.add_argument("--mpp", type=float, default=0.5, help="slide pixel size, µm/px (default 0.5; 0.25 = a 40x scan)")
+    ap.add_argument("--level-downsample", type=int, default=2, choices=(2, 4),
+                    help="downsample between the slide's pyramid levels (4: Aperio's 1, 4, 16)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tile worker processes")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side at the detection resolution, px")
     ap.add_argument("--tissue", default="auto", help="auto | all")
@@ -239,9 +247,10 @@ def main(argv=None):
         return 0
 
     cores = max(1, args.workers)
-    print(f"ihcscore slide benchmark: {args.size} x {args.size} px at {args.mpp} µm/px, {args.workers} worker(s), "
+    print(f"ihcscore slide benchmark: {args.size} x {args.size} px at {args.mpp} µm/px (levels {args.level_downsample}x "
+          f"apart), {args.workers} worker(s), "
           f"tile {args.tile_size} px, tissue={args.tissue}, {os.cpu_count()} CPU(s) on this machine", flush=True)
-    path = ensure_slide(args.size, args.mpp, args.out, max(1, args.workers))
+    path = ensure_slide(args.size, args.mpp, args.out, max(1, args.workers), args.level_downsample)
 
     dec = decode_rate(path)
     print(f"raw tile decode (tifffile, 1 core):  {dec['mp_per_s']:8.1f} MP/s  "

@@ -255,3 +255,27 @@ def test_large_slide_is_seamless_across_blocks(tmp_path):
     assert len(one) == len(truth)
     np.testing.assert_allclose(np.sort(one["x_px"]), np.sort(truth["x_px"]), atol=1e-3)
     assert truth_scores(one)["all"] == truth_scores(truth)["all"]
+
+
+def test_large_slide_aperio_pyramid_reads_level0_and_resamples(tmp_path):
+    """``level_downsample=4`` stores levels 1, 4, 16 (Aperio's layout) holding the same pixels as the 2x pyramid."""
+    from ihcscore.pipeline import read_detection_tile
+    from ihcscore.slide import open_slide
+
+    kw = dict(shape=(1024, 1280), mpp=0.25, seed=2, block_px=512, compression="zlib", min_level_side=60)
+    write_large_synthetic_slide(tmp_path / "l2.tif", **kw)
+    write_large_synthetic_slide(tmp_path / "l4.tif", level_downsample=4, **kw)
+    with open_slide(tmp_path / "l2.tif") as s2, open_slide(tmp_path / "l4.tif") as s4:
+        assert s2.level_downsamples == (1.0, 2.0, 4.0, 8.0, 16.0)
+        assert s4.level_downsamples == (1.0, 4.0, 16.0)
+        np.testing.assert_array_equal(s4.read_region((0, 0), 1, (320, 256)), s2.read_region((0, 0), 2, (320, 256)))
+        np.testing.assert_array_equal(s4.read_region((0, 0), 0, (64, 64)), s2.read_region((0, 0), 0, (64, 64)))
+        # at 0.5 µm/px the 2x pyramid has a level; the Aperio one is read at level 0 and resampled 2x
+        a2 = read_detection_tile(s2, (100, 120, 300, 400), 2.0)
+        a4 = read_detection_tile(s4, (100, 120, 300, 400), 2.0)
+        assert a2.shape == a4.shape == (200, 280, 3)
+        # the stored level is a 2x2 box mean, the resampling a Gaussian-weighted bilinear: close, not equal
+        diff = np.abs(a2.astype(int) - a4.astype(int))
+        assert diff.mean() < 2.0 and not np.array_equal(a2, a4)
+    with pytest.raises(ValueError, match="level_downsample"):
+        write_large_synthetic_slide(tmp_path / "l3.tif", level_downsample=3, **kw)

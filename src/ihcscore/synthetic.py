@@ -930,7 +930,8 @@ def _tiles_of(arr, tile):
             yield t
 
 
-def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", quality=90, min_level_side=512):
+def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", quality=90, min_level_side=512,
+                   level_downsample=2):
     """Stream a tiled pyramidal TIFF from horizontal strips of level 0.
 
     Same layout as :func:`ihcscore.slide.write_pyramidal_tiff` (Aperio-style
@@ -940,6 +941,8 @@ def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", qu
     and the reduced levels go through memory-mapped temporary files, so the
     whole image never sits in memory. JPEG tiles are written without chroma
     subsampling (4:4:4): 4:2:0 smears 1 µm DAB membranes into their neighbours.
+    With ``level_downsample=4`` only every other halving is written, as Aperio
+    scanners lay out their pyramids (1, 4, 16, ...).
     """
     import tifffile
 
@@ -950,6 +953,9 @@ def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", qu
         raise ValueError(f"compression must be 'jpeg', 'zlib' or None, got {compression!r}")
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16 pixels, got {tile}")
+    if level_downsample not in (2, 4):
+        raise ValueError(f"level_downsample must be 2 or 4, got {level_downsample}")
+    every = 1 if level_downsample == 2 else 2
     path = Path(path)
     H, W = shape
     kwargs = dict(tile=(tile, tile), photometric="rgb", compression=comp, resolutionunit="CENTIMETER",
@@ -999,6 +1005,8 @@ def _write_pyramid(path, shape, mpp, strips, *, tile=256, compression="jpeg", qu
                     for y in range(0, m.shape[0], step):
                         half = _halve(np.asarray(m[y:y + step]))
                         maps[k][y // 2:y // 2 + half.shape[0]] = half
+                if k % every:
+                    continue
                 res = 1e4 / (mpp * 2**k)
                 desc = f"Aperio Image Library ihcscore synthetic\n{W}x{H} -> {m.shape[1]}x{m.shape[0]} - "
                 tw.write(_tiles_of(m, tile), shape=m.shape, resolution=(res, res), description=desc,
@@ -1068,6 +1076,7 @@ def write_large_synthetic_slide(
     residual_od_sd=0.01,
     blur_sigma_um=0.2,
     min_level_side=512,
+    level_downsample=2,
     workers=1,
     progress=None,
 ) -> dict:
@@ -1091,6 +1100,10 @@ def write_large_synthetic_slide(
         Generation block side (a multiple of ``tile``).
     density_per_mm2 : dict, optional
         Cells per mm² per cell type (defaults :data:`DEFAULT_DENSITY_PER_MM2`).
+    level_downsample : {2, 4}
+        Downsample between stored pyramid levels: 2 writes every halving, 4 every
+        other one (levels 1, 4, 16, ... as Aperio scanners store them, so reading at
+        twice the scan's pixel size means reading level 0 and resampling).
     workers : int
         Processes rendering the blocks of a row in parallel.
     progress : callable, optional
@@ -1152,7 +1165,7 @@ def write_large_synthetic_slide(
         if tmp_csv.exists():
             tmp_csv.unlink()
         _write_pyramid(path, shape, mpp, strips(pool), tile=tile, compression=compression, quality=quality,
-                       min_level_side=min_level_side)
+                       min_level_side=min_level_side, level_downsample=level_downsample)
         os.replace(tmp_csv, csv_path)
     finally:
         if pool is not None:
@@ -1171,7 +1184,7 @@ def write_large_synthetic_slide(
     )
     render = dict(hematoxylin_scale=float(hematoxylin_scale), gamma=gamma, noise_sd=float(noise_sd),
                   residual_od_sd=float(residual_od_sd), blur_sigma_um=float(blur_sigma_um),
-                  compression=compression, quality=int(quality))
+                  compression=compression, quality=int(quality), level_downsample=int(level_downsample))
     meta = _truth_json(truth_all, params, stains, background, render, path)
     _atomic_write(json_path, json.dumps(meta, indent=2))
     return meta
