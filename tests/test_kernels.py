@@ -1020,3 +1020,16 @@ def test_watershed_components_one_word_flood_equals_general_flood(region):
             b = K.watershed_components(img.astype(np.float64), m, msk, negate=neg)
             assert np.array_equal(a, b)
             assert (a > 0).sum() > 0
+
+
+def test_bin_mean_uint8_equals_numpy_block_sum():
+    rng = np.random.default_rng(12)
+    for k in (1, 2, 3, 8):
+        for shape in ((k * 37, k * 29, 3), (k, k, 1), (0, k * 3, 3)):
+            a = rng.integers(0, 256, shape, dtype=np.uint8)
+            h, w, c = shape[0] // k, shape[1] // k, shape[2]
+            s = a.reshape(h, k, w, k, c).astype(np.uint32).sum(axis=(1, 3))
+            np.testing.assert_array_equal(K.bin_mean_uint8(a, k), ((s + (k * k) // 2) // (k * k)).astype(np.uint8))
+    assert K.bin_mean_uint8(np.full((16, 16, 3), 255, np.uint8), 16).tolist() == [[[255, 255, 255]]]  # no overflow
+    with pytest.raises(ValueError, match="binned"):
+        K.bin_mean_uint8(np.zeros((5, 4, 3), np.uint8), 2)

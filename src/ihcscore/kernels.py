@@ -96,6 +96,7 @@ __all__ = [
     "label_contours",
     "rgb_to_od",
     "resample_rgb",
+    "bin_mean_uint8",
     "warm_up",
 ]
 
@@ -2931,6 +2932,41 @@ def resample_rgb(src: np.ndarray, src_origin, scale: float, out_origin, out_shap
     return out
 
 
+@njit(**_JIT)
+def _bin_mean(a, k, out):
+    kk = k * k
+    half = kk // 2
+    h, w, C = out.shape
+    acc = np.empty(w * C, np.uint32)
+    for r in range(h):
+        acc[:] = 0
+        for dy in range(k):
+            row = a[r * k + dy]
+            for c in range(w):
+                for dx in range(k):
+                    for ch in range(C):
+                        acc[c * C + ch] += row[c * k + dx, ch]
+        for c in range(w):
+            for ch in range(C):
+                out[r, c, ch] = (acc[c * C + ch] + half) // kk
+
+
+def bin_mean_uint8(image: np.ndarray, k: int) -> np.ndarray:
+    """``k x k`` block means of an (H, W, C) uint8 image, rounded half up: ``(sum + k*k // 2) // (k*k)``.
+
+    Equal to ``image.reshape(H // k, k, W // k, k, C).astype(np.uint32).sum(axis=(1, 3))``
+    rounded the same way; ``H`` and ``W`` must be multiples of ``k`` (k <= 4096).
+    """
+    image = np.ascontiguousarray(image)
+    H, W, C = image.shape
+    if k < 1 or H % k or W % k or k > 4096:
+        raise ValueError(f"image of {H} x {W} px cannot be binned by {k}")
+    out = np.empty((H // k, W // k, C), np.uint8)
+    if out.size:
+        _bin_mean(image, int(k), out)
+    return out
+
+
 
 def warm_up() -> float:
     """Compile (or load from cache) every kernel on tiny inputs; returns seconds taken."""
@@ -2973,6 +3009,7 @@ def warm_up() -> float:
     binary_dilation_3x3(img > 0.3)
     binary_dilation_disk(img > 0.9, 2.5)
     fill_holes(img > 0.5)
+    bin_mean_uint8(np.zeros((4, 4, 3), np.uint8), 2)
     resample_rgb((img[..., None] * 255).astype(np.uint8).repeat(3, -1), (0, 0), 2.2, (0, 0), (6, 6))
     first_pixel_index(mk, 2)
     label_boxes(mk, 2)
