@@ -57,6 +57,10 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   choice among several contours): marching squares over the object's box with skimage's
   segment order, assembled as skimage's ``_assemble_contours`` does, with vertex-indexed
   arrays and linked vertex lists instead of dicts and deques.
+- :func:`resample_rgb` = ``affine_transform(gaussian_filter(src, ((s-1)/2, (s-1)/2, 0),
+  mode="nearest"), [s, s], offset, order=1, mode="nearest")`` per channel of a uint8 image,
+  bit-identical (scipy 1.17's ``zoom_shift`` weights and its index clamping), smoothing only
+  the source rows the bilinear samples read; :func:`bin_mean_uint8`: integer block means.
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; about half a minute),
@@ -2792,9 +2796,6 @@ def rgb_to_od(rgb: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
     return out
 
 
-# --------------------------------------------------------------------------- warm-up
-
-
 # --------------------------------------------------------------------------- anti-aliased resampling
 
 @njit(**_JIT)
@@ -2967,6 +2968,8 @@ def bin_mean_uint8(image: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+
+# --------------------------------------------------------------------------- warm-up
 
 def warm_up() -> float:
     """Compile (or load from cache) every kernel on tiny inputs; returns seconds taken."""
