@@ -412,7 +412,7 @@ def test_tile_reader_falls_back_to_openslide():
     assert _is_plain_rgb_tiled(page)
     for change in ({"compression": 33003}, {"compression": 33005}, {"compression": 34712},
                    {"planarconfig": 2}, {"samplesperpixel": 4}, {"bitspersample": 16},
-                   {"predictor": 2}, {"is_tiled": False}, {"compression": 8, "photometric": 6}):
+                   {"predictor": 2}, {"is_tiled": False}, {"photometric": 8}, {"compression": 8, "photometric": 6}):
         assert not _is_plain_rgb_tiled(SimpleNamespace(**{**vars(page), **change})), change
 
 
