@@ -263,3 +263,177 @@ def test_rgba_to_rgb_composites_on_white_and_passes_opaque_pixels_through():
     expect = np.round((rgba[5:10, :, :3] * 128.0 + 255.0 * 127) / 255).astype(np.uint8)
     assert np.abs(out[5:10].astype(int) - expect).max() <= 1
     assert np.array_equal(out[10:], rgba[10:, :, :3])
+
+
+# --------------------------------------------------------------------------
+# Tile reader: tifffile decoding in place of OpenSlide's read_region
+# --------------------------------------------------------------------------
+
+class _NoOpenSlide:
+    """Stands in for OpenSlide in a backend whose reads must all be decoded by tifffile."""
+
+    def __init__(self, osr):
+        self._osr = osr
+
+    def read_region(self, *args):
+        raise AssertionError("read fell back to OpenSlide")
+
+    def close(self):
+        self._osr.close()
+
+
+def _openslide_rgb(osr, level, x, y, w, h):
+    """OpenSlide's own pixels inside the level, made RGB as the slide reader does; white outside."""
+    from ihcscore.slide import _to_rgb_uint8
+
+    lw, lh = osr.level_dimensions[level]
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+    out = np.full((h, w, 3), 255, np.uint8)
+    if x1 > x0 and y1 > y0:
+        ds = osr.level_downsamples[level]
+        a = osr.read_region((round(x0 * ds), round(y0 * ds)), level, (x1 - x0, y1 - y0))
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(a))
+    return out
+
+
+def _regions(lw, lh, tile, rng, n=12):
+    """Edge cases (1x1, corners, edge tiles, tile seams, across the right/bottom edges) and random regions."""
+    fixed = [(0, 0, 1, 1), (lw - 1, lh - 1, 1, 1), (lw - 5, lh - 7, 5, 7), (0, 0, lw, lh),
+             (tile - 1, tile - 1, 2, 2), (tile, tile, tile, tile), (lw - 30, 10, 60, 50),
+             (10, lh - 30, 50, 60), (lw - tile // 2, lh - tile // 2, tile, tile), (-10, -10, 40, 40)]
+    rand = [(int(rng.integers(-20, lw)), int(rng.integers(-20, lh)),
+             int(rng.integers(1, lw + 1)), int(rng.integers(1, lh + 1))) for _ in range(n)]
+    return fixed + rand
+
+
+def _assert_same_as_openslide(path, fast_levels):
+    openslide = pytest.importorskip("openslide")
+    rng = np.random.default_rng(0)
+    with open_slide(path) as s, openslide.OpenSlide(str(path)) as osr:
+        b = s._backend
+        assert [p is not None for p in b._pages] == fast_levels
+        if all(fast_levels):
+            b.osr = _NoOpenSlide(b.osr)
+        for level, (lw, lh) in enumerate(s.level_dimensions):
+            for x, y, w, h in _regions(lw, lh, b.tile_sizes[level], rng):
+                got = s._read_level_padded(level, x, y, w, h)
+                assert got.shape == (h, w, 3) and got.dtype == np.uint8
+                assert np.array_equal(got, _openslide_rgb(osr, level, x, y, w, h)), (level, x, y, w, h)
+
+
+def _textured(h, w):
+    rgb = _gradient(h, w)
+    rgb[300:700, 200:600] = np.random.default_rng(1).integers(0, 256, rgb[300:700, 200:600].shape, dtype=np.uint8)
+    return rgb
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib", None])
+@pytest.mark.parametrize("aperio", [True, False])
+def test_tile_reader_matches_openslide(tmp_path, compression, aperio):
+    path = write_pyramidal_tiff(tmp_path / "t.tif", _textured(1100, 900), 0.5, compression=compression,
+                                aperio=aperio, min_level_side=256)
+    _assert_same_as_openslide(path, [True, True, True])
+
+
+def test_tile_reader_matches_openslide_real_svs():
+    # Aperio JPEG tiles (RGB, 4:2:0 chroma, JPEGTables), 240 px tiles, edge tiles on both sides
+    _assert_same_as_openslide(REAL / "CMU-1-Small-Region.svs", [True])
+
+
+def test_tile_reader_matches_openslide_with_pillow_jpeg(tmp_path, monkeypatch):
+    """The Pillow JPEG decoder (used when imagecodecs is missing) gives OpenSlide's pixels too."""
+    from tifffile import tifffile as _tf
+
+    from ihcscore import slide as slide_mod
+
+    calls = []
+
+    def decode(*args, **kwargs):
+        calls.append(1)
+        return slide_mod._pil_jpeg_decode(*args, **kwargs)
+
+    monkeypatch.setattr(_tf.imagecodecs, "jpeg_decode", decode)
+    path = write_pyramidal_tiff(tmp_path / "p.tif", _textured(1100, 900), 0.5, compression="jpeg",
+                                min_level_side=256)
+    _assert_same_as_openslide(path, [True, True, True])
+    _assert_same_as_openslide(REAL / "CMU-1-Small-Region.svs", [True])
+    assert calls
+
+
+def test_tile_reader_leaves_non_integer_downsamples_to_openslide(tmp_path):
+    # 1101 x 901 px: levels 551 x 451 and 276 x 226 have downsamples just under 2 and 4, at which
+    # OpenSlide resamples the tiles
+    path = write_pyramidal_tiff(tmp_path / "o.tif", _textured(1101, 901), 0.5, compression="zlib",
+                                tile=128, min_level_side=200)
+    _assert_same_as_openslide(path, [True, False, False])
+
+
+def _drop_tiles(path, page, tiles):
+    """Set TileByteCounts of some tiles of a TIFF page to 0 (missing tiles, as in sparse slides)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        tag = tf.pages[page].tags["TileByteCounts"]
+        size = {"H": 2, "I": 4, "Q": 8}[tifffile.TIFF.DATA_FORMATS[tag.dtype][-1]]
+        pos = tag.valueoffset
+    with open(path, "r+b") as fh:
+        for i in tiles:
+            fh.seek(pos + i * size)
+            fh.write(bytes(size))
+
+
+@pytest.mark.parametrize("aperio,page,fast_levels", [
+    (False, 0, [True, True, True]),
+    (False, 1, [True, True, True]),
+    # OpenSlide's Aperio reader redraws missing tiles of reduced levels from the finer level
+    (True, 0, [True, False, False]),
+    (True, 1, [True, False, False]),
+])
+def test_tile_reader_missing_tiles(tmp_path, aperio, page, fast_levels):
+    path = write_pyramidal_tiff(tmp_path / "m.tif", _textured(1100, 900), 0.5, compression="jpeg",
+                                aperio=aperio, min_level_side=256)
+    _drop_tiles(path, page, (0, 3))
+    _assert_same_as_openslide(path, fast_levels)
+    if page == 0:
+        with open_slide(path) as s:
+            assert (s.read_region((0, 0), 0, (256, 256)) == 255).all()  # a missing tile is glass
+
+
+def test_tile_reader_falls_back_to_openslide():
+    from types import SimpleNamespace
+
+    from ihcscore.slide import _is_plain_rgb_tiled
+
+    with open_slide(REAL / "stritt-test3-DAPI.ndpi") as s:
+        assert s.vendor == "hamamatsu" and s._backend._pages == [None] * s.level_count
+        assert s.read_region((1000, 1000), 0, (64, 64)).shape == (64, 64, 3)
+    page = SimpleNamespace(is_tiled=True, planarconfig=1, samplesperpixel=3, bitspersample=8,
+                           sampleformat=1, imagedepth=1, predictor=1, compression=7, photometric=6)
+    assert _is_plain_rgb_tiled(page)
+    for change in ({"compression": 33003}, {"compression": 33005}, {"compression": 34712},
+                   {"planarconfig": 2}, {"samplesperpixel": 4}, {"bitspersample": 16},
+                   {"predictor": 2}, {"is_tiled": False}, {"photometric": 8}, {"compression": 8, "photometric": 6}):
+        assert not _is_plain_rgb_tiled(SimpleNamespace(**{**vars(page), **change})), change
+
+
+def test_tile_reader_decode_error_falls_back(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    path = write_pyramidal_tiff(tmp_path / "e.tif", _textured(600, 500), 0.5, compression="jpeg")
+    with open_slide(path) as s, openslide.OpenSlide(str(path)) as osr:
+        page = s._backend._pages[0]
+        assert page is not None
+
+        def broken(*args, **kwargs):
+            raise ValueError("corrupt tile")
+
+        page.decode = broken
+        assert np.array_equal(s.read_region((30, 40), 0, (300, 200)), _openslide_rgb(osr, 0, 30, 40, 300, 200))
+
+
+def test_tile_reader_threads(tmp_path):
+    rgb = _textured(1100, 900)
+    path = write_pyramidal_tiff(tmp_path / "c.tif", rgb, 0.5, compression="zlib", min_level_side=256)
+    with open_slide(path) as s:
+        assert s._backend._pages[0] is not None
+        level0 = s.to_dask_pyramid()[0].compute(scheduler="threads", num_workers=4)
+    assert np.array_equal(level0, rgb)

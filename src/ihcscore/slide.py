@@ -167,7 +167,7 @@ def _ome_is_fluorescence(ome_xml: str) -> bool:
 
 
 # --------------------------------------------------------------------------
-# Backends: each reads level pixels inside the level bounds as (h, w, 3) uint8
+# Backends: each reads level pixels inside the level bounds into a new (h, w, 3) uint8 array
 # --------------------------------------------------------------------------
 
 def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
@@ -198,6 +198,22 @@ def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a[..., :3])
 
 
+def _is_plain_rgb_tiled(page) -> bool:
+    """Whether tifffile decodes the tiles of ``page`` to the RGB that OpenSlide shows.
+
+    Tiled, 8-bit RGB samples stored contiguously, no predictor, and JPEG
+    (RGB or YCbCr), deflate or no compression. JPEG 2000 and anything else
+    is left to OpenSlide.
+    """
+    if not (page.is_tiled and page.planarconfig == 1 and page.samplesperpixel == 3
+            and page.bitspersample == 8 and page.sampleformat == 1
+            and page.imagedepth == 1 and page.predictor == 1):
+        return False
+    if page.compression == 7:
+        return page.photometric in (2, 6)
+    return page.compression in (1, 8, 32946) and page.photometric == 2
+
+
 class _OpenSlideBackend:
     def __init__(self, path: Path):
         import openslide
@@ -214,6 +230,35 @@ class _OpenSlideBackend:
             t = self.properties.get(f"openslide.level[{i}].tile-width")
             t = int(t) if t and t.isdigit() else 512
             self.tile_sizes.append(t if 128 <= t <= 2048 else 512)
+        self._lock = threading.Lock()
+        self._tiff = None
+        self._pages = [None] * len(self.level_dimensions)
+        if self.vendor in ("aperio", "generic-tiff"):
+            try:
+                self._open_tiff(path)
+            except Exception:  # noqa: BLE001 - OpenSlide reads what tifffile cannot
+                self._pages = [None] * len(self.level_dimensions)
+
+    def _open_tiff(self, path):
+        """Find the tifffile page of each level whose tiles can be decoded directly."""
+        import tifffile
+
+        _ensure_tifffile_jpeg()
+        self._tiff = tifffile.TiffFile(str(path))
+        tiled = [p for p in self._tiff.pages if p.is_tiled]
+        complete = True  # no zero-length (missing) tile in this level or a finer one
+        for level, (w, h) in enumerate(self.level_dimensions):
+            same = [p for p in tiled if (p.imagewidth, p.imagelength) == (w, h)]
+            page = same[0] if len(same) == 1 else None
+            complete = complete and page is not None and 0 not in page.databytecounts
+            # OpenSlide resamples when a level-0 location is not a whole level pixel
+            # (non-integer downsample), and its Aperio reader redraws the missing
+            # tiles of a reduced level, and those below a missing tile of a finer
+            # level, from the finer level: those are left to OpenSlide.
+            if (page is not None and _is_plain_rgb_tiled(page)
+                    and self.level_downsamples[level].is_integer()
+                    and (complete or level == 0 or self.vendor != "aperio")):
+                self._pages[level] = page
 
     def mpp(self):
         for key in ("openslide.mpp-x",):
@@ -230,16 +275,53 @@ class _OpenSlideBackend:
         return (m, "tiff.XResolution") if m else (None, None)
 
     def read_level(self, level, x, y, w, h):
+        page = self._pages[level]
+        if page is not None:
+            try:
+                return self._read_tiles(page, x, y, w, h)
+            except Exception:  # noqa: BLE001 - OpenSlide reads (or reports) what tifffile cannot decode
+                pass
         ds = self.level_downsamples[level]
         # x, y are level pixels; OpenSlide wants the level-0 location
         img = self.osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h))
         return _to_rgb_uint8(np.asarray(img))
+
+    def _read_tiles(self, page, x, y, w, h):
+        """Decode the tiles of ``page`` that cover a region into one (h, w, 3) array.
+
+        The same pixels as OpenSlide's ``read_region``, without its ARGB
+        compositing: each tile is decoded by tifffile and its part of the
+        region copied once into the output.
+        """
+        tw, th = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tw)
+        index = [r * across + c for r in range(y // th, (y + h - 1) // th + 1)
+                 for c in range(x // tw, (x + w - 1) // tw + 1)]
+        fh = self._tiff.filehandle
+        with self._lock:  # one file position, shared by the threads reading this slide
+            data = []
+            for i in index:
+                fh.seek(page.dataoffsets[i])
+                data.append(fh.read(page.databytecounts[i]))
+        out = np.empty((h, w, 3), np.uint8)
+        for i, d in zip(index, data):
+            ty, tx = i // across * th, i % across * tw
+            y0, y1 = max(y, ty), min(y + h, ty + th)
+            x0, x1 = max(x, tx), min(x + w, tx + tw)
+            if d:
+                tile = page.decode(d, i, jpegtables=page.jpegtables)[0]
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[0, y0 - ty:y1 - ty, x0 - tx:x1 - tx]
+            else:
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = 255  # missing tile: transparent in OpenSlide, glass here
+        return out
 
     def associated_images(self):
         return {k: _to_rgb_uint8(np.asarray(v)) for k, v in self.osr.associated_images.items()}
 
     def close(self):
         self.osr.close()
+        if self._tiff is not None:
+            self._tiff.close()
 
 
 class _TiffBackend:
@@ -548,23 +630,26 @@ class Slide:
         self._check_open()
         if not 0 <= level < self.level_count:
             raise ValueError(f"level {level} out of range 0..{self.level_count - 1}")
-        w, h = int(w), int(h)
+        x, y, w, h = int(x), int(y), int(w), int(h)
         if w < 0 or h < 0:
             raise ValueError(f"region size must be non-negative, got {(w, h)}")
-        out = np.full((h, w, 3), 255, np.uint8)
         lw, lh = self.level_dimensions[level]
-        x0, y0 = max(int(x), 0), max(int(y), 0)
-        x1, y1 = min(int(x) + w, lw), min(int(y) + h, lh)
-        if x1 > x0 and y1 > y0:
-            try:
-                a = self._backend.read_level(level, x0, y0, x1 - x0, y1 - y0)
-            except SlideError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - decoder errors name the file
-                raise SlideError(f"{self.path}: cannot read level {level} at "
-                                 f"({x0}, {y0}) size {(x1 - x0, y1 - y0)}: "
-                                 f"{_one_line(exc)}") from exc
-            out[y0 - int(y):y1 - int(y), x0 - int(x):x1 - int(x)] = a
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, lw), min(y + h, lh)
+        if not (x1 > x0 and y1 > y0):
+            return np.full((h, w, 3), 255, np.uint8)
+        try:
+            a = self._backend.read_level(level, x0, y0, x1 - x0, y1 - y0)
+        except SlideError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - decoder errors name the file
+            raise SlideError(f"{self.path}: cannot read level {level} at "
+                             f"({x0}, {y0}) size {(x1 - x0, y1 - y0)}: "
+                             f"{_one_line(exc)}") from exc
+        if (x0, y0, x1, y1) == (x, y, x + w, y + h):
+            return a  # inside the level: the backend's array is the result
+        out = np.full((h, w, 3), 255, np.uint8)
+        out[y0 - y:y1 - y, x0 - x:x1 - x] = a
         return out
 
     def read_region(self, location, level, size) -> np.ndarray:
