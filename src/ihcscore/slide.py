@@ -297,12 +297,7 @@ class _OpenSlideBackend:
         across = -(-page.imagewidth // tw)
         index = [r * across + c for r in range(y // th, (y + h - 1) // th + 1)
                  for c in range(x // tw, (x + w - 1) // tw + 1)]
-        fh = self._tiff.filehandle
-        with self._lock:  # one file position, shared by the threads reading this slide
-            data = []
-            for i in index:
-                fh.seek(page.dataoffsets[i])
-                data.append(fh.read(page.databytecounts[i]))
+        data = [self._read_bytes(page.dataoffsets[i], page.databytecounts[i]) for i in index]
         out = np.empty((h, w, 3), np.uint8)
         for i, d in zip(index, data):
             ty, tx = i // across * th, i % across * tw
@@ -314,6 +309,15 @@ class _OpenSlideBackend:
             else:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = 255  # missing tile: transparent in OpenSlide, glass here
         return out
+
+    def _read_bytes(self, offset, count):
+        if hasattr(os, "pread"):
+            # positional reads: no shared file position between threads, nor with a forked process
+            return os.pread(self._tiff.filehandle.fileno(), count, offset)
+        fh = self._tiff.filehandle
+        with self._lock:
+            fh.seek(offset)
+            return fh.read(count)
 
     def associated_images(self):
         return {k: _to_rgb_uint8(np.asarray(v)) for k, v in self.osr.associated_images.items()}
