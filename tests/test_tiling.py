@@ -284,3 +284,27 @@ def test_band_ownership_counts_each_cell_once():
     rows = np.nonzero(lab == 5)[0]
     band = [i for i, o in enumerate(owned) if o[4]][0]
     assert edges[band] - 0.5 <= rows.mean() < edges[band + 1] - 0.5
+
+
+def _slow_or_failing_tile(task):
+    import time
+    from pathlib import Path
+
+    folder, i = task
+    if i == 0:
+        raise RuntimeError("tile 0 is broken")
+    time.sleep(0.2)
+    (Path(folder) / f"{i}.done").touch()
+    return i
+
+
+def test_failed_tile_cancels_the_tiles_not_started(tmp_path):
+    """A tile error ends the slide at once: the queued tiles are dropped, not run before the error is raised."""
+    from ihcscore.pipeline import _run_tasks
+
+    tasks = [(str(tmp_path), i) for i in range(40)]
+    with pytest.raises(RuntimeError, match="tile 0 is broken"):
+        for _ in _run_tasks(_slow_or_failing_tile, tasks, workers=2):
+            pass
+    n_run = len(list(tmp_path.glob("*.done")))
+    assert n_run < 10  # without the cancel all 39 others run (about 4 s)

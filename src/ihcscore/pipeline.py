@@ -329,10 +329,14 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         for t in tasks:
             yield fn(t)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
         futures = [pool.submit(fn, t) for t in tasks]
         for fut in as_completed(futures):
             yield fut.result()
+    finally:
+        # after a failed tile (or an early close) the tiles not started are dropped, not run first
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _TileJob:
