@@ -155,6 +155,13 @@ def rgb_to_od(rgb: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
     rgb = np.asarray(rgb)
     if rgb.shape[-1] not in (3, 4):
         raise ValueError(f"expected an RGB image (..., 3), got shape {rgb.shape}")
+    if rgb.dtype == np.uint8 and rgb.ndim == 3:
+        try:
+            from .kernels import rgb_to_od as _compiled
+        except ImportError:  # pragma: no cover - numba missing
+            pass
+        else:
+            return _compiled(rgb, background)  # the same lookup table in one pass
     rgb = rgb[..., :3]
     if rgb.dtype == np.uint8:
         lut = od_lookup_table(background)
