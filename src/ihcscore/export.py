@@ -61,6 +61,7 @@ import csv
 import datetime as _dt
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -513,6 +514,12 @@ def cells_to_geojson(
     ``Cell: Area µm^2`` (cell; nucleus circle if absent); without an area the
     nucleus circle has a 3 µm radius. Circles have 16 vertices.
     """
+    features = _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed)
+    return {"type": "FeatureCollection", "features": list(features)}
+
+
+def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed):
+    """The features of :func:`cells_to_geojson`, one at a time (checks run before the first)."""
     if qupath_version not in ("0.4", "0.3"):
         raise ValueError(f"qupath_version must be '0.4' or '0.3', not {qupath_version!r}")
     if mpp is None or not (float(mpp) > 0):
@@ -541,7 +548,6 @@ def cells_to_geojson(
     nuc_area = cells["Nucleus: Area µm^2"].to_numpy(float) if "Nucleus: Area µm^2" in cells else np.full(n, np.nan)
     cell_area = cells["Cell: Area µm^2"].to_numpy(float) if "Cell: Area µm^2" in cells else np.full(n, np.nan)
 
-    features = []
     for i in range(n):
         nuc = _ring(nuc_polys[i])
         cel = _ring(cell_polys[i])
@@ -577,16 +583,13 @@ def cells_to_geojson(
                 props["classification"] = _legacy_class(cname)
             props["isLocked"] = False
             props["measurements"] = [{"name": k, "value": v} for k, v in meas.items()]
-        features.append(
-            {
-                "type": "Feature",
-                "id": fid,
-                "geometry": {"type": "Polygon", "coordinates": [cel]},
-                "nucleusGeometry": {"type": "Polygon", "coordinates": [nuc]},
-                "properties": props,
-            }
-        )
-    return {"type": "FeatureCollection", "features": features}
+        yield {
+            "type": "Feature",
+            "id": fid,
+            "geometry": {"type": "Polygon", "coordinates": [cel]},
+            "nucleusGeometry": {"type": "Polygon", "coordinates": [nuc]},
+            "properties": props,
+        }
 
 
 def _pack_rgb(rgb) -> int:
@@ -627,9 +630,18 @@ def write_cells_geojson(
     -------
     path : pathlib.Path
     """
-    fc = cells_to_geojson(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed)
+    features = _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed)
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    # Feature by feature (memory does not grow with the slide) through the C encoder, in chunks of
+    # writes: the same bytes as json.dump of the whole FeatureCollection.
+    encoded = (encode(feature) for feature in features)
     with atomic_open(path, "w") as f:
-        json.dump(fc, f, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        f.write('{"type":"FeatureCollection","features":[')
+        sep = ""
+        while batch := list(itertools.islice(encoded, 2000)):
+            f.write(sep + ",".join(batch))
+            sep = ","
+        f.write("]}")
     return Path(path)
 
 
