@@ -308,3 +308,25 @@ def test_failed_tile_cancels_the_tiles_not_started(tmp_path):
             pass
     n_run = len(list(tmp_path.glob("*.done")))
     assert n_run < 10  # without the cancel all 39 others run (about 4 s)
+
+
+@pytest.mark.parametrize("mpp", [0.25, 0.2527])
+def test_slide_outlines_are_float32_and_tile_independent(tmp_path, preset, mpp):
+    """Slide outlines come back as float32 rings: exact at an integer downsample (0.25 µm/px -> 2x, vertices
+    on the half-pixel grid), within 0.01 px at a non-integer one, and the same whatever the tiling."""
+    path = tmp_path / "slide.tif"
+    make_synthetic_slide(path, shape=(1024, 1024), mpp=mpp, seed=5)
+    rings = {}
+    for tile in (200, 1024):
+        with open_slide(path) as s:
+            res = analyze_slide(s, preset, tile_size=tile, tissue="all", polygons=True)
+        rings[tile] = res.cells
+    a, b = rings[200], rings[1024]
+    assert len(a) == len(b) > 50
+    for col in ("nucleus_polygon", "cell_polygon"):
+        for p, q in zip(a[col], b[col]):
+            assert p.dtype == np.float32 and p.shape[1] == 2 and (p[0] == p[-1]).all()
+            np.testing.assert_allclose(p, q, atol=0.01)
+            if mpp == 0.25:
+                np.testing.assert_array_equal(p, q)
+                assert (p * 2 == np.round(p * 2)).all()

@@ -251,14 +251,18 @@ def _measure_in_bands(nuclei, cells, images, stain_od, n, px, n_bands) -> dict[s
     return cols
 
 
-def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0) -> dict:
+def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
+                   grid_origin=(0, 0)) -> dict:
     """Outline of each labelled object as an (K, 2) array of level-0 ``(x, y)`` vertices.
 
     Contours are traced on the pixel-edge grid (marching squares at 0.5 on the
     object's mask: the longest ``skimage.measure.find_contours`` contour, computed for
     all objects in one compiled call, :func:`ihcscore.kernels.label_contours`) and
     simplified by 0.5 px (Douglas-Peucker, all objects in one shapely/GEOS call);
-    rings are closed.
+    rings are closed. A vertex at grid position ``g`` (``labels[0, 0]`` being
+    ``grid_origin``, (row, col) ints) is at ``(g + 0.5) * downsample - 0.5 + origin_px``:
+    with a tile's place on the slide's grid given as ``grid_origin`` (and ``origin_px``
+    zero), an outline does not depend on the tile that traced it, to the last bit.
     """
     import shapely
 
@@ -270,8 +274,8 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     lengths = np.diff(offsets)
     start = np.repeat(origin, lengths, axis=0)
     # box-local (row, col) -> level-0 (x, y); operations kept in this order (bit-identical outlines)
-    r = (c[:, 0] - 1 + start[:, 0] + 0.5) * downsample - 0.5 + origin_px[1]
-    x = (c[:, 1] - 1 + start[:, 1] + 0.5) * downsample - 0.5 + origin_px[0]
+    r = (c[:, 0] - 1 + start[:, 0] + grid_origin[0] + 0.5) * downsample - 0.5 + origin_px[1]
+    x = (c[:, 1] - 1 + start[:, 1] + grid_origin[1] + 0.5) * downsample - 0.5 + origin_px[0]
     rings = shapely.linearrings(np.column_stack([x, r]), indices=np.repeat(np.arange(found.size), lengths))
     found = found.tolist()
     simple = shapely.simplify(rings, 0.5 * downsample, preserve_topology=False)

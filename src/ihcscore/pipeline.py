@@ -147,10 +147,11 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
-                    keep=None):
+                    keep=None, grid_origin=None):
     """Deconvolve, segment and measure one detection-resolution tile.
 
     ``keep(cells) -> bool array`` selects the rows to return (and to outline) before the outlines.
+    ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
     """
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = unmix(od, stains)
@@ -160,9 +161,10 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
         cells = cells[keep(cells)].reset_index(drop=True)
     if polygons and len(cells):
         ids = cells["label"].to_numpy()
-        nuc = label_polygons(seg.nuclei, ids, origin_px=origin_px, downsample=downsample)
-        cel = label_polygons(seg.cells, ids, origin_px=origin_px, downsample=downsample) \
-            if params.cell_expansion_um > 0 else nuc
+        where = dict(origin_px=origin_px, downsample=downsample) if grid_origin is None else \
+            dict(downsample=downsample, grid_origin=grid_origin)
+        nuc = label_polygons(seg.nuclei, ids, **where)
+        cel = label_polygons(seg.cells, ids, **where) if params.cell_expansion_um > 0 else nuc
         cells["nucleus_polygon"] = [nuc.get(int(i)) for i in cells["label"]]
         cells["cell_polygon"] = [cel.get(int(i)) for i in cells["label"]]
     return cells, seg
@@ -309,7 +311,14 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
         gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
         return (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
 
-    cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core)
+    cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
+                               grid_origin=(py0, px0))
+    if polygons:
+        # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
+        # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
+        for col in ("nucleus_polygon", "cell_polygon"):
+            if col in cells:
+                cells[col] = [p if p is None else p.astype(np.float32) for p in cells[col]]
     return cells
 
 
@@ -447,7 +456,8 @@ def analyze_slide(
     workers : int
         Processes; ``client`` (a ``dask.distributed.Client``) takes precedence.
     polygons : bool
-        Keep nucleus/cell outlines (for GeoJSON).
+        Keep nucleus/cell outlines (for GeoJSON): ``nucleus_polygon`` and ``cell_polygon``
+        columns of closed-ring (K, 2) float32 level-0 (x, y) vertices.
     progress : callable(done, total), optional
     classifier : ihcscore.classify.CellClassifier, optional
         Tumour / other classifier, applied to the whole slide's table (so
