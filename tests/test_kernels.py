@@ -522,6 +522,26 @@ def test_resample_rgb_bit_identical_to_scipy():
     assert K.resample_rgb(rgb, (0, 0), 2.0, (0, 0), (0, 5)).shape == (0, 5, 3)
 
 
+def test_resample_rgb_edge_shapes_and_radii():
+    # every smoothing radius path (0, 1, 2 fused; larger ones tap by tap in column blocks, here
+    # rows longer than one block), single rows / columns / pixels, one channel
+    rng = np.random.default_rng(12)
+    wide = rng.integers(0, 256, (19, K._SMOOTH_BLOCK // 3 + 41, 3), dtype=np.uint8)
+    assert wide.shape[1] * 3 > K._SMOOTH_BLOCK
+    srcs = [wide, rng.integers(0, 256, (9, K._SMOOTH_BLOCK + 7, 1), dtype=np.uint8),
+            rng.integers(0, 256, (1, 1, 3), dtype=np.uint8), rng.integers(0, 256, (1, 17, 3), dtype=np.uint8),
+            rng.integers(0, 256, (15, 1, 3), dtype=np.uint8), rng.integers(0, 256, (2, 3, 1), dtype=np.uint8),
+            np.full((6, 7, 3), 255, np.uint8)]
+    for scale in (1.0 + 1e-6, 1.3, 1.9782, 2.0, 2.3, 3.0, 4.0, 6.5):
+        for src in srcs:
+            M, N = src.shape[:2]
+            for so, shape in (((0, 0), (max(1, int(M / scale)), max(1, int(N / scale)))),
+                              ((5, 3), (int(M / scale) + 4, int(N / scale) + 3))):
+                oo = (int(np.ceil(so[0] / scale)), int(np.ceil(so[1] / scale)))
+                a = K.resample_rgb(src, so, scale, oo, shape)
+                assert _same_bits(a, _scipy_resample(src, so, scale, oo, shape)), (scale, src.shape, so, shape)
+
+
 def test_correlate3x3_bit_identical_to_scipy(region):
     from ihcscore.cells import LAPLACIAN
     rng = np.random.default_rng(5)

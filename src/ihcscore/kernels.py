@@ -60,7 +60,9 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
 - :func:`resample_rgb` = ``affine_transform(gaussian_filter(src, ((s-1)/2, (s-1)/2, 0),
   mode="nearest"), [s, s], offset, order=1, mode="nearest")`` per channel of a uint8 image,
   bit-identical (scipy 1.17's ``zoom_shift`` weights and its index clamping), smoothing only
-  the source rows the bilinear samples read; :func:`bin_mean_uint8`: integer block means.
+  the source rows the bilinear samples read (radius 1 and 2, i.e. scales below 2.25, in one
+  pass per element; larger radii tap by tap over L1-sized column blocks); :func:`bin_mean_uint8`:
+  integer block means.
 
 All kernels are ``@njit(cache=True, nogil=True)``: the first call in a fresh
 environment compiles them (see ``benchmarks/bench_engine.py``; about half a minute),
@@ -2798,44 +2800,122 @@ def rgb_to_od(rgb: np.ndarray, background=(255, 255, 255)) -> np.ndarray:
 
 # --------------------------------------------------------------------------- anti-aliased resampling
 
-@njit(**_JIT)
-def _smooth_row(src, y, C, w, acc, buf, grow):
-    """Row ``y`` of scipy's ``gaussian_filter(src, (s, s, 0), mode="nearest")`` of (M, N, C) uint8
-    values held as (M, N * C) rows.
+#: Columns per block of the tap-by-tap passes (radius > 2): the float64 accumulator stays in L1.
+_SMOOTH_BLOCK = 1024
 
-    The axis-0 pass, rounded to float32, then the axis-1 pass (taps ``C`` apart) through the
-    extended line ``buf``: scipy's float64 operations in its order, as in ``_gauss_rows``.
+
+@njit(**_JIT)
+def _smooth_axis0(src, y, w, acc, m):
+    """Row ``y`` of scipy's axis-0 ``correlate1d`` ("nearest") of the uint8 rows ``src``, rounded
+    into ``m`` (float32): per element ``x[y]*w0``, then ``+= (x[y-k] + x[y+k]) * w_k`` for k = r..1
+    in float64. The pair sums are taken in integers (exact, so the same float64 values).
+    Radius 1 and 2 in one pass per element; larger radii tap by tap over blocks of ``acc``.
     """
     M, L = src.shape
     r1 = w.size - 1
     w0 = w[0]
     s0 = src[y]
-    for c in range(L):
-        acc[c] = np.float64(s0[c]) * w0
-    for k in range(r1, 0, -1):
-        a = src[_ext_index(y - k, M, False)]
-        b = src[_ext_index(y + k, M, False)]
-        wk = w[k]
+    if r1 == 1:
+        w1 = w[1]
+        a1 = src[max(y - 1, 0)]
+        b1 = src[min(y + 1, M - 1)]
         for c in range(L):
-            acc[c] += (np.float64(a[c]) + np.float64(b[c])) * wk
+            v = np.float64(s0[c]) * w0
+            v += np.float64(np.int32(a1[c]) + np.int32(b1[c])) * w1
+            m[c] = v
+    elif r1 == 2:
+        w1 = w[1]
+        w2 = w[2]
+        a1 = src[max(y - 1, 0)]
+        b1 = src[min(y + 1, M - 1)]
+        a2 = src[max(y - 2, 0)]
+        b2 = src[min(y + 2, M - 1)]
+        for c in range(L):
+            v = np.float64(s0[c]) * w0
+            v += np.float64(np.int32(a2[c]) + np.int32(b2[c])) * w2
+            v += np.float64(np.int32(a1[c]) + np.int32(b1[c])) * w1
+            m[c] = v
+    else:
+        B = acc.size
+        for c0 in range(0, L, B):
+            n = min(B, L - c0)
+            x = s0[c0:c0 + n]
+            for c in range(n):
+                acc[c] = np.float64(x[c]) * w0
+            for k in range(r1, 0, -1):
+                a = src[max(y - k, 0), c0:c0 + n]
+                b = src[min(y + k, M - 1), c0:c0 + n]
+                wk = w[k]
+                for c in range(n):
+                    acc[c] += np.float64(np.int32(a[c]) + np.int32(b[c])) * wk
+            d = m[c0:c0 + n]
+            for c in range(n):
+                d[c] = acc[c]
+
+
+@njit(**_JIT)
+def _smooth_axis1(buf, C, w, acc, g):
+    """scipy's axis-1 ``correlate1d`` (taps ``C`` apart) of the extended float32 line ``buf``
+    (``r * C`` values either side of the row), rounded to float32 into ``g`` (float64, so that the
+    bilinear samples need no conversions): the float64 operations and order of
+    :func:`_smooth_axis0`, the radius specialised the same way."""
+    L = g.size
+    r1 = w.size - 1
     e = r1 * C
-    mid = buf[e:e + L]
-    for c in range(L):
-        mid[c] = acc[c]
-    for i in range(r1):
-        for ch in range(C):
-            buf[i * C + ch] = mid[ch]
-            buf[e + L + i * C + ch] = mid[L - C + ch]
-    for c in range(L):
-        acc[c] = np.float64(mid[c]) * w0
-    for k in range(r1, 0, -1):
-        wk = w[k]
-        lo = buf[e - k * C:e - k * C + L]
-        hi = buf[e + k * C:e + k * C + L]
+    w0 = w[0]
+    x = buf[e:e + L]
+    if r1 == 1:
+        w1 = w[1]
+        l1 = buf[e - C:e - C + L]
+        h1 = buf[e + C:e + C + L]
         for c in range(L):
-            acc[c] += (np.float64(lo[c]) + np.float64(hi[c])) * wk
-    for c in range(L):
-        grow[c] = acc[c]
+            v = np.float64(x[c]) * w0
+            v += (np.float64(l1[c]) + np.float64(h1[c])) * w1
+            g[c] = np.float32(v)
+    elif r1 == 2:
+        w1 = w[1]
+        w2 = w[2]
+        l1 = buf[e - C:e - C + L]
+        h1 = buf[e + C:e + C + L]
+        l2 = buf[e - 2 * C:e - 2 * C + L]
+        h2 = buf[e + 2 * C:e + 2 * C + L]
+        for c in range(L):
+            v = np.float64(x[c]) * w0
+            v += (np.float64(l2[c]) + np.float64(h2[c])) * w2
+            v += (np.float64(l1[c]) + np.float64(h1[c])) * w1
+            g[c] = np.float32(v)
+    else:
+        B = acc.size
+        for c0 in range(0, L, B):
+            n = min(B, L - c0)
+            mid = x[c0:c0 + n]
+            for c in range(n):
+                acc[c] = np.float64(mid[c]) * w0
+            for k in range(r1, 0, -1):
+                wk = w[k]
+                lo = buf[e + c0 - k * C:e + c0 - k * C + n]
+                hi = buf[e + c0 + k * C:e + c0 + k * C + n]
+                for c in range(n):
+                    acc[c] += (np.float64(lo[c]) + np.float64(hi[c])) * wk
+            d = g[c0:c0 + n]
+            for c in range(n):
+                d[c] = np.float32(acc[c])
+
+
+@njit(**_JIT)
+def _smooth_row(src, y, C, w, acc, buf, grow):
+    """Row ``y`` of scipy's ``gaussian_filter(src, (s, s, 0), mode="nearest")`` of (M, N, C) uint8
+    values held as (M, N * C) rows: the axis-0 pass rounded to float32 into the middle of the
+    extended line ``buf``, its ends repeated ("nearest"), then the axis-1 pass into ``grow``
+    (float32 values held as float64).
+    """
+    L = grow.size
+    e = (w.size - 1) * C
+    _smooth_axis0(src, y, w, acc, buf[e:e + L])
+    for i in range(e):
+        buf[i] = buf[e + i % C]
+        buf[e + L + i] = buf[e + L - C + i % C]
+    _smooth_axis1(buf, C, w, acc, grow)
 
 
 @njit(**_JIT)
@@ -2852,30 +2932,29 @@ def _smoothed_slot(src, y, other, have, C, w, acc, buf, rows):
 
 
 @njit(**_JIT)
-def _resample(src, w, ys, wy, xs, wx, out, acc, buf, rows):
-    """Bilinear samples (scipy's ``zoom_shift``, order 1) of the smoothed rows, two source rows cached."""
-    h, ow, C = out.shape
+def _resample(src, C, w, ys, wy, ix, wx, out, acc, buf, rows):
+    """Bilinear samples (scipy's ``zoom_shift``, order 1) of the smoothed rows, two source rows
+    cached. ``out`` is (h, w * C); ``ix``, ``wx``: per output element its two positions in a
+    source row (column times ``C`` plus channel) and their weights."""
+    h, n = out.shape
     have = np.array([-1, -1])
     for r in range(h):
-        a = _smoothed_slot(src, ys[r, 0], ys[r, 1], have, C, w, acc, buf, rows)
-        b = _smoothed_slot(src, ys[r, 1], ys[r, 0], have, C, w, acc, buf, rows)
-        g0 = rows[a]
-        g1 = rows[b]
+        g0 = rows[_smoothed_slot(src, ys[r, 0], ys[r, 1], have, C, w, acc, buf, rows)]
+        g1 = rows[_smoothed_slot(src, ys[r, 1], ys[r, 0], have, C, w, acc, buf, rows)]
         wy0 = wy[r, 0]
         wy1 = wy[r, 1]
         o = out[r]
-        for c in range(ow):
-            x0 = xs[c, 0] * C
-            x1 = xs[c, 1] * C
-            wx0 = wx[c, 0]
-            wx1 = wx[c, 1]
-            for ch in range(C):
-                t = 0.0
-                t += np.float64(g0[x0 + ch]) * wy0 * wx0
-                t += np.float64(g0[x1 + ch]) * wy0 * wx1
-                t += np.float64(g1[x0 + ch]) * wy1 * wx0
-                t += np.float64(g1[x1 + ch]) * wy1 * wx1
-                o[c, ch] = t
+        for j in range(n):
+            p = ix[j, 0]
+            q = ix[j, 1]
+            wx0 = wx[j, 0]
+            wx1 = wx[j, 1]
+            t = 0.0
+            t += g0[p] * wy0 * wx0
+            t += g0[q] * wy0 * wx1
+            t += g1[p] * wy1 * wx0
+            t += g1[q] * wy1 * wx1
+            o[j] = t
 
 
 def _linear_taps(n_out, origin_out, origin_src, scale, n_src):
@@ -2901,7 +2980,8 @@ def resample_rgb(src: np.ndarray, src_origin, scale: float, out_origin, out_shap
     [scale, scale], offset, output_shape=out_shape, order=1, mode="nearest")`` per channel, with
     ``s = (scale - 1) / 2`` and ``offset = (out_origin + 0.5) * scale - 0.5 - src_origin`` (what
     :func:`ihcscore.pipeline.resample_to_grid` computes), but smoothing only the source rows the
-    bilinear samples read, one row at a time, straight from ``uint8``.
+    bilinear samples read, one row at a time, straight from ``uint8`` (the two most recent rows
+    cached, so a row shared by consecutive output rows is smoothed once).
 
     Parameters
     ----------
@@ -2928,8 +3008,11 @@ def resample_rgb(src: np.ndarray, src_origin, scale: float, out_origin, out_shap
     w = np.ascontiguousarray(fw[lw::-1])
     ys, wy = _linear_taps(out_shape[0], out_origin[0], src_origin[0], scale, M)
     xs, wx = _linear_taps(out_shape[1], out_origin[1], src_origin[1], scale, N)
-    _resample(src.reshape(M, N * C), w, ys, wy, xs, wx, out, np.empty(N * C),
-              np.empty((N + 2 * lw) * C, np.float32), np.empty((2, N * C), np.float32))
+    ix = (xs[:, None, :] * C + np.arange(C)[None, :, None]).reshape(-1, 2)
+    wx = np.repeat(wx, C, axis=0)
+    _resample(src.reshape(M, N * C), C, w, ys, wy, ix, wx, out.reshape(out_shape[0], -1),
+              np.empty(min(_SMOOTH_BLOCK, N * C)), np.empty((N + 2 * lw) * C, np.float32),
+              np.empty((2, N * C)))
     return out
 
 
