@@ -874,8 +874,9 @@ def _contours_reference(labels, ids=None):
     return out
 
 
-def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsample=1.0):
-    """``ihcscore.measure.label_polygons`` before ``kernels.label_contours`` (find_contours per object)."""
+def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsample=1.0, grid_origin=(0, 0)):
+    """``ihcscore.measure.label_polygons`` before ``kernels.label_contours`` (find_contours per object)
+    and ``kernels.simplify_rings`` (shapely's GEOS Douglas-Peucker)."""
     import shapely
     from skimage import measure
     slices = ndi.find_objects(labels)
@@ -892,8 +893,8 @@ def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsam
         c = max(contours, key=len)
         if len(c) < 4:
             continue
-        r = (c[:, 0] - 1 + sl[0].start + 0.5) * downsample - 0.5 + origin_px[1]
-        x = (c[:, 1] - 1 + sl[1].start + 0.5) * downsample - 0.5 + origin_px[0]
+        r = (c[:, 0] - 1 + sl[0].start + grid_origin[0] + 0.5) * downsample - 0.5 + origin_px[1]
+        x = (c[:, 1] - 1 + sl[1].start + grid_origin[1] + 0.5) * downsample - 0.5 + origin_px[0]
         found.append(lab)
         rings.append(shapely.linearrings(np.column_stack([x, r])))
     if not rings:
@@ -1020,6 +1021,74 @@ def test_label_polygons_on_segmentation(analysed_region, which):
     assert _label_polygons_dicts_equal(labels)
     assert _label_polygons_dicts_equal(labels, origin_px=(1234.0, 567.5), downsample=2.0)
     assert _label_polygons_dicts_equal(labels, ids=[5, 3, 10 ** 6, 17])
+    # non-integer downsamples: vertices off the half-pixel grid, tolerance 0.5 * downsample
+    assert _label_polygons_dicts_equal(labels, downsample=1.9782, grid_origin=(4321, 98765))
+    assert _label_polygons_dicts_equal(labels, downsample=0.7, origin_px=(-5.5, 1e5 + 0.1), grid_origin=(3, -2))
+
+
+def _ring_cases(rng):
+    """Closed rings: grid points with repeats and collinear runs, noisy circles, lines with one bump."""
+    for t in range(3000):
+        n = int(rng.integers(3, 40))
+        if t % 3 == 0:
+            pts = rng.integers(-4, 5, (n, 2)) * 0.5
+        elif t % 3 == 1:
+            ang = np.sort(rng.random(n)) * 2 * np.pi
+            pts = np.column_stack([np.cos(ang), np.sin(ang)]) * rng.uniform(0.3, 5) + rng.normal(0, 0.2, (n, 2))
+        else:
+            pts = np.column_stack([np.arange(n) * 0.5, np.zeros(n)])
+            pts[rng.integers(n)] += rng.normal(0, 1, 2)
+        yield np.vstack([pts, pts[:1]]).astype(np.float64), float(rng.choice([0.0, 0.25, 0.5, 0.98891, 1.0]))
+
+
+def test_simplify_rings_equals_geos():
+    import shapely
+    rng = np.random.default_rng(3)
+    cases = list(_ring_cases(rng))
+    n_moved = n_collapsed = 0
+    for tol in (0.0, 0.25, 0.5, 0.98891, 1.0):
+        rings = [pts for pts, t in cases if t == tol]
+        offsets = np.cumsum([0] + [len(p) for p in rings])
+        kept, out_offsets, out = K.simplify_rings(np.concatenate(rings), offsets, tol)
+        simple = shapely.simplify(shapely.linearrings(np.concatenate(rings), indices=np.repeat(
+            np.arange(len(rings)), np.diff(offsets))), tol, preserve_topology=False)
+        ref = [shapely.get_coordinates(g) for g in simple]
+        want = [k for k, r in enumerate(ref) if len(r) >= 4]
+        assert kept.tolist() == want and out.dtype == np.float64
+        for j, k in enumerate(want):
+            assert np.array_equal(out[out_offsets[j]:out_offsets[j + 1]], ref[k]), (tol, rings[k])
+            n_moved += not np.array_equal(ref[k][0], rings[k][0])
+        n_collapsed += len(rings) - len(want)
+    # GEOS's ring step (start point dropped, also from a 4-point ring) and collapsed rings were exercised
+    assert n_moved > 100 and n_collapsed > 100
+    kept, out_offsets, out = K.simplify_rings(np.empty((0, 2)), np.zeros(1, np.int64), 0.5)
+    assert kept.size == 0 and out_offsets.tolist() == [0] and out.shape == (0, 2)
+    with pytest.raises(ValueError):
+        K.simplify_rings(cases[0][0], [0, len(cases[0][0])], -1.0)
+
+
+def test_label_polygons_edge_cases_at_non_integer_downsample():
+    """Thin lines, 1-pixel and 2x1 objects, holes, border objects, collinear runs; rings collapsing."""
+    img = np.zeros((30, 40), np.int32)
+    img[0, 0] = 1  # 1 pixel in a corner
+    img[5, 5:7] = 2  # 2x1
+    img[8:10, 2] = 3  # 1x2
+    img[2, 10:38] = 4  # long 1-row line: collinear runs
+    img[5:28, 39] = 5  # 1-column line on the border
+    img[10:20, 10:20] = 6
+    img[13:16, 13:16] = 0  # hole
+    for i in range(12):
+        img[12 + i, 22 + i:24 + i] = 7  # thin diagonal staircase
+    img[25:30, 0:8] = 8  # touches two borders
+    from ihcscore.measure import label_polygons
+    n_dropped = 0
+    for kw in ({}, {"downsample": 2.0}, {"downsample": 1.9782, "grid_origin": (77, 12345)},
+               {"downsample": 4.000123, "origin_px": (1000.25, 333.7)}):
+        assert _label_polygons_dicts_equal(img, **kw)
+        n_dropped += 8 - len(label_polygons(img, **kw))
+    assert n_dropped > 0  # thin objects collapse (or not: at distances of exactly the tolerance, rounding decides)
+    for labels in _contour_edge_cases():
+        assert _label_polygons_dicts_equal(labels, downsample=1.9782, grid_origin=(5, 9))
 
 
 def test_watershed_components_one_word_flood_equals_general_flood(region):

@@ -56,7 +56,13 @@ replaces; ``tests/test_kernels.py`` checks them against those functions.
   of each object's 1-pixel-padded mask, identical (same vertices, order, start point and
   choice among several contours): marching squares over the object's box with skimage's
   segment order, assembled as skimage's ``_assemble_contours`` does, with vertex-indexed
-  arrays and linked vertex lists instead of dicts and deques.
+  arrays and linked vertex lists instead of dicts and deques. :func:`contour_points`: their
+  level-0 ``(x, y)``.
+- :func:`simplify_rings` = ``shapely.simplify(shapely.linearrings(ring), tolerance,
+  preserve_topology=False)`` for many closed rings, bit-identical (GEOS 3.14's
+  Douglas-Peucker: ``Distance::pointToSegment`` operation for operation, the first farthest
+  point, a ring's start point dropped when within the tolerance of its neighbours' segment),
+  leaving out rings that collapse below 4 vertices (GEOS gives a LineString).
 - :func:`resample_rgb` = ``affine_transform(gaussian_filter(src, ((s-1)/2, (s-1)/2, 0),
   mode="nearest"), [s, s], offset, order=1, mode="nearest")`` per channel of a uint8 image,
   bit-identical (scipy 1.17's ``zoom_shift`` weights and its index clamping), smoothing only
@@ -100,6 +106,8 @@ __all__ = [
     "paste_labels",
     "apply_lut",
     "label_contours",
+    "contour_points",
+    "simplify_rings",
     "rgb_to_od",
     "resample_rgb",
     "bin_mean_uint8",
@@ -2770,6 +2778,169 @@ def label_contours(labels: np.ndarray, ids=None):
     return found, offsets, coords, origin
 
 
+# --------------------------------------------------------------------------- outlines
+
+@njit(**_JIT)
+def _contour_points(coords, offsets, origin, g0, g1, downsample, x0, y0, out):
+    for k in range(offsets.size - 1):
+        s0 = float(origin[k, 0])
+        s1 = float(origin[k, 1])
+        for v in range(offsets[k], offsets[k + 1]):
+            out[v, 0] = ((((coords[v, 1] - 1.0) + s1) + g1) + 0.5) * downsample - 0.5 + x0
+            out[v, 1] = ((((coords[v, 0] - 1.0) + s0) + g0) + 0.5) * downsample - 0.5 + y0
+
+
+def contour_points(coords, offsets, origin, grid_origin=(0, 0), downsample=1.0, origin_px=(0.0, 0.0)):
+    """Level-0 ``(x, y)`` of :func:`label_contours` vertices.
+
+    Vertex ``(row, col)`` of contour ``k`` is at grid position ``g = (row, col) - 1 +
+    origin[k] + grid_origin`` and level-0 ``(g + 0.5) * downsample - 0.5 + origin_px``
+    (``origin_px`` is ``(x, y)``), evaluated left to right in float64 (at a non-integer
+    ``downsample`` another order can move a vertex by an ulp).
+
+    Returns
+    -------
+    xy : (V, 2) float64
+    """
+    out = np.empty((coords.shape[0], 2), np.float64)
+    _contour_points(np.ascontiguousarray(coords, np.float64), np.asarray(offsets, np.int64),
+                    np.asarray(origin, np.int64), float(grid_origin[0]), float(grid_origin[1]),
+                    float(downsample), float(origin_px[0]), float(origin_px[1]), out)
+    return out
+
+
+@njit(**_JIT)
+def _point_segment_distance(px, py, ax, ay, bx, by):
+    """GEOS ``algorithm::Distance::pointToSegment``, operation for operation."""
+    if ax == bx and ay == by:
+        dx = px - ax
+        dy = py - ay
+        return np.sqrt(dx * dx + dy * dy)
+    len2 = (bx - ax) * (bx - ax) + (by - ay) * (by - ay)
+    r = ((px - ax) * (bx - ax) + (py - ay) * (by - ay)) / len2
+    if r <= 0.0:
+        dx = px - ax
+        dy = py - ay
+        return np.sqrt(dx * dx + dy * dy)
+    if r >= 1.0:
+        dx = px - bx
+        dy = py - by
+        return np.sqrt(dx * dx + dy * dy)
+    s = ((ay - py) * (bx - ax) - (ax - px) * (by - ay)) / len2
+    return np.abs(s) * np.sqrt(len2)
+
+
+@njit(**_JIT)
+def _simplify_rings(xy, offsets, tolerance, use, stack, out, out_offsets, kept):
+    k_out = 0
+    m = 0
+    for k in range(offsets.size - 1):
+        a = offsets[k]
+        n = offsets[k + 1] - a
+        # DouglasPeuckerLineSimplifier::simplifySection over the whole ring (first == last point);
+        # the sections of one ring are disjoint, so a stack visits them with the same outcome
+        for i in range(n):
+            use[i] = True
+        stack[0, 0] = 0
+        stack[0, 1] = n - 1
+        top = 1
+        while top > 0:
+            top -= 1
+            i = stack[top, 0]
+            j = stack[top, 1]
+            ax = xy[a + i, 0]
+            ay = xy[a + i, 1]
+            bx = xy[a + j, 0]
+            by = xy[a + j, 1]
+            max_d = -1.0
+            max_i = i
+            for q in range(i + 1, j):
+                d = _point_segment_distance(xy[a + q, 0], xy[a + q, 1], ax, ay, bx, by)
+                if d > max_d:  # the first farthest point
+                    max_d = d
+                    max_i = q
+            if max_d <= tolerance:
+                for q in range(i + 1, j):
+                    use[q] = False
+            else:
+                if max_i - i > 1:
+                    stack[top, 0] = i
+                    stack[top, 1] = max_i
+                    top += 1
+                if j - max_i > 1:
+                    stack[top, 0] = max_i
+                    stack[top, 1] = j
+                    top += 1
+        start = m
+        for i in range(n):
+            if use[i]:
+                out[m, 0] = xy[a + i, 0]
+                out[m, 1] = xy[a + i, 1]
+                m += 1
+        size = m - start
+        # a closed ring's start point is dropped too if it lies within the tolerance of the
+        # segment joining its neighbours (DouglasPeuckerLineSimplifier::simplify since GEOS 3.12)
+        if n >= 4 and xy[a, 0] == xy[a + n - 1, 0] and xy[a, 1] == xy[a + n - 1, 1] and size > 3:
+            d = _point_segment_distance(out[start, 0], out[start, 1], out[m - 2, 0], out[m - 2, 1],
+                                        out[start + 1, 0], out[start + 1, 1])
+            if d <= tolerance:
+                for i in range(size - 2):
+                    out[start + i, 0] = out[start + 1 + i, 0]
+                    out[start + i, 1] = out[start + 1 + i, 1]
+                m = start + size - 2
+                if out[m - 1, 0] != out[start, 0] or out[m - 1, 1] != out[start, 1]:
+                    out[m, 0] = out[start, 0]
+                    out[m, 1] = out[start, 1]
+                    m += 1
+        if m - start < 4:  # GEOS returns a LineString: no ring
+            m = start
+            continue
+        kept[k_out] = k
+        k_out += 1
+        out_offsets[k_out] = m
+    return k_out, m
+
+
+def simplify_rings(xy, offsets, tolerance):
+    """GEOS's Douglas-Peucker simplification of closed rings, dropping those that collapse.
+
+    The same vertices as ``shapely.simplify(shapely.linearrings(...), tolerance,
+    preserve_topology=False)`` (GEOS 3.12 to 3.14 ``DouglasPeuckerSimplifier`` on a
+    ``LinearRing``: Douglas-Peucker between the first and last point, then the start
+    point dropped if within ``tolerance`` of its neighbours' segment), with rings of
+    fewer than 4 vertices (GEOS's LineStrings) left out.
+
+    Parameters
+    ----------
+    xy : (V, 2) float64
+        ``(x, y)`` vertices of all rings; ring ``k`` is ``xy[offsets[k]:offsets[k + 1]]``,
+        closed (first point repeated at the end).
+    offsets : (K + 1,) int64
+    tolerance : float
+
+    Returns
+    -------
+    kept : (J,) int64
+        Indices of the rings that remain, ascending.
+    out_offsets : (J + 1,) int64
+        Simplified ring ``j`` is ``out[out_offsets[j]:out_offsets[j + 1]]``.
+    out : (M, 2) float64
+    """
+    if not tolerance >= 0:
+        raise ValueError("tolerance must be non-negative")
+    xy = np.ascontiguousarray(xy, np.float64)
+    offsets = np.asarray(offsets, np.int64)
+    n_rings = offsets.size - 1
+    longest = int(np.diff(offsets).max()) if n_rings > 0 else 0
+    use = np.empty(longest, np.bool_)
+    stack = np.empty((max(longest, 1), 2), np.int64)
+    out = np.empty((xy.shape[0], 2), np.float64)
+    out_offsets = np.zeros(n_rings + 1, np.int64)
+    kept = np.empty(n_rings, np.int64)
+    j, m = _simplify_rings(xy, offsets, float(tolerance), use, stack, out, out_offsets, kept)
+    return kept[:j], out_offsets[:j + 1], out[:m].copy()
+
+
 # --------------------------------------------------------------------------- optical density
 
 @njit(**_JIT)
@@ -3102,6 +3273,7 @@ def warm_up() -> float:
     paste_labels(mk, np.array([0, 2, 1], np.int32), mk.copy())
     apply_lut(np.array([0, 2, 1], np.int32), mk)
     apply_lut(np.array([False, True, True]), mk)
-    label_contours(mk)
+    found, offsets, coords, origin = label_contours(mk)
+    simplify_rings(contour_points(coords, offsets, origin), offsets, 0.5)
     rgb_to_od((img[..., None] * np.array([200, 150, 100])).astype(np.uint8))
     return time.perf_counter() - t0

@@ -18,7 +18,8 @@ try:  # one-pass compiled label statistics (same numbers as the sort + reduceat 
 except ImportError:  # pragma: no cover - numba missing
     _k = None
 
-__all__ = ["COMPARTMENT_PREFIX", "STAINS", "measure_cells", "label_statistics", "label_statistics_many", "label_polygons"]
+__all__ = ["COMPARTMENT_PREFIX", "STAINS", "measure_cells", "label_statistics", "label_statistics_many",
+           "label_polygons", "label_outlines"]
 
 COMPARTMENT_PREFIX = {"nucleus": "Nucleus", "cytoplasm": "Cytoplasm", "membrane": "Membrane", "cell": "Cell"}
 #: Deconvolved channel index -> QuPath stain name.
@@ -251,6 +252,27 @@ def _measure_in_bands(nuclei, cells, images, stain_od, n, px, n_bands) -> dict[s
     return cols
 
 
+def label_outlines(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
+                   grid_origin=(0, 0)):
+    """:func:`label_polygons`' rings, all in one array.
+
+    Returns
+    -------
+    found : (K,) int64
+        The labels outlined, in the order of ``ids``.
+    offsets : (K + 1,) int64
+        The ring of ``found[k]`` is ``coords[offsets[k]:offsets[k + 1]]``.
+    coords : (M, 2) float64
+        Level-0 ``(x, y)`` vertices.
+    """
+    from . import kernels
+
+    found, offsets, c, origin = kernels.label_contours(labels, ids)
+    xy = kernels.contour_points(c, offsets, origin, grid_origin, downsample, origin_px)
+    kept, offsets, coords = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
+    return found[kept], offsets, coords
+
+
 def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
                    grid_origin=(0, 0)) -> dict:
     """Outline of each labelled object as an (K, 2) array of level-0 ``(x, y)`` vertices.
@@ -258,31 +280,20 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     Contours are traced on the pixel-edge grid (marching squares at 0.5 on the
     object's mask: the longest ``skimage.measure.find_contours`` contour, computed for
     all objects in one compiled call, :func:`ihcscore.kernels.label_contours`) and
-    simplified by 0.5 px (Douglas-Peucker, all objects in one shapely/GEOS call);
-    rings are closed. A vertex at grid position ``g`` (``labels[0, 0]`` being
-    ``grid_origin``, (row, col) ints) is at ``(g + 0.5) * downsample - 0.5 + origin_px``:
-    with a tile's place on the slide's grid given as ``grid_origin`` (and ``origin_px``
-    zero), an outline does not depend on the tile that traced it, to the last bit.
+    simplified by 0.5 px (GEOS's Douglas-Peucker on a ring, as ``shapely.simplify(ring,
+    0.5 * downsample, preserve_topology=False)``: :func:`ihcscore.kernels.simplify_rings`);
+    rings are closed, objects whose ring collapses below 4 vertices are left out. A vertex
+    at grid position ``g`` (``labels[0, 0]`` being ``grid_origin``, (row, col) ints) is at
+    ``(g + 0.5) * downsample - 0.5 + origin_px``: with a tile's place on the slide's grid
+    given as ``grid_origin`` (and ``origin_px`` zero), an outline does not depend on the
+    tile that traced it, to the last bit. The rings are views of one array
+    (:func:`label_outlines`).
     """
-    import shapely
+    return _rings_by_label(*label_outlines(labels, ids, origin_px=origin_px, downsample=downsample,
+                                          grid_origin=grid_origin))
 
-    from . import kernels
 
-    found, offsets, c, origin = kernels.label_contours(labels, ids)
-    if not found.size:
-        return {}
-    lengths = np.diff(offsets)
-    start = np.repeat(origin, lengths, axis=0)
-    # box-local (row, col) -> level-0 (x, y); operations kept in this order (bit-identical outlines)
-    r = (c[:, 0] - 1 + start[:, 0] + grid_origin[0] + 0.5) * downsample - 0.5 + origin_px[1]
-    x = (c[:, 1] - 1 + start[:, 1] + grid_origin[1] + 0.5) * downsample - 0.5 + origin_px[0]
-    rings = shapely.linearrings(np.column_stack([x, r]), indices=np.repeat(np.arange(found.size), lengths))
-    found = found.tolist()
-    simple = shapely.simplify(rings, 0.5 * downsample, preserve_topology=False)
-    coords, index = shapely.get_coordinates(simple, return_index=True)
-    splits = np.searchsorted(index, np.arange(1, len(found)))
-    out = {}
-    for lab, ring in zip(found, np.split(coords, splits)):
-        if len(ring) >= 4:
-            out[lab] = ring
-    return out
+def _rings_by_label(found, offsets, coords) -> dict:
+    """``{label: ring}`` from :func:`label_outlines`' arrays (the rings are views of ``coords``)."""
+    bounds = offsets.tolist()
+    return dict(zip(found.tolist(), [coords[a:b] for a, b in zip(bounds[:-1], bounds[1:])]))

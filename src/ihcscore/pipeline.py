@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - numba missing
     _k = None
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
-from .measure import label_polygons, measure_cells
+from .measure import _rings_by_label, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
 from .runtime import default_threads, die_with_parent
 from .scoring import ScoringScheme, assign_bins, summarize
@@ -147,11 +147,12 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
-                    keep=None, grid_origin=None):
+                    keep=None, grid_origin=None, outline_dtype=np.float64):
     """Deconvolve, segment and measure one detection-resolution tile.
 
     ``keep(cells) -> bool array`` selects the rows to return (and to outline) before the outlines.
     ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
+    ``outline_dtype``: of the outlines' vertices (cast from :func:`~ihcscore.measure.label_polygons`' float64).
     """
     od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
     stain_od = unmix(od, stains)
@@ -163,10 +164,16 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
         ids = cells["label"].to_numpy()
         where = dict(origin_px=origin_px, downsample=downsample) if grid_origin is None else \
             dict(downsample=downsample, grid_origin=grid_origin)
-        nuc = label_polygons(seg.nuclei, ids, **where)
-        cel = label_polygons(seg.cells, ids, **where) if params.cell_expansion_um > 0 else nuc
-        cells["nucleus_polygon"] = [nuc.get(int(i)) for i in cells["label"]]
-        cells["cell_polygon"] = [cel.get(int(i)) for i in cells["label"]]
+        labs = ids.tolist()
+
+        def outlines(labels):
+            found, offsets, coords = label_outlines(labels, ids, **where)
+            rings = _rings_by_label(found, offsets, coords.astype(outline_dtype, copy=False))
+            return [rings.get(i) for i in labs]
+
+        nuc = outlines(seg.nuclei)
+        cells["nucleus_polygon"] = nuc
+        cells["cell_polygon"] = outlines(seg.cells) if params.cell_expansion_um > 0 else nuc
     return cells, seg
 
 
@@ -311,14 +318,10 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
         gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
         return (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
 
+    # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
+    # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
     cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
-                               grid_origin=(py0, px0))
-    if polygons:
-        # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
-        # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
-        for col in ("nucleus_polygon", "cell_polygon"):
-            if col in cells:
-                cells[col] = [p if p is None else p.astype(np.float32) for p in cells[col]]
+                               grid_origin=(py0, px0), outline_dtype=np.float32)
     return cells
 
 
