@@ -874,6 +874,16 @@ def _contours_reference(labels, ids=None):
     return out
 
 
+def _geos_version():
+    import shapely
+    return shapely.geos_version
+
+
+#: kernels.simplify_rings follows GEOS >= 3.12 on rings (the start point may be dropped); the shapely oracle
+#: of older GEOS simplifies rings differently, so the comparisons would not hold there.
+needs_geos_312 = pytest.mark.skipif(_geos_version() < (3, 12, 0), reason="shapely's GEOS older than 3.12")
+
+
 def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsample=1.0, grid_origin=(0, 0)):
     """``ihcscore.measure.label_polygons`` before ``kernels.label_contours`` (find_contours per object)
     and ``kernels.simplify_rings`` (shapely's GEOS Douglas-Peucker)."""
@@ -1013,6 +1023,7 @@ def analysed_region():
     return analyze_region(rgb, 0.5, load_preset("cxcr4")).segmentation
 
 
+@needs_geos_312
 @pytest.mark.parametrize("which", ["nuclei", "cells"])
 def test_label_polygons_on_segmentation(analysed_region, which):
     labels = getattr(analysed_region, which)
@@ -1041,6 +1052,7 @@ def _ring_cases(rng):
         yield np.vstack([pts, pts[:1]]).astype(np.float64), float(rng.choice([0.0, 0.25, 0.5, 0.98891, 1.0]))
 
 
+@needs_geos_312
 def test_simplify_rings_equals_geos():
     import shapely
     rng = np.random.default_rng(3)
@@ -1067,6 +1079,7 @@ def test_simplify_rings_equals_geos():
         K.simplify_rings(cases[0][0], [0, len(cases[0][0])], -1.0)
 
 
+@needs_geos_312
 def test_label_polygons_edge_cases_at_non_integer_downsample():
     """Thin lines, 1-pixel and 2x1 objects, holes, border objects, collinear runs; rings collapsing."""
     img = np.zeros((30, 40), np.int32)
