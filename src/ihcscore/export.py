@@ -548,6 +548,7 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
     nuc_area = cells["Nucleus: Area µm^2"].to_numpy(float) if "Nucleus: Area µm^2" in cells else np.full(n, np.nan)
     cell_area = cells["Cell: Area µm^2"].to_numpy(float) if "Cell: Area µm^2" in cells else np.full(n, np.nan)
 
+    finite = np.isfinite(values).all(axis=1)
     for i in range(n):
         nuc = _ring(nuc_polys[i])
         cel = _ring(cell_polys[i])
@@ -564,11 +565,8 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
             else:
                 cel = nuc
         cname = qupath_class_name(classes[i], bins[i], n_thresholds)
-        meas = {}
-        for k, name in enumerate(names):
-            v = values[i, k]
-            if math.isfinite(v):
-                meas[name] = float(v)
+        row = values[i].tolist()
+        meas = dict(zip(names, row)) if finite[i] else {k: v for k, v in zip(names, row) if math.isfinite(v)}
         fid = str(uuid.UUID(bytes=rng.bytes(16), version=4)) if rng is not None else str(uuid.uuid4())
         props: dict[str, Any] = {}
         if qupath_version == "0.4":
