@@ -1162,6 +1162,38 @@ _BIG = np.int64(1) << 60
 
 
 @njit(**_JIT)
+def _parabola_envelope(f, limit, v, z):
+    """Felzenszwalb-Huttenlocher lower envelope of the parabolas ``(x - q)**2 + f[q]`` with
+    ``f[q] <= limit`` (int64 squared column distances).
+
+    Fills ``v`` with the columns of the envelope's parabolas and ``z`` with the boundaries
+    between them; returns the index of the last one (-1 when no parabola is kept).
+    """
+    k = -1
+    for q in range(f.size):
+        gq = f[q]
+        if gq > limit:
+            continue
+        fq = gq + q * q
+        while k >= 0:
+            vk = v[k]
+            s = ((fq - (f[vk] + vk * vk)) / (2.0 * (q - vk)))
+            if s <= z[k]:
+                k -= 1
+            else:
+                break
+        k += 1
+        v[k] = q
+        if k == 0:
+            z[k] = -np.inf
+        else:
+            vk = v[k - 1]
+            z[k] = ((fq - (f[vk] + vk * vk)) / (2.0 * (q - vk)))
+        z[k + 1] = np.inf
+    return k
+
+
+@njit(**_JIT)
 def _edt_1d_rows(g, H, W, out, want_idx, fidx):
     """Row pass of Felzenszwalb-Huttenlocher on squared column distances ``g`` (int64, BIG = none).
 
@@ -1173,27 +1205,7 @@ def _edt_1d_rows(g, H, W, out, want_idx, fidx):
     z = np.empty(W + 1, dtype=np.float64)
     frow = np.empty(W, dtype=np.int64)
     for r in range(H):
-        k = -1
-        for q in range(W):
-            gq = g[r, q]
-            if gq >= _BIG:
-                continue
-            fq = gq + q * q
-            while k >= 0:
-                vk = v[k]
-                s = ((fq - (g[r, vk] + vk * vk)) / (2.0 * (q - vk)))
-                if s <= z[k]:
-                    k -= 1
-                else:
-                    break
-            k += 1
-            v[k] = q
-            if k == 0:
-                z[k] = -np.inf
-            else:
-                vk = v[k - 1]
-                z[k] = ((fq - (g[r, vk] + vk * vk)) / (2.0 * (q - vk)))
-            z[k + 1] = np.inf
+        k = _parabola_envelope(g[r], _BIG - 1, v, z)
         if k < 0:
             for q in range(W):
                 out[r, q] = _BIG
@@ -1536,35 +1548,14 @@ def _expand_bounded(labels, R, max_d2, out, dy):
     _expand_columns(labels, R, dy)
     v = np.empty(W, dtype=np.int64)
     z = np.empty(W + 1, dtype=np.float64)
+    f = np.empty(W, dtype=np.int64)
     for r in range(H):
         dr = dy[r]
         orow = out[r]
-        k = -1
         for q in range(W):
-            dq = dr[q]
-            if dq == NONE:
-                continue
-            gq = np.int64(dq) * dq
-            if gq > max_d2:
-                continue
-            fq = gq + q * q
-            while k >= 0:
-                vk = v[k]
-                dk = np.int64(dr[vk])
-                s = ((fq - (dk * dk + vk * vk)) / (2.0 * (q - vk)))
-                if s <= z[k]:
-                    k -= 1
-                else:
-                    break
-            k += 1
-            v[k] = q
-            if k == 0:
-                z[k] = -np.inf
-            else:
-                vk = v[k - 1]
-                dk = np.int64(dr[vk])
-                z[k] = ((fq - (dk * dk + vk * vk)) / (2.0 * (q - vk)))
-            z[k + 1] = np.inf
+            dq = np.int64(dr[q])
+            f[q] = max_d2 + 1 if dq == NONE else dq * dq
+        k = _parabola_envelope(f, max_d2, v, z)
         if k < 0:
             for q in range(W):
                 orow[q] = 0
