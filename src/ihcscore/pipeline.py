@@ -154,7 +154,7 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
     ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
     ``outline_dtype``: of the outlines' vertices (cast from :func:`~ihcscore.measure.label_polygons`' float64).
     """
-    od = (_k.rgb_to_od if _k else rgb_to_od)(rgb, stains.background)
+    od = rgb_to_od(rgb, stains.background)  # uint8: the compiled one-pass lookup
     stain_od = unmix(od, stains)
     seg = segment_cells(od, stain_od, params, threads=threads)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads)
@@ -363,6 +363,7 @@ class _TileJob:
 
 #: Longest side (px) the stain-angle check subsamples the tissue sample to (every second pixel of ~1800 px).
 STAIN_CHECK_SIDE_PX = 1000
+
 
 def stain_warnings(rgb_sample: np.ndarray, stains: StainVectors, name: str) -> list[str]:
     """Warnings when a region does not look like brightfield H-DAB.

@@ -16,6 +16,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+try:  # compiled kernels (identical results)
+    from . import kernels as _k
+except ImportError:  # pragma: no cover - numba missing
+    _k = None
+
 __all__ = [
     "MaskError",
     "tissue_mask",
@@ -122,11 +127,11 @@ def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
     if method == "saturation":
         mx, mn = f.max(axis=-1), f.min(axis=-1)
         sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
-        feat = _gaussian(sat, sigma)
+        feat = (_k or ndi).gaussian_filter(sat, sigma)  # kernel: bit-identical
         t = float(np.clip(_otsu(feat), SATURATION_FLOOR, SATURATION_CAP))
     else:
         od = -np.log10(np.maximum(f, 1.0) / 255.0)
-        feat = _gaussian(od.sum(axis=-1), sigma)
+        feat = (_k or ndi).gaussian_filter(od.sum(axis=-1), sigma)
         if method == "glass":
             from .stains import estimate_background
 
@@ -145,14 +150,6 @@ def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
         mask = remove_small_holes(mask, max_size=hole_px) if _has_max_size() \
             else remove_small_holes(mask, area_threshold=hole_px)
     return mask, float(ds)
-
-
-def _gaussian(image, sigma):
-    try:
-        from .kernels import gaussian_filter
-    except ImportError:  # pragma: no cover - numba missing
-        return ndi.gaussian_filter(image, sigma)
-    return gaussian_filter(image, sigma)  # scipy's values, bit for bit
 
 
 def _has_max_size() -> bool:
