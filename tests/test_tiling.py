@@ -272,6 +272,45 @@ def test_region_in_threaded_bands_is_identical(preset_name):
     assert np.array_equal(labels_in_order, np.arange(1, nuclei.max() + 1))
 
 
+@pytest.mark.parametrize("preset_name", ["cxcr4", "ki67"])
+def test_core_window_segments_the_core_cells_as_the_whole_tile(preset_name):
+    """segment_cells(core=...) (background on the whole tile, the rest on the core plus
+    cell_context_um) gives every cell owned by the core exactly the pixels the whole-tile run gives."""
+    from ihcscore.cells import _owned, segment_cells
+    from ihcscore.stains import rgb_to_od, unmix
+
+    preset = load_preset(preset_name)
+    params = preset.detection
+    pad, margin = params.context_px(), params.cell_context_px()
+    assert 0 < margin < pad
+    rgb, truth, _ = make_synthetic_region((2 * pad + 300, 2 * pad + 260), 0.5, seed=5)
+    stains = preset.stains.to_stain_vectors()
+    od = rgb_to_od(rgb, stains.background)
+    stain_od = unmix(od, stains)
+    core = (pad, pad, pad + 300, pad + 260)
+    whole = segment_cells(od, stain_od, params)
+    win = segment_cells(od, stain_od, params, core=core)
+    oy, ox = win.offset
+    assert (oy, ox) == (pad - margin, pad - margin)
+    assert win.nuclei.shape == (300 + 2 * margin, 260 + 2 * margin)
+
+    def core_cells(seg, dy, dx):
+        n = seg.n_cells
+        rows = _owned(seg.nuclei, n, core[0] - dy, core[2] - dy)
+        cols = _owned(np.ascontiguousarray(seg.nuclei.T), n, core[1] - dx, core[3] - dx)
+        return np.flatnonzero(rows & cols) + 1
+
+    kept_whole, kept_win = core_cells(whole, 0, 0), core_cells(win, oy, ox)
+    assert len(kept_whole) == len(kept_win) > 0.5 * len(truth) * (300 * 260) / rgb.shape[0] / rgb.shape[1]
+    h, w = win.nuclei.shape
+    for name in ("nuclei", "cells", "cytoplasm", "membrane"):
+        a = getattr(whole, name)[oy:oy + h, ox:ox + w]
+        b = getattr(win, name)
+        for i, j in zip(kept_whole, kept_win):  # labels run in raster order in both
+            assert np.array_equal(a == i, b == j), (name, i)
+        assert np.count_nonzero(np.isin(getattr(whole, name), kept_whole)) == np.count_nonzero(np.isin(b, kept_win))
+
+
 def test_band_ownership_counts_each_cell_once():
     """Every nucleus centroid row falls in exactly one band's [row0 - 0.5, row1 - 0.5)."""
     from ihcscore.cells import _owned

@@ -100,12 +100,23 @@ class DetectionParams:
 
         Tiles must overlap by at least this on each side for seam-free results.
         """
-        return (10.0 + self.cell_expansion_um + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
-                + 3 * self.sigma_um)
+        return self.cell_context_um() + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
 
     def context_px(self) -> int:
         """:meth:`context_um` in whole pixels of ``pixel_size_um`` (rounded up): the overlap of tiles and bands."""
         return int(np.ceil(self.context_um() / self.pixel_size_um))
+
+    def cell_context_um(self) -> float:
+        """How far (µm) a cell depends on the background-subtracted image around its nucleus centroid.
+
+        The nucleus (10 µm), the smoothing (3 sigma) and the expansion to the cell: the part of
+        :meth:`context_um` the steps after background subtraction need.
+        """
+        return 10.0 + self.cell_expansion_um + 3 * self.sigma_um
+
+    def cell_context_px(self) -> int:
+        """:meth:`cell_context_um` in whole pixels (rounded up)."""
+        return int(np.ceil(self.cell_context_um() / self.pixel_size_um))
 
 
 @dataclass
@@ -121,6 +132,8 @@ class Segmentation:
     membrane: np.ndarray
     pixel_size_um: float
     extra: dict = field(default_factory=dict)
+    #: (row, col) of the images' top-left pixel in the image they were segmented from.
+    offset: tuple = (0, 0)
 
     @property
     def n_cells(self) -> int:
@@ -235,7 +248,7 @@ def _laplacian(image: np.ndarray) -> np.ndarray:
 
 
 def detect_nuclei(
-    image: np.ndarray, params: DetectionParams, *, return_measure_image: bool = False
+    image: np.ndarray, params: DetectionParams, *, background=None, return_measure_image: bool = False
 ):
     """Find nuclei on a detection image.
 
@@ -244,6 +257,9 @@ def detect_nuclei(
     image : (M, N) float32
         Detection image in OD units (see :func:`detection_image`).
     params : DetectionParams
+    background : (measure, invalid), optional
+        :func:`subtract_background` of ``image``, when already computed (with
+        more context than ``image`` has: see :func:`segment_cells`).
 
     Returns
     -------
@@ -252,7 +268,7 @@ def detect_nuclei(
         The background-subtracted image the threshold is applied to.
     """
     px = params.pixel_size_um
-    measure, invalid = subtract_background(image, params.background_radius_um / px, params.max_background)
+    measure, invalid = _subtract_background(image, params) if background is None else background
 
     smoothed = (_k or ndi).gaussian_filter(measure, params.sigma_um / px, mode="nearest")  # kernel: bit-identical
     log = _laplacian(smoothed)
@@ -311,7 +327,15 @@ def detect_nuclei(
     return nuclei
 
 
-def _add_hematoxylin_nuclei(nuclei, od, stain_od, params: DetectionParams) -> np.ndarray:
+def _subtract_background(image, params: DetectionParams):
+    return subtract_background(image, params.background_radius_um / params.pixel_size_um, params.max_background)
+
+
+def _hematoxylin_params(params: DetectionParams) -> DetectionParams:
+    return replace(params, image="hematoxylin", threshold=params.hematoxylin_threshold)
+
+
+def _add_hematoxylin_nuclei(nuclei, extra, params: DetectionParams) -> np.ndarray:
     """Add nuclei found on the hematoxylin channel that the OD-sum detection missed.
 
     One OD-sum threshold cannot separate both dark DAB-positive nuclei from
@@ -320,10 +344,9 @@ def _add_hematoxylin_nuclei(nuclei, od, stain_od, params: DetectionParams) -> np
     Hematoxylin detection (threshold ``params.hematoxylin_threshold``) finds
     the pale negative nuclei; each is added (minus any pixels already taken)
     when at most :data:`MAX_EXTRA_OVERLAP` of it overlaps an OD-sum nucleus
-    and what remains is still at least ``min_area_um2``.
+    and what remains is still at least ``min_area_um2``. ``extra``: the hematoxylin
+    detection's nuclei (:func:`detect_nuclei` with :func:`_hematoxylin_params`).
     """
-    hp = replace(params, image="hematoxylin", threshold=params.hematoxylin_threshold)
-    extra = detect_nuclei(detection_image(od, stain_od, hp), hp)
     n_extra = int(extra.max(initial=0))
     if n_extra == 0:
         return nuclei
@@ -361,7 +384,7 @@ def compartments(nuclei: np.ndarray, cells: np.ndarray, membrane_width_px: float
 
 
 def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams, *,
-                  threads: int = 1) -> Segmentation:
+                  threads: int = 1, core=None) -> Segmentation:
     """Detect nuclei, expand them to cells and derive the compartments.
 
     Parameters
@@ -375,17 +398,24 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
         Segment up to this many bands of rows at once, each with
         ``params.context_um()`` of context (see :func:`segment_in_bands`). The
         result is identical for any value.
+    core : (y0, x0, y1, x1), optional
+        The part whose cells the caller keeps (a slide tile's core, the rest
+        being context). Background subtraction runs on the whole image, the
+        steps after it only on ``core`` grown by ``params.cell_context_um()``,
+        the context they need (a fifth fewer pixels for a 1024 px core). With
+        ``core``, ``threads`` is ignored.
 
     Returns
     -------
     Segmentation
-        Labels ``1..n`` numbered in raster order of each nucleus's first pixel.
+        Labels ``1..n`` numbered in raster order of each nucleus's first pixel;
+        with ``core``, of the window ``offset`` (row, col) on that holds it.
     """
     pad = params.context_px()
-    n_bands = min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
+    n_bands = 1 if core is not None else min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
     if n_bands > 1:
         return segment_in_bands(od, stain_od, params, n_bands)
-    seg = _segment_whole(od, stain_od, params)
+    seg = _segment_whole(od, stain_od, params, core)
     # Connected-component labels already run in raster order; nuclei of the hematoxylin pass come last.
     return _in_raster_order(seg) if _adds_hematoxylin_nuclei(params) else seg
 
@@ -394,16 +424,27 @@ def _adds_hematoxylin_nuclei(params: DetectionParams) -> bool:
     return params.hematoxylin_threshold > 0 and params.image == "od_sum"
 
 
-def _segment_whole(od, stain_od, params: DetectionParams) -> Segmentation:
+def _segment_whole(od, stain_od, params: DetectionParams, core=None) -> Segmentation:
     px = params.pixel_size_um
-    image = detection_image(od, stain_od, params)
-    nuclei, measure = detect_nuclei(image, params, return_measure_image=True)
-    if _adds_hematoxylin_nuclei(params):
-        nuclei = _add_hematoxylin_nuclei(nuclei, od, stain_od, params)
+    passes = [params] + ([_hematoxylin_params(params)] if _adds_hematoxylin_nuclei(params) else [])
+    images = [detection_image(od, stain_od, p) for p in passes]
+    backgrounds = [_subtract_background(im, p) for im, p in zip(images, passes)]
+    offset = (0, 0)
+    if core is not None:
+        m = params.cell_context_px()
+        y0, x0 = max(0, core[0] - m), max(0, core[1] - m)
+        window = np.s_[y0:min(od.shape[0], core[2] + m), x0:min(od.shape[1], core[3] + m)]
+        images = [im[window] for im in images]
+        backgrounds = [tuple(b[window] for b in bg) for bg in backgrounds]
+        offset = (y0, x0)
+    nuclei, measure = detect_nuclei(images[0], params, background=backgrounds[0], return_measure_image=True)
+    if len(passes) > 1:
+        extra = detect_nuclei(images[1], passes[1], background=backgrounds[1])
+        nuclei = _add_hematoxylin_nuclei(nuclei, extra, params)
     cells = expand_cells(nuclei, params.cell_expansion_um / px)
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
-                        pixel_size_um=px, extra={"measure_image": measure})
+                        pixel_size_um=px, extra={"measure_image": measure}, offset=offset)
 
 
 _LABEL_IMAGES = ("nuclei", "cells", "cytoplasm", "membrane")

@@ -147,16 +147,25 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
-                    keep=None, grid_origin=None, outline_dtype=np.float64):
+                    keep=None, grid_origin=None, outline_dtype=np.float64, core=None):
     """Deconvolve, segment and measure one detection-resolution tile.
 
+    ``core``: the tile's core (rows, cols of ``rgb``) when the rest is context (see
+    :func:`~ihcscore.cells.segment_cells`); the segmentation then covers a window around it.
     ``keep(cells) -> bool array`` selects the rows to return (and to outline) before the outlines.
     ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
     ``outline_dtype``: of the outlines' vertices (cast from :func:`~ihcscore.measure.label_polygons`' float64).
     """
     od = rgb_to_od(rgb, stains.background)  # uint8: the compiled one-pass lookup
     stain_od = unmix(od, stains)
-    seg = segment_cells(od, stain_od, params, threads=threads)
+    seg = segment_cells(od, stain_od, params, threads=threads, core=core)
+    oy, ox = seg.offset
+    if oy or ox:
+        h, w = seg.nuclei.shape
+        stain_od = stain_od[oy:oy + h, ox:ox + w]
+        origin_px = (origin_px[0] + ox * downsample, origin_px[1] + oy * downsample)
+        if grid_origin is not None:
+            grid_origin = (grid_origin[0] + oy, grid_origin[1] + ox)
     cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads)
     if keep is not None:
         cells = cells[keep(cells)].reset_index(drop=True)
@@ -320,8 +329,9 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
 
     # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
     # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
+    core = (cy0 - py0, cx0 - px0, cy1 - py0, cx1 - px0)
     cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
-                               grid_origin=(py0, px0), outline_dtype=np.float32)
+                               grid_origin=(py0, px0), outline_dtype=np.float32, core=core)
     return cells
 
 
