@@ -117,6 +117,19 @@ def test_estimate_background_without_glass_returns_default():
     assert estimate_background(rgb) == (255.0, 255.0, 255.0)
 
 
+@pytest.mark.parametrize("min_brightness", [200.0, 199.9, 200 + 1 / 3, 240.5, 0.0])
+def test_estimate_background_uint8_path_equals_the_float_mean(min_brightness):
+    """uint8 images take a table of the per-pixel mean test and a bincount mode: the same answer as the
+    float path (mean >= min_brightness, 256-bin histogram) on images around every threshold."""
+    rng = np.random.default_rng(int(min_brightness * 3))
+    found = []
+    for low in (0, 150, 190, 230):
+        rgb = rng.integers(low, 256, size=(97, 61, 3), dtype=np.uint8)
+        found.append(estimate_background(rgb, min_brightness))
+        assert found[-1] == estimate_background(rgb.astype(np.float64), min_brightness)
+    assert any(b != (255.0, 255.0, 255.0) for b in found)  # the glass path ran
+
+
 def test_estimate_stain_vectors_refuses_blank_region():
     with pytest.raises(ValueError, match="stained pixels"):
         estimate_stain_vectors(np.full((64, 64, 3), 255, np.uint8))

@@ -63,6 +63,16 @@ def test_tissue_disk_is_found(tmp_path, method):
     assert _iou(mask, truth) > 0.9
 
 
+def test_od_table_equals_the_formula():
+    from ihcscore.tissue import _od_of_uint8
+
+    rgb = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, axis=-1)
+    expected = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+    assert _od_of_uint8(rgb).dtype == np.float32
+    assert np.array_equal(_od_of_uint8(rgb), expected)
+    assert np.array_equal(_od_of_uint8(rgb.astype(np.float32)), expected)
+
+
 def test_all_tissue_image_is_not_split():
     rng = np.random.default_rng(2)
     rgb = np.clip(rng.normal((150, 120, 170), 30, (300, 300, 3)), 0, 255).astype(np.uint8)

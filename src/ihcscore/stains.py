@@ -207,6 +207,8 @@ def unmix(od: np.ndarray, stains: StainVectors = H_DAB_DEFAULT) -> np.ndarray:
 
 
 def _dominant(values: np.ndarray) -> float:
+    if values.dtype == np.uint8:  # the histogram below, by counting
+        return float(np.argmax(np.bincount(values, minlength=256)) + 0.5)
     hist, edges = np.histogram(values, bins=256, range=(0, 256))
     return float(edges[np.argmax(hist)] + 0.5)
 
@@ -219,7 +221,15 @@ def estimate_background(rgb: np.ndarray, min_brightness: float = 200.0, default=
     returned.
     """
     rgb = np.asarray(rgb)[..., :3].reshape(-1, 3)
-    bright = rgb[rgb.mean(axis=1) >= min_brightness]
+    if rgb.dtype == np.uint8:
+        # the float mean's test, decided once per channel sum (0..765) instead of per pixel
+        bright_sum = np.arange(766, dtype=np.float64) / 3 >= min_brightness
+        total = rgb[:, 0].astype(np.uint16)
+        total += rgb[:, 1]
+        total += rgb[:, 2]
+        bright = rgb[bright_sum[total]]
+    else:
+        bright = rgb[rgb.mean(axis=1) >= min_brightness]
     if len(bright) < max(50, 0.005 * len(rgb)):
         return tuple(float(x) for x in default)
     return tuple(min(255.0, _dominant(bright[:, c])) for c in range(3))

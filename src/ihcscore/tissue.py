@@ -67,6 +67,16 @@ def _thumb_shape(dimensions, ds):
     return max(1, int(round(h / ds))), max(1, int(round(w / ds)))
 
 
+def _od_of_uint8(rgb: np.ndarray) -> np.ndarray:
+    """``-log10(max(rgb, 1) / 255)`` in float32, through a 256-entry table when ``rgb`` is uint8."""
+    if rgb.dtype == np.uint8:
+        return _OD_TABLE[rgb]
+    return -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+
+
+_OD_TABLE = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
+
+
 def _otsu(values: np.ndarray) -> float:
     from skimage.filters import threshold_otsu
 
@@ -119,18 +129,18 @@ def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
         mpp = getattr(slide, "mpp", None) or 0.5
     px_um = float(mpp) * ds  # thumbnail pixel side in µm
 
-    f = rgb.astype(np.float32)
     # ~4 µm smoothing (at least half a pixel) so texture does not fragment the mask
     sigma = max(0.5, 4.0 / px_um)
     if method not in ("glass", "otsu", "saturation"):
         raise ValueError(f"method must be 'glass', 'otsu' or 'saturation', got {method!r}")
     if method == "saturation":
+        f = rgb.astype(np.float32)
         mx, mn = f.max(axis=-1), f.min(axis=-1)
         sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1.0), 0.0)
         feat = (_k or ndi).gaussian_filter(sat, sigma)  # kernel: bit-identical
         t = float(np.clip(_otsu(feat), SATURATION_FLOOR, SATURATION_CAP))
     else:
-        od = -np.log10(np.maximum(f, 1.0) / 255.0)
+        od = _od_of_uint8(rgb)
         feat = (_k or ndi).gaussian_filter(od.sum(axis=-1), sigma)
         if method == "glass":
             from .stains import estimate_background
