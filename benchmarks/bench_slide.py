@@ -18,6 +18,10 @@ by later runs. Then, each measured in this run on this machine:
   pipeline that reads level 0 once;
 * **naive scikit-image pipeline** (rgb2hed, Otsu, distance-transform watershed, regionprops: what one writes
   first) on a 4096 x 4096 crop of the same slide, one core, held in memory;
+* **the same detection in scikit-image / scipy**: ``analyze_region`` on a 2048 x 2048 crop, one thread,
+  with ihcscore's compiled kernels switched off (every step then runs as the scipy / scikit-image call
+  it replaces: the QuPath-style detection, four compartments, written with those libraries), and with them
+  on, on the same crop (skip both with ``--skip-same-algorithm``);
 * **GPU** (``ihcscore.gpu``, CuPy) deconvolution + Gaussian rate when a GPU is present.
 
 and the ratios between them.
@@ -38,7 +42,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_engine import naive_pipeline  # noqa: E402  (the same baseline as the engine benchmark)
+from bench_engine import naive_pipeline, set_kernels  # noqa: E402  (the same baseline as the engine benchmark)
 
 
 def _rss_tree(proc) -> int:
@@ -197,6 +201,31 @@ def naive_rate(path: Path, side: int = 4096):
             "mp_per_s_cpu": side * side / 1e6 / cpu, "objects": n}
 
 
+def same_algorithm_rate(path: Path, preset_name: str, side: int = 2048):
+    """analyze_region on one level-0 crop, one thread: scipy / scikit-image calls, then ihcscore's kernels."""
+    from ihcscore.pipeline import analyze_region
+    from ihcscore.preset import load_preset
+    from ihcscore.slide import open_slide
+
+    with open_slide(path) as s:
+        w, h = s.dimensions
+        side = min(side, w, h)
+        rgb = s.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side))
+        mpp = float(s.mpp)
+    preset = load_preset(preset_name)
+    out = {"side": side}
+    for name, on in (("skimage", False), ("kernels", True)):
+        set_kernels(on)
+        analyze_region(rgb[:256, :256], mpp, preset, threads=1)  # warm-up (kernel cache, imports)
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = len(analyze_region(rgb, mpp, preset, threads=1).cells)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        out[name] = {"seconds": dt, "cpu_seconds": cpu, "mp_per_s": side * side / 1e6 / dt,
+                     "mp_per_s_cpu": side * side / 1e6 / cpu, "cells": n}
+    set_kernels(True)
+    return out
+
+
 def gpu_rate(path: Path, side: int = 4096):
     from ihcscore import gpu
 
@@ -234,6 +263,7 @@ def main(argv=None):
                     help="also keep nucleus/cell outlines (what `ihcscore score` does for cells.geojson)")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="where the generated slide is kept")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-same-algorithm", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     ap.add_argument("--_score", dest="score_slide", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -287,6 +317,13 @@ def main(argv=None):
         nav = naive_rate(path)
         print(f"naive scikit-image ({nav['side']}² crop, 1 core): {nav['mp_per_s']:6.2f} MP/s  "
               f"({nav['objects']} objects in {nav['seconds']:.1f} s)", flush=True)
+    same = None
+    if not args.skip_same_algorithm:
+        same = same_algorithm_rate(path, args.preset)
+        sk, kn = same["skimage"], same["kernels"]
+        print(f"same detection, scipy/scikit-image ({same['side']}² crop, 1 thread): {sk['mp_per_s']:6.2f} MP/s  "
+              f"({sk['cells']} cells in {sk['seconds']:.1f} s); with ihcscore's kernels: {kn['mp_per_s']:.2f} MP/s "
+              f"({kn['cells']} cells)", flush=True)
     g = gpu_rate(path)
     if g:
         print(f"GPU deconvolution + Gaussian ({g['device']}): {g['gpu_mp_per_s']:.1f} MP/s vs CPU "
@@ -300,11 +337,16 @@ def main(argv=None):
         print(f"  ihcscore per core (wall) / naive scikit-image (1 core): {per_core / nav['mp_per_s']:.2f}x")
         print(f"  ihcscore per CPU-second / naive scikit-image (CPU-second): "
               f"{cpu_rate / nav['mp_per_s_cpu']:.2f}x")
+    if same:
+        sk = same["skimage"]
+        print(f"  ihcscore per core (wall) / same detection in scipy/scikit-image (1 thread): "
+              f"{per_core / sk['mp_per_s']:.1f}x (per CPU-second: {cpu_rate / sk['mp_per_s_cpu']:.1f}x)")
     print(f"  ihcscore per core / raw tile decode (1 core):    {per_core / dec['mp_per_s']:.3f} "
           f"(decode is {dec['mp_per_s'] / per_core:.0f}x faster than scoring)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "decode": dec,
-                                         "read_region": rr, "end_to_end": e2e, "naive": nav, "gpu": g}, indent=2))
+                                         "read_region": rr, "end_to_end": e2e, "naive": nav,
+                                         "same_algorithm": same, "gpu": g}, indent=2))
     return 0
 
 
