@@ -358,9 +358,29 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     -------
     path : pathlib.Path
     """
-    table = _table_only(cells).reset_index(drop=True)
-    table.columns = [str(c) for c in table.columns]
-    return atomic_write(path, lambda p: table.to_parquet(p, index=False, engine="pyarrow"))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = [c for c in cells.columns if c not in GEOMETRY_COLUMNS]
+
+    def _w(p):
+        # Row groups of PARQUET_ROWS converted one at a time: a whole slide's table (10^6 cells) is
+        # never copied whole (pandas' to_parquet holds a second copy plus the Arrow table).
+        with contextlib.ExitStack() as stack:
+            writer = None
+            for start in range(0, max(len(cells), 1), PARQUET_ROWS):
+                chunk = cells.iloc[start:start + PARQUET_ROWS][columns].reset_index(drop=True)
+                chunk.columns = [str(c) for c in columns]
+                table = pa.Table.from_pandas(chunk, preserve_index=False)
+                if writer is None:
+                    writer = stack.enter_context(pq.ParquetWriter(p, table.schema))
+                writer.write_table(table)
+
+    return atomic_write(path, _w)
+
+
+#: Rows per Parquet row group (and per conversion to Arrow) in ``cells.parquet``.
+PARQUET_ROWS = 65536
 
 
 def write_cells_csv(path, cells: pd.DataFrame):
