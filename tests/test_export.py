@@ -134,6 +134,25 @@ def test_parquet_and_csv_round_trip_exact_columns(tmp_path):
     pd.testing.assert_frame_equal(cs, cells[expected], check_dtype=False)
 
 
+def test_parquet_in_row_groups_reads_back_as_pandas_writes_it(tmp_path, monkeypatch):
+    """The chunked writer gives the frame, schema and pandas metadata of ``to_parquet(index=False)``."""
+    import pyarrow.parquet as papq
+
+    cells = make_cells()
+    cells.index = np.arange(len(cells)) * 3 + 5  # a slide table's index must not leak into the file
+    rows = max(1, len(cells) // 3)
+    monkeypatch.setattr(export, "PARQUET_ROWS", rows)
+    write_cells_parquet(tmp_path / "cells.parquet", cells)
+    expected = cells.drop(columns=["nucleus_polygon", "cell_polygon"]).reset_index(drop=True)
+    expected.to_parquet(tmp_path / "pandas.parquet", index=False)
+    assert papq.read_metadata(tmp_path / "cells.parquet").num_row_groups == -(-len(cells) // rows) > 1
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "cells.parquet"), expected, check_exact=True)
+    ours, theirs = papq.read_schema(tmp_path / "cells.parquet"), papq.read_schema(tmp_path / "pandas.parquet")
+    assert ours.equals(theirs, check_metadata=True)
+    write_cells_parquet(tmp_path / "empty.parquet", cells.iloc[:0])
+    assert list(pd.read_parquet(tmp_path / "empty.parquet").columns) == list(expected.columns)
+
+
 # --------------------------------------------------------------------------- geojson
 def test_class_names():
     assert qupath_class_name("tumour", 3) == "Tumor: 3+"
