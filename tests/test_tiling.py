@@ -349,6 +349,70 @@ def test_failed_tile_cancels_the_tiles_not_started(tmp_path):
     assert n_run < 10  # without the cancel all 39 others run (about 4 s)
 
 
+def _array_of(task):
+    return np.full(100_000, task, dtype=np.float64)
+
+
+def test_pool_results_are_released_as_they_are_taken():
+    """A tile's result is freed once the caller drops it, not kept (with its future) until the slide ends."""
+    import gc
+    import weakref
+
+    from ihcscore.pipeline import _run_tasks
+
+    refs = []
+    for result in _run_tasks(_array_of, list(range(12)), workers=2):
+        refs.append(weakref.ref(result))
+        del result
+        gc.collect()
+        assert sum(r() is not None for r in refs) <= 1  # at most the one just taken (a loop variable)
+    assert len(refs) == 12
+
+
+def _tile_table(rng, n, polygons=True):
+    cells = pd.DataFrame({"label": np.arange(1, n + 1, dtype=np.int64),
+                          "x_px": rng.integers(0, 50, n).astype(float),  # ties in y and x
+                          "y_px": rng.integers(0, 20, n).astype(float),
+                          "Nucleus: DAB OD mean": rng.random(n)})
+    if polygons:
+        rings = [None if i % 7 == 3 else rng.random((int(rng.integers(3, 9)), 2)).astype(np.float32)
+                 for i in range(n)]
+        cells["nucleus_polygon"] = pd.Series(rings, dtype=object)
+        cells["cell_polygon"] = pd.Series([r if r is None else r * 2 for r in rings], dtype=object)
+    return cells
+
+
+@pytest.mark.parametrize("with_keep", [False, True])
+def test_tile_tables_assemble_what_concat_drop_and_stable_sort_give(tmp_path, with_keep):
+    """_TileTables (tiles spilled to disk, one sorted table built at the end) gives the table that
+    pd.concat + dropping rows outside the tissue + a stable sort by (y_px, x_px) gives."""
+    from ihcscore.pipeline import _TileTables
+
+    rng = np.random.default_rng(3)
+    parts = [_tile_table(rng, n) for n in (40, 0, 25, 1, 60)]
+    tables = _TileTables(tmp_path)
+    for part in parts:
+        tables.add(part)
+    assert len(list(tmp_path.iterdir())) == 4  # the empty tile writes nothing
+
+    def keep(y, x):
+        return (x + y) % 3 != 0
+
+    got = tables.assemble(keep if with_keep else None)
+    expected = pd.concat(parts, ignore_index=True)
+    if with_keep:
+        expected = expected[keep(expected["y_px"].to_numpy(), expected["x_px"].to_numpy())]
+    expected = expected.sort_values(["y_px", "x_px"], kind="stable", ignore_index=True)
+    assert list(tmp_path.iterdir()) == []  # each tile's file is removed once read
+    assert list(got.columns) == list(expected.columns)
+    assert (got.dtypes == expected.dtypes).all()
+    plain = [c for c in expected.columns if not c.endswith("_polygon")]
+    pd.testing.assert_frame_equal(got[plain], expected[plain], check_exact=True)
+    for c in ("nucleus_polygon", "cell_polygon"):
+        for a, b in zip(got[c], expected[c]):
+            assert (a is None and b is None) or (a.dtype == np.float32 and np.array_equal(a, b))
+
+
 @pytest.mark.parametrize("mpp", [0.25, 0.2527])
 def test_slide_outlines_are_float32_and_tile_independent(tmp_path, preset, mpp):
     """Slide outlines come back as float32 rings: exact at an integer downsample (0.25 µm/px -> 2x, vertices

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import queue
+import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,9 +37,10 @@ except ImportError:  # pragma: no cover - numba missing
     _k = None
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
+from .export import GEOMETRY_COLUMNS
 from .measure import _rings_by_label, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads, die_with_parent
+from .runtime import default_threads, die_with_parent, release_freed_memory
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -353,12 +357,97 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         return
     pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
     try:
-        futures = [pool.submit(fn, t) for t in tasks]
-        for fut in as_completed(futures):
-            yield fut.result()
+        # Finished futures go through a queue and are dropped once their result is taken: a list of all
+        # the futures (as_completed keeps one) would hold every tile's table until the slide ends.
+        finished = queue.SimpleQueue()
+        for t in tasks:
+            pool.submit(fn, t).add_done_callback(finished.put)
+        for _ in range(len(tasks)):
+            yield finished.get().result()
     finally:
         # after a failed tile (or an early close) the tiles not started are dropped, not run first
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _TileTables:
+    """The tiles' cell tables, kept on disk as they arrive and built into one sorted table at the end.
+
+    A slide holds up to ~10^6 cells, about 1 KB each with outlines. Concatenating the tiles' tables
+    and then sorting held the table twice; built here straight into its final arrays, in its final
+    order, one tile at a time, the peak is the table plus one tile's. Outlines are stored as one
+    array per tile and come back as views of it.
+
+    Parameters
+    ----------
+    folder : path
+        An empty folder for the tiles' files (removed by the caller).
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.columns = None  # name -> dtype, from the first table
+        self._files = []  # (path, rows)
+        self._keys = []  # (y_px, x_px) of every row, in arrival order
+
+    def add(self, part: pd.DataFrame) -> None:
+        if self.columns is None:
+            self.columns = dict(part.dtypes)
+        if not len(part):
+            return
+        path = self.folder / f"{len(self._files)}.pkl"
+        rings = {c: _pack_rings(part[c].to_numpy()) for c in GEOMETRY_COLUMNS if c in part}
+        with open(path, "wb") as f:
+            pickle.dump((part.drop(columns=list(rings)), rings), f, protocol=pickle.HIGHEST_PROTOCOL)
+        self._files.append((path, len(part)))
+        self._keys.append(part[["y_px", "x_px"]].to_numpy())
+
+    def assemble(self, keep=None) -> pd.DataFrame:
+        """One table sorted by ``y_px`` then ``x_px`` (stable); ``keep(y_px, x_px) -> bool array`` drops rows."""
+        yx = np.concatenate(self._keys) if self._keys else np.empty((0, 2))
+        rows = np.arange(len(yx)) if keep is None else np.flatnonzero(keep(yx[:, 0], yx[:, 1]))
+        order = rows[np.lexsort((yx[rows, 1], yx[rows, 0]))]
+        dest = np.full(len(yx), -1, dtype=np.int64)
+        dest[order] = np.arange(len(order))
+        names = list(self.columns)
+        floats = [c for c in names if self.columns[c] == np.float64]
+        # one float64 block, which the DataFrame takes as it is (building it from columns would copy)
+        block = np.empty((len(floats), len(order)))
+        others = {c: np.empty(len(order), dtype=self.columns[c]) for c in names if c not in floats}
+        start = 0
+        for path, n in self._files:
+            with open(path, "rb") as f:
+                table, rings = pickle.load(f)
+            path.unlink()
+            d = dest[start:start + n]
+            start += n
+            sel = d >= 0
+            at = d[sel]
+            for i, c in enumerate(floats):
+                block[i, at] = table[c].to_numpy()[sel]
+            for c, values in others.items():
+                values[at] = (_unpack_rings(*rings[c]) if c in rings else table[c].to_numpy())[sel]
+        self._files, self._keys = [], []
+        cells = pd.DataFrame(block.T, columns=floats, copy=False)
+        for i, c in enumerate(names):
+            if c in others:
+                cells.insert(i, c, others[c])
+        return cells
+
+
+def _pack_rings(rings):
+    """(K_i, 2) arrays (or None) -> lengths (-1 for None) and all vertices in one array."""
+    lengths = np.array([-1 if r is None else len(r) for r in rings], dtype=np.int64)
+    present = [r for r in rings if r is not None]
+    flat = np.concatenate(present) if present else np.empty((0, 2), np.float32)
+    return lengths, flat
+
+
+def _unpack_rings(lengths, flat):
+    out = np.empty(len(lengths), dtype=object)
+    has = np.flatnonzero(lengths >= 0)
+    for i, ring in zip(has, np.split(flat, np.cumsum(lengths[has])[:-1]) if len(has) else []):
+        out[i] = ring  # one by one: numpy would stack rings of equal length into one array
+    return out
 
 
 class _TileJob:
@@ -536,24 +625,24 @@ def analyze_slide(
     # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
     job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
                    params=params, polygons=polygons)
-    parts = []
-    for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
-        parts.append(part)
-        if progress is not None:
-            progress(done, len(tasks))
-    cells = pd.concat(parts, ignore_index=True) if parts else _empty_cells(slide, preset, stains)
-    # Whole slides hold ~10^6 cells (~0.4 KB each): keep one copy of the table at a time.
-    del parts
-    if mask is not None and len(cells):
-        # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
-        # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
-        # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
-        uy = (cells["y_px"].to_numpy() + 0.5) / ds
-        ux = (cells["x_px"].to_numpy() + 0.5) / ds
-        my = np.clip(np.floor(uy * scale).astype(int), 0, mask.shape[0] - 1)
-        mx = np.clip(np.floor(ux * scale).astype(int), 0, mask.shape[1] - 1)
-        cells.drop(index=cells.index[~mask[my, mx]], inplace=True)
-    cells.sort_values(["y_px", "x_px"], kind="stable", inplace=True, ignore_index=True)
+    in_tissue = None
+    if mask is not None:
+        def in_tissue(y_px, x_px):
+            # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
+            # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
+            # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
+            my = np.clip(np.floor((y_px + 0.5) / ds * scale).astype(int), 0, mask.shape[0] - 1)
+            mx = np.clip(np.floor((x_px + 0.5) / ds * scale).astype(int), 0, mask.shape[1] - 1)
+            return mask[my, mx]
+
+    release_freed_memory()  # the tissue and stain checks' images: the table's arrays need other sizes
+    with tempfile.TemporaryDirectory(prefix="ihcscore-tiles-") as spill:
+        tables = _TileTables(spill)
+        for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
+            tables.add(part)
+            if progress is not None:
+                progress(done, len(tasks))
+        cells = tables.assemble(in_tissue) if tables.columns else _empty_cells(slide, preset, stains)
     cells["label"] = np.arange(1, len(cells) + 1)
     cells.rename(columns={"label": "object_id"}, inplace=True)
     cells = _score_table(cells, preset.scoring, classifier)

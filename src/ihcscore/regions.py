@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from .scoring import ScoringScheme, assign_bins, score_counts, summarize
+from .scoring import COMPARTMENTS, ScoringScheme, assign_bins, score_counts, summarize
 
 __all__ = ["cells_in_geometry", "region_summaries", "score_grid", "top_hotspots"]
 
@@ -41,10 +41,13 @@ def region_summaries(cells: pd.DataFrame, regions, scheme: ScoringScheme, mpp: f
         ``{"name", "area_mm2", "n_cells", "tumour": {...}, "all": {...}}`` per region,
         the groups as in :func:`ihcscore.scoring.summarize`.
     """
+    # the columns summarize reads: a slide's whole table is not copied per region
+    used = dict.fromkeys(["class", scheme.measurement, *(scheme.measurement_for(c) for c in COMPARTMENTS)])
+    scored = cells[[c for c in used if c in cells.columns]]
     out = []
     for i, (name, geom) in enumerate(regions):
         inside = cells_in_geometry(cells, geom)
-        scores = summarize(cells[inside], scheme)
+        scores = summarize(scored[inside], scheme)
         out.append({
             "name": name or f"region {i + 1}",
             "area_mm2": float(geom.area * mpp * mpp / 1e6),
@@ -74,7 +77,9 @@ def score_grid(cells: pd.DataFrame, scheme: ScoringScheme, *, grid_um: float = 5
         ``n``, ``h_score``, ``percent_positive``.
     """
     cols = ["x0_um", "y0_um", "size_um", "n", "h_score", "percent_positive"]
-    sel = cells if scheme.cells == "all" else cells[cells["class"].astype(str) == "tumour"] if len(cells) else cells
+    sel = cells[[scheme.measurement, "x_um", "y_um"]]  # a slide's whole table is not copied below
+    if scheme.cells != "all" and len(cells):
+        sel = sel[cells["class"].astype(str).to_numpy() == "tumour"]
     if len(sel) == 0:
         return pd.DataFrame(columns=cols)
     bins = assign_bins(sel[scheme.measurement].to_numpy(dtype=np.float64), scheme.thresholds)

@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["retain_freed_memory", "default_threads", "die_with_parent"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "default_threads", "die_with_parent"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -59,6 +59,20 @@ def retain_freed_memory(max_block_bytes: int = 1 << 30) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, int(max_block_bytes)) == 1
     return bool(ok and mallopt(_M_TRIM_THRESHOLD, int(max_block_bytes)) == 1)
+
+
+def release_freed_memory() -> bool:
+    """Return the heap's free pages to the OS now (glibc ``malloc_trim(0)``).
+
+    After a phase whose large temporaries are done with (a slide's tissue detection, its tiles),
+    so that memory retained for reuse (:func:`retain_freed_memory`) does not add to the peak of the
+    next phase, which needs differently sized blocks. ``True`` where it ran (Linux with glibc).
+    """
+    trim = getattr(_linux_libc(), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def default_threads() -> int:

@@ -347,12 +347,15 @@ def score_counts(bins, n_thresholds: int = 3) -> dict:
     return out
 
 
-def _group_summary(table, scheme: ScoringScheme, empty_table: bool) -> dict:
+def _group_summary(table, scheme: ScoringScheme, empty_table: bool, rows=None) -> dict:
+    """Scores of ``table`` (of its ``rows``, a boolean mask, when given: no copy of a slide's table)."""
     nt = len(scheme.thresholds)
 
     def counts_for(column: str):
         if column in table.columns:
             values = table[column].to_numpy(dtype=np.float64, na_value=np.nan)
+            if rows is not None:
+                values = values[rows]
         elif empty_table:
             values = np.empty(0)
         else:
@@ -399,13 +402,10 @@ def summarize(table, scheme: ScoringScheme = ScoringScheme()) -> dict:
     """
     if len(table) and "class" not in table.columns:
         raise ValueError("the cell table has no 'class' column (tumour / other)")
-    if len(table):
-        tumour = table[table["class"].astype(str).to_numpy() == "tumour"]
-    else:
-        tumour = table
+    tumour = table["class"].astype(str).to_numpy() == "tumour" if len(table) else None
     empty = len(table) == 0
     return {
-        "tumour": _group_summary(tumour, scheme, empty),
+        "tumour": _group_summary(table, scheme, empty, rows=tumour),
         "all": _group_summary(table, scheme, empty),
     }
 
