@@ -364,12 +364,12 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     columns = [c for c in cells.columns if c not in GEOMETRY_COLUMNS]
 
     def _w(p):
-        # Row groups of PARQUET_ROWS converted one at a time: a whole slide's table (10^6 cells) is
+        # Row groups of BLOCK_ROWS converted one at a time: a whole slide's table (10^6 cells) is
         # never copied whole (pandas' to_parquet holds a second copy plus the Arrow table).
         with contextlib.ExitStack() as stack:
             writer = None
-            for start in range(0, max(len(cells), 1), PARQUET_ROWS):
-                chunk = cells.iloc[start:start + PARQUET_ROWS][columns].reset_index(drop=True)
+            for start in range(0, max(len(cells), 1), BLOCK_ROWS):
+                chunk = cells.iloc[start:start + BLOCK_ROWS][columns].reset_index(drop=True)
                 chunk.columns = [str(c) for c in columns]
                 table = pa.Table.from_pandas(chunk, preserve_index=False)
                 if writer is None:
@@ -379,8 +379,9 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     return atomic_write(path, _w)
 
 
-#: Rows per Parquet row group (and per conversion to Arrow) in ``cells.parquet``.
-PARQUET_ROWS = 65536
+#: Rows handled at a time when a cell table is written: a Parquet row group (converted to Arrow on its
+#: own) and a block of GeoJSON measurements.
+BLOCK_ROWS = 65536
 
 
 def write_cells_csv(path, cells: pd.DataFrame):
@@ -554,8 +555,7 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
         measurement_columns = list(measurement_columns)
     names = list(measurement_columns) + [_CENTROID_NAMES[c] for c in ("x_um", "y_um") if c in cells.columns]
     sources = list(measurement_columns) + [c for c in ("x_um", "y_um") if c in cells.columns]
-    values = np.column_stack([pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]) \
-        if sources else np.zeros((len(cells), 0))
+    columns = [pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]
 
     rng = np.random.default_rng(seed) if seed is not None else None
     n = len(cells)
@@ -568,8 +568,11 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
     nuc_area = cells["Nucleus: Area µm^2"].to_numpy(float) if "Nucleus: Area µm^2" in cells else np.full(n, np.nan)
     cell_area = cells["Cell: Area µm^2"].to_numpy(float) if "Cell: Area µm^2" in cells else np.full(n, np.nan)
 
-    finite = np.isfinite(values).all(axis=1)
     for i in range(n):
+        if i % BLOCK_ROWS == 0:  # the measurements of a block of rows at a time, not of the whole slide
+            values = np.column_stack([c[i:i + BLOCK_ROWS] for c in columns]) if columns else \
+                np.zeros((min(BLOCK_ROWS, n - i), 0))
+            finite = np.isfinite(values).all(axis=1)
         nuc = _ring(nuc_polys[i])
         cel = _ring(cell_polys[i])
         if nuc is None:
@@ -585,8 +588,9 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
             else:
                 cel = nuc
         cname = qupath_class_name(classes[i], bins[i], n_thresholds)
-        row = values[i].tolist()
-        meas = dict(zip(names, row)) if finite[i] else {k: v for k, v in zip(names, row) if math.isfinite(v)}
+        row = values[i % BLOCK_ROWS].tolist()
+        meas = dict(zip(names, row)) if finite[i % BLOCK_ROWS] else \
+            {k: v for k, v in zip(names, row) if math.isfinite(v)}
         fid = str(uuid.UUID(bytes=rng.bytes(16), version=4)) if rng is not None else str(uuid.uuid4())
         props: dict[str, Any] = {}
         if qupath_version == "0.4":
