@@ -64,13 +64,13 @@ def test_tissue_disk_is_found(tmp_path, method):
 
 
 def test_od_table_equals_the_formula():
-    from ihcscore.tissue import _od_of_uint8
+    from ihcscore.tissue import _optical_density
 
     rgb = np.arange(256, dtype=np.uint8).reshape(16, 16)[..., None].repeat(3, axis=-1)
     expected = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
-    assert _od_of_uint8(rgb).dtype == np.float32
-    assert np.array_equal(_od_of_uint8(rgb), expected)
-    assert np.array_equal(_od_of_uint8(rgb.astype(np.float32)), expected)
+    assert _optical_density(rgb).dtype == np.float32
+    assert np.array_equal(_optical_density(rgb), expected)
+    assert np.array_equal(_optical_density(rgb.astype(np.float32)), expected)
 
 
 def test_all_tissue_image_is_not_split():

@@ -408,8 +408,9 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
     Returns
     -------
     Segmentation
-        Labels ``1..n`` numbered in raster order of each nucleus's first pixel;
-        with ``core``, of the window ``offset`` (row, col) on that holds it.
+        Labels ``1..n`` numbered in raster order of each nucleus's first pixel.
+        With ``core``, the images cover only the window around it, whose
+        top-left pixel is ``od[offset]`` (``Segmentation.offset``).
     """
     pad = params.context_px()
     n_bands = 1 if core is not None else min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))

@@ -385,7 +385,7 @@ class _TileTables:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        self.columns = None  # name -> dtype, from the first table
+        self.columns = None  # name -> dtype, of all the tables
         self._files = []  # (path, rows)
         self._keys = []  # (y_px, x_px) of every row, in arrival order
 
@@ -393,7 +393,9 @@ class _TileTables:
         """Keep one tile's table: a DataFrame, or :func:`_pack_tile` of one."""
         table, rings, columns = part if isinstance(part, tuple) else _pack_tile(part)
         if self.columns is None:
-            self.columns = columns
+            self.columns = {}
+        for name, dtype in columns.items():  # an empty tile has no outline columns: the union, as pd.concat
+            self.columns.setdefault(name, dtype)
         if not len(table):
             return
         path = self.folder / f"{len(self._files)}.pkl"

@@ -67,7 +67,7 @@ def _thumb_shape(dimensions, ds):
     return max(1, int(round(h / ds))), max(1, int(round(w / ds)))
 
 
-def _od_of_uint8(rgb: np.ndarray) -> np.ndarray:
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
     """``-log10(max(rgb, 1) / 255)`` in float32, through a 256-entry table when ``rgb`` is uint8."""
     if rgb.dtype == np.uint8:
         return _OD_TABLE[rgb]
@@ -140,7 +140,7 @@ def tissue_mask(slide, max_side=2048, method="glass", *, min_object_um2=2000.0,
         feat = (_k or ndi).gaussian_filter(sat, sigma)  # kernel: bit-identical
         t = float(np.clip(_otsu(feat), SATURATION_FLOOR, SATURATION_CAP))
     else:
-        od = _od_of_uint8(rgb)
+        od = _optical_density(rgb)
         feat = (_k or ndi).gaussian_filter(od.sum(axis=-1), sigma)
         if method == "glass":
             from .stains import estimate_background
