@@ -369,6 +369,26 @@ def test_pool_results_are_released_as_they_are_taken():
     assert len(refs) == 12
 
 
+def test_stale_tile_tables_of_killed_runs_are_removed(tmp_path):
+    """Folders left by a dead process go; a live process's folder and other names stay."""
+    import os
+    import subprocess
+    import sys
+
+    from ihcscore.pipeline import TILE_TABLES_PREFIX, remove_stale_tile_tables
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f"{TILE_TABLES_PREFIX}{dead_pid}-abc"
+    live = tmp_path / f"{TILE_TABLES_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{TILE_TABLES_PREFIX}x-1"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "0.pkl").write_bytes(b"tile")
+    assert remove_stale_tile_tables(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
 def _tile_table(rng, n, polygons=True):
     cells = pd.DataFrame({"label": np.arange(1, n + 1, dtype=np.int64),
                           "x_px": rng.integers(0, 50, n).astype(float),  # ties in y and x

@@ -20,6 +20,7 @@ from . import __version__
 from .export import hash_params, is_complete, summary_row, write_failures, write_slide_outputs, write_summary_csv
 from .pipeline import analyze_slide
 from .report import write_cohort_index
+from .runtime import process_alive
 
 __all__ = ["SLIDE_EXTENSIONS", "find_slides", "slide_params_hash", "score_slide", "score_batch", "BatchResult",
            "dask_client"]
@@ -124,26 +125,12 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
         return
     for tmp in out_dir.glob("*.tmp-*"):
         pid = tmp.name.rsplit(".tmp-", 1)[-1]
-        if pid.isdigit() and _process_alive(int(pid)):
+        if pid.isdigit() and process_alive(int(pid)):
             continue  # this process's or another live process's file
         try:
             tmp.unlink()
         except OSError:
             pass
-
-
-def _process_alive(pid: int) -> bool:
-    import os
-
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def dask_client(address: str, workers: int = 2):

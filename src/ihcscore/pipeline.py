@@ -40,7 +40,7 @@ from .classify import classify_cells
 from .export import GEOMETRY_COLUMNS
 from .measure import _rings_by_label, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads, die_with_parent, release_freed_memory
+from .runtime import default_threads, die_with_parent, process_alive, release_freed_memory
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -437,6 +437,38 @@ class _TileTables:
         return cells
 
 
+#: Temporary folders of :class:`_TileTables` are named this, the owner's process id, ``-`` and a random part.
+TILE_TABLES_PREFIX = "ihcscore-tiles-"
+
+
+def remove_stale_tile_tables(root=None) -> list[Path]:
+    """Delete the tile-table folders of runs that were killed (their process is gone); returns them.
+
+    A killed ``ihcscore score`` cannot remove its folder (up to ~1 KB per cell); the next slide scored
+    on the machine does. Folders of live processes and of other users are left alone.
+
+    Parameters
+    ----------
+    root : path, optional
+        Where to look; default the system's temporary directory (``TMPDIR``).
+    """
+    import shutil
+
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{TILE_TABLES_PREFIX}*"):
+        pid = folder.name[len(TILE_TABLES_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        try:
+            if hasattr(os, "getuid") and folder.stat().st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def _pack_tile(cells: pd.DataFrame):
     """A tile's table without its outline columns, those as :func:`_pack_rings`, and every column's dtype.
 
@@ -649,7 +681,8 @@ def analyze_slide(
             return mask[my, mx]
 
     release_freed_memory()  # the tissue and stain checks' images: the table's arrays need other sizes
-    with tempfile.TemporaryDirectory(prefix="ihcscore-tiles-") as spill:
+    remove_stale_tile_tables()
+    with tempfile.TemporaryDirectory(prefix=f"{TILE_TABLES_PREFIX}{os.getpid()}-") as spill:
         tables = _TileTables(spill)
         for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
             tables.add(part)

@@ -14,7 +14,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["retain_freed_memory", "release_freed_memory", "default_threads", "die_with_parent"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "default_threads", "die_with_parent", "process_alive"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -97,3 +97,16 @@ def die_with_parent(parent_pid: int) -> None:
     prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs (this one included; another user's counts as running)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
