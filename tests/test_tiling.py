@@ -389,6 +389,15 @@ def test_stale_tile_tables_of_killed_runs_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
 
 
+def test_tile_tables_error_names_the_folder_and_tmpdir(tmp_path):
+    from ihcscore.pipeline import _TileTables
+
+    folder = tmp_path / "gone"
+    tables = _TileTables(folder)  # never created: writing fails as on a full or missing disk
+    with pytest.raises(OSError, match=r"tiles' cell tables in .*gone.*TMPDIR"):
+        tables.add(_tile_table(np.random.default_rng(0), 3))
+
+
 def _tile_table(rng, n, polygons=True):
     cells = pd.DataFrame({"label": np.arange(1, n + 1, dtype=np.int64),
                           "x_px": rng.integers(0, 50, n).astype(float),  # ties in y and x

@@ -399,8 +399,12 @@ class _TileTables:
         if not len(table):
             return
         path = self.folder / f"{len(self._files)}.pkl"
-        with open(path, "wb") as f:
-            pickle.dump((table, rings), f, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with open(path, "wb") as f:
+                pickle.dump((table, rings), f, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as e:  # a full disk: say where, and what to do
+            raise OSError(e.errno, f"cannot keep the tiles' cell tables in {self.folder} ({e.strerror}); "
+                                   "free space there or point TMPDIR at a larger disk") from e
         self._files.append((path, len(table)))
         self._keys.append(table[["y_px", "x_px"]].to_numpy())
 
