@@ -100,8 +100,11 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this id runs (this one included; another user's counts as running)."""
-    if pid == os.getpid():
+    """Whether a process with this id runs (this one included; another user's counts as running).
+
+    On Windows always ``True``: there ``os.kill(pid, 0)`` would send the process a Ctrl-C.
+    """
+    if pid == os.getpid() or os.name == "nt":
         return True
     try:
         os.kill(pid, 0)
