@@ -375,7 +375,7 @@ def test_stale_tile_tables_of_killed_runs_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from ihcscore.pipeline import TILE_TABLES_PREFIX, remove_stale_tile_tables
+    from ihcscore.tile_tables import TILE_TABLES_PREFIX, remove_stale_tile_tables
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -390,10 +390,10 @@ def test_stale_tile_tables_of_killed_runs_are_removed(tmp_path):
 
 
 def test_tile_tables_error_names_the_folder_and_tmpdir(tmp_path):
-    from ihcscore.pipeline import _TileTables
+    from ihcscore.tile_tables import TileTables
 
     folder = tmp_path / "gone"
-    tables = _TileTables(folder)  # never created: writing fails as on a full or missing disk
+    tables = TileTables(folder)  # never created: writing fails as on a full or missing disk
     with pytest.raises(OSError, match=r"tiles' cell tables in .*gone.*TMPDIR"):
         tables.add(_tile_table(np.random.default_rng(0), 3))
 
@@ -413,14 +413,14 @@ def _tile_table(rng, n, polygons=True):
 
 @pytest.mark.parametrize("with_keep", [False, True])
 def test_tile_tables_assemble_what_concat_drop_and_stable_sort_give(tmp_path, with_keep):
-    """_TileTables (tiles spilled to disk, one sorted table built at the end) gives the table that
+    """TileTables (tiles spilled to disk, one sorted table built at the end) gives the table that
     pd.concat + dropping rows outside the tissue + a stable sort by (y_px, x_px) gives."""
-    from ihcscore.pipeline import _TileTables
+    from ihcscore.tile_tables import TileTables
 
     rng = np.random.default_rng(3)
     # an empty tile comes first, without outline columns (as analyze_tile gives it)
     parts = [_tile_table(rng, 0, polygons=False)] + [_tile_table(rng, n) for n in (40, 0, 25, 1, 60)]
-    tables = _TileTables(tmp_path)
+    tables = TileTables(tmp_path)
     for part in parts:
         tables.add(part)
     assert len(list(tmp_path.iterdir())) == 4  # empty tiles write nothing

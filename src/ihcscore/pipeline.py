@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import queue
 import tempfile
 import time
@@ -37,13 +36,13 @@ except ImportError:  # pragma: no cover - numba missing
     _k = None
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
-from .export import GEOMETRY_COLUMNS
 from .measure import _rings_by_label, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads, die_with_parent, process_alive, release_freed_memory
+from .runtime import default_threads, die_with_parent, release_freed_memory
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
+from .tile_tables import TILE_TABLES_PREFIX, TileTables, pack_tile, remove_stale_tile_tables
 
 __all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "resample_to_grid",
            "detection_pixel_size", "stain_warnings", "plan_tiles"]
@@ -369,144 +368,15 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _TileTables:
-    """The tiles' cell tables, kept on disk as they arrive and built into one sorted table at the end.
-
-    A slide holds up to ~10^6 cells, about 1 KB each with outlines. Concatenating the tiles' tables
-    and then sorting held the table twice; built here straight into its final arrays, in its final
-    order, one tile at a time, the peak is the table plus one tile's. Outlines are stored as one
-    array per tile and come back as views of it.
-
-    Parameters
-    ----------
-    folder : path
-        An empty folder for the tiles' files (removed by the caller).
-    """
-
-    def __init__(self, folder):
-        self.folder = Path(folder)
-        self.columns = None  # name -> dtype, of all the tables
-        self._files = []  # (path, rows)
-        self._keys = []  # (y_px, x_px) of every row, in arrival order
-
-    def add(self, part) -> None:
-        """Keep one tile's table: a DataFrame, or :func:`_pack_tile` of one."""
-        table, rings, columns = part if isinstance(part, tuple) else _pack_tile(part)
-        if self.columns is None:
-            self.columns = {}
-        for name, dtype in columns.items():  # an empty tile has no outline columns: the union, as pd.concat
-            self.columns.setdefault(name, dtype)
-        if not len(table):
-            return
-        path = self.folder / f"{len(self._files)}.pkl"
-        try:
-            with open(path, "wb") as f:
-                pickle.dump((table, rings), f, protocol=pickle.HIGHEST_PROTOCOL)
-        except OSError as e:  # a full disk: say where, and what to do
-            raise OSError(e.errno, f"cannot keep the tiles' cell tables in {self.folder} ({e.strerror}); "
-                                   "free space there or point TMPDIR at a larger disk") from e
-        self._files.append((path, len(table)))
-        self._keys.append(table[["y_px", "x_px"]].to_numpy())
-
-    def assemble(self, keep=None) -> pd.DataFrame:
-        """One table sorted by ``y_px`` then ``x_px`` (stable); ``keep(y_px, x_px) -> bool array`` drops rows."""
-        yx = np.concatenate(self._keys) if self._keys else np.empty((0, 2))
-        rows = np.arange(len(yx)) if keep is None else np.flatnonzero(keep(yx[:, 0], yx[:, 1]))
-        order = rows[np.lexsort((yx[rows, 1], yx[rows, 0]))]
-        dest = np.full(len(yx), -1, dtype=np.int64)
-        dest[order] = np.arange(len(order))
-        names = list(self.columns)
-        floats = [c for c in names if self.columns[c] == np.float64]
-        # one float64 block, which the DataFrame takes as it is (building it from columns would copy)
-        block = np.empty((len(floats), len(order)))
-        others = {c: np.empty(len(order), dtype=self.columns[c]) for c in names if c not in floats}
-        start = 0
-        for path, n in self._files:
-            with open(path, "rb") as f:
-                table, rings = pickle.load(f)
-            path.unlink()
-            d = dest[start:start + n]
-            start += n
-            sel = d >= 0
-            at = d[sel]
-            for i, c in enumerate(floats):
-                block[i, at] = table[c].to_numpy()[sel]
-            for c, values in others.items():
-                values[at] = (_unpack_rings(*rings[c]) if c in rings else table[c].to_numpy())[sel]
-        self._files, self._keys = [], []
-        cells = pd.DataFrame(block.T, columns=floats, copy=False)
-        for i, c in enumerate(names):
-            if c in others:
-                cells.insert(i, c, others[c])
-        return cells
-
-
-#: Temporary folders of :class:`_TileTables` are named this, the owner's process id, ``-`` and a random part.
-TILE_TABLES_PREFIX = "ihcscore-tiles-"
-
-
-def remove_stale_tile_tables(root=None) -> list[Path]:
-    """Delete the tile-table folders of runs that were killed (their process is gone); returns them.
-
-    A killed ``ihcscore score`` cannot remove its folder (up to ~1 KB per cell); the next slide scored
-    on the machine does. Folders of live processes and of other users are left alone.
-
-    Parameters
-    ----------
-    root : path, optional
-        Where to look; default the system's temporary directory (``TMPDIR``).
-    """
-    import shutil
-
-    removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{TILE_TABLES_PREFIX}*"):
-        pid = folder.name[len(TILE_TABLES_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or process_alive(int(pid)):
-            continue
-        try:
-            if hasattr(os, "getuid") and folder.stat().st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
-
-
-def _pack_tile(cells: pd.DataFrame):
-    """A tile's table without its outline columns, those as :func:`_pack_rings`, and every column's dtype.
-
-    Workers send tiles this way: two arrays per outline column pickle much faster than ~10^3 small ones.
-    """
-    rings = {c: _pack_rings(cells[c].to_numpy()) for c in GEOMETRY_COLUMNS if c in cells}
-    return cells.drop(columns=list(rings)), rings, dict(cells.dtypes)
-
-
-def _pack_rings(rings):
-    """(K_i, 2) arrays (or None) -> lengths (-1 for None) and all vertices in one array."""
-    lengths = np.array([-1 if r is None else len(r) for r in rings], dtype=np.int64)
-    present = [r for r in rings if r is not None]
-    flat = np.concatenate(present) if present else np.empty((0, 2), np.float32)
-    return lengths, flat
-
-
-def _unpack_rings(lengths, flat):
-    out = np.empty(len(lengths), dtype=object)
-    has = np.flatnonzero(lengths >= 0)
-    for i, ring in zip(has, np.split(flat, np.cumsum(lengths[has])[:-1]) if len(has) else []):
-        out[i] = ring  # one by one: numpy would stack rings of equal length into one array
-    return out
-
-
 class _TileJob:
     """Picklable closure over the per-slide constants of :func:`analyze_tile`; returns the tile packed
-    (:func:`_pack_tile`)."""
+    (:func:`~ihcscore.tile_tables.pack_tile`)."""
 
     def __init__(self, **kw):
         self.kw = kw
 
     def __call__(self, task):
-        return _pack_tile(analyze_tile(task=task, **self.kw))
+        return pack_tile(analyze_tile(task=task, **self.kw))
 
 
 #: Longest side (px) the stain-angle check subsamples the tissue sample to (every second pixel of ~1800 px).
@@ -687,7 +557,7 @@ def analyze_slide(
     release_freed_memory()  # the tissue and stain checks' images: the table's arrays need other sizes
     remove_stale_tile_tables()
     with tempfile.TemporaryDirectory(prefix=f"{TILE_TABLES_PREFIX}{os.getpid()}-") as spill:
-        tables = _TileTables(spill)
+        tables = TileTables(spill)
         for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
             tables.add(part)
             if progress is not None:
