@@ -166,6 +166,23 @@ def test_geojson_bytes_do_not_depend_on_the_block_size(tmp_path, monkeypatch):
     assert features[4]["properties"]["measurements"]["Cell: DAB OD mean"] == cells.loc[4, "Cell: DAB OD mean"]
 
 
+def test_geojson_in_worker_processes_gives_the_same_bytes(tmp_path, monkeypatch):
+    """Blocks of features encoded in 2 processes are written in order: the file of one process, id for id."""
+    cells = make_cells(n=11)
+    cells.loc[5, "Cell: DAB OD mean"] = np.nan
+    write_cells_geojson(tmp_path / "one.geojson", cells, MPP, seed=9)
+    monkeypatch.setattr(export, "GEOJSON_ROWS", 3)  # 4 blocks; inherited by the forked workers
+    write_cells_geojson(tmp_path / "two.geojson", cells, MPP, seed=9, workers=2)
+    assert (tmp_path / "one.geojson").read_bytes() == (tmp_path / "two.geojson").read_bytes()
+    assert len(json.loads((tmp_path / "two.geojson").read_text(encoding="utf-8"))["features"]) == 11
+    broken = cells.copy()
+    broken["nucleus_polygon"] = None
+    broken.loc[7, "x_px"] = np.nan
+    with pytest.raises(ValueError, match="cell 7 has no nucleus polygon"):
+        write_cells_geojson(tmp_path / "broken.geojson", broken, MPP, seed=9, workers=2)
+    assert not (tmp_path / "broken.geojson").exists()
+
+
 # --------------------------------------------------------------------------- geojson
 def test_class_names():
     assert qupath_class_name("tumour", 3) == "Tumor: 3+"

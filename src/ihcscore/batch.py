@@ -112,7 +112,7 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
                       "hotspot_grid": result.hotspot_grid}
         out_dir = Path(out_root) / slide.name
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
-                            overlay_images=images,
+                            overlay_images=images, workers=workers,
                             params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier))
     return summary
 

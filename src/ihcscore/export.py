@@ -539,25 +539,40 @@ def cells_to_geojson(
     return {"type": "FeatureCollection", "features": list(features)}
 
 
-def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed):
-    """The features of :func:`cells_to_geojson`, one at a time (checks run before the first)."""
+def _checked_geojson_args(cells, mpp, measurement_columns, qupath_version):
+    """``(mpp, measurement columns)`` of :func:`cells_to_geojson`, checked (the default columns resolved)."""
     if qupath_version not in ("0.4", "0.3"):
         raise ValueError(f"qupath_version must be '0.4' or '0.3', not {qupath_version!r}")
     if mpp is None or not (float(mpp) > 0):
         raise ValueError(f"mpp must be a positive pixel size in µm/px, got {mpp!r}")
-    mpp = float(mpp)
     if measurement_columns is None:
-        measurement_columns = _default_measurement_columns(cells)
-    else:
-        missing = [c for c in measurement_columns if c not in cells.columns]
-        if missing:
-            raise KeyError(f"measurement columns not in the cell table: {missing}")
-        measurement_columns = list(measurement_columns)
+        return float(mpp), _default_measurement_columns(cells)
+    missing = [c for c in measurement_columns if c not in cells.columns]
+    if missing:
+        raise KeyError(f"measurement columns not in the cell table: {missing}")
+    return float(mpp), list(measurement_columns)
+
+
+def _feature_ids(seed):
+    """Feature UUIDs, endless: random, or from ``seed`` (the same sequence for the same seed)."""
+    rng = np.random.default_rng(seed) if seed is not None else None
+    while True:
+        yield str(uuid.UUID(bytes=rng.bytes(16), version=4)) if rng is not None else str(uuid.uuid4())
+
+
+def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed=None, ids=None,
+                      first_row=0):
+    """The features of :func:`cells_to_geojson`, one at a time (checks run before the first).
+
+    ``ids``: the features' ids (default :func:`_feature_ids` of ``seed``); ``first_row``: the row number of
+    ``cells``' first row in the whole table (for messages).
+    """
+    mpp, measurement_columns = _checked_geojson_args(cells, mpp, measurement_columns, qupath_version)
+    ids = iter(ids) if ids is not None else _feature_ids(seed)
     names = list(measurement_columns) + [_CENTROID_NAMES[c] for c in ("x_um", "y_um") if c in cells.columns]
     sources = list(measurement_columns) + [c for c in ("x_um", "y_um") if c in cells.columns]
     columns = [pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]
 
-    rng = np.random.default_rng(seed) if seed is not None else None
     n = len(cells)
     xs = cells["x_px"].to_numpy(float) if "x_px" in cells else np.full(n, np.nan)
     ys = cells["y_px"].to_numpy(float) if "y_px" in cells else np.full(n, np.nan)
@@ -577,7 +592,7 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
         cel = _ring(cell_polys[i])
         if nuc is None:
             if not (math.isfinite(xs[i]) and math.isfinite(ys[i])):
-                raise ValueError(f"cell {i} has no nucleus polygon and no finite x_px/y_px")
+                raise ValueError(f"cell {first_row + i} has no nucleus polygon and no finite x_px/y_px")
             a = nuc_area[i]
             r_um = math.sqrt(a / math.pi) if math.isfinite(a) and a > 0 else 3.0
             nuc = _circle_ring(xs[i], ys[i], r_um / mpp)
@@ -591,7 +606,7 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
         row = values[i % BLOCK_ROWS].tolist()
         meas = dict(zip(names, row)) if finite[i % BLOCK_ROWS] else \
             {k: v for k, v in zip(names, row) if math.isfinite(v)}
-        fid = str(uuid.UUID(bytes=rng.bytes(16), version=4)) if rng is not None else str(uuid.uuid4())
+        fid = next(ids)
         props: dict[str, Any] = {}
         if qupath_version == "0.4":
             props["objectType"] = "cell"
@@ -641,30 +656,73 @@ def write_cells_geojson(
     n_thresholds: int = 3,
     qupath_version: str = "0.4",
     seed: int | None = None,
+    workers: int = 1,
 ):
     """Write ``cells.geojson`` that QuPath imports as cell objects.
 
     Drag the file onto the slide in QuPath, or ``File > Object data... >
     Import objects``. See :func:`cells_to_geojson` for the parameters and the
-    module docstring for the conventions.
+    module docstring for the conventions. ``workers > 1`` encodes blocks of
+    :data:`GEOJSON_ROWS` features in that many processes (the same bytes).
 
     Returns
     -------
     path : pathlib.Path
     """
-    features = _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_version, seed)
-    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
-    # Feature by feature (memory does not grow with the slide) through the C encoder, in chunks of
-    # writes: the same bytes as json.dump of the whole FeatureCollection.
-    encoded = (encode(feature) for feature in features)
+    mpp, measurement_columns = _checked_geojson_args(cells, mpp, measurement_columns, qupath_version)
+    ids = _feature_ids(seed)
+    # Blocks of features encoded by the C encoder and written in order: memory does not grow with the
+    # slide, and the bytes are those of json.dump of the whole FeatureCollection.
+    blocks = ((cells.iloc[a:a + GEOJSON_ROWS], mpp, measurement_columns, n_thresholds, qupath_version,
+               list(itertools.islice(ids, min(GEOJSON_ROWS, len(cells) - a))), a)
+              for a in range(0, len(cells), GEOJSON_ROWS))
     with atomic_open(path, "w") as f:
         f.write('{"type":"FeatureCollection","features":[')
-        sep = ""
-        while batch := list(itertools.islice(encoded, 2000)):
-            f.write(sep + ",".join(batch))
-            sep = ","
+        for k, text in enumerate(_in_order(_encode_features, blocks, workers if len(cells) > GEOJSON_ROWS else 1)):
+            f.write(("," if k else "") + text)
         f.write("]}")
     return Path(path)
+
+
+#: Features per block of :func:`write_cells_geojson` (what one process encodes at a time).
+GEOJSON_ROWS = 5000
+
+
+def _encode_features(args) -> str:
+    encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+    cells, mpp, columns, n_thresholds, qupath_version, ids, first_row = args
+    return ",".join(encode(feature) for feature in _geojson_features(
+        cells, mpp, columns, n_thresholds, qupath_version, ids=ids, first_row=first_row))
+
+
+def _in_order(fn, items, workers: int):
+    """``fn(item)`` for each item, in order: inline, or in ``workers`` processes, a few items ahead."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    from .runtime import die_with_parent
+
+    import gc
+
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    # The workers are forked at the first submit and share this process's objects (a slide's table):
+    # frozen, the workers' garbage collector leaves them, and their pages, untouched.
+    gc.freeze()
+    try:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            gc.unfreeze()
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        gc.unfreeze()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _class_from_name(name: str | None):
@@ -806,6 +864,7 @@ def write_slide_outputs(
     overlay_images: Mapping | None = None,
     params_hash: str | None = None,
     geojson: bool = True,
+    workers: int = 1,
 ):
     """Write one slide's output folder; the ``_COMPLETE`` marker last.
 
@@ -832,6 +891,8 @@ def write_slide_outputs(
         Hash of the parameters (:func:`hash_params`) stored in the marker.
     geojson : bool
         Write ``cells.geojson`` (default True).
+    workers : int
+        Processes that encode ``cells.geojson`` (:func:`write_cells_geojson`).
 
     Returns
     -------
@@ -864,7 +925,7 @@ def write_slide_outputs(
         if mpp is None:
             raise ValueError("write_slide_outputs: mpp is needed for cells.geojson (not in summary either)")
         written["cells_geojson"] = write_cells_geojson(
-            out / "cells.geojson", cells, mpp, n_thresholds=_n_thresholds(summary)
+            out / "cells.geojson", cells, mpp, n_thresholds=_n_thresholds(summary), workers=workers
         )
     if report:
         from . import report as _report
