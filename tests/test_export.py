@@ -141,7 +141,7 @@ def test_parquet_in_row_groups_reads_back_as_pandas_writes_it(tmp_path, monkeypa
     cells = make_cells()
     cells.index = np.arange(len(cells)) * 3 + 5  # a slide table's index must not leak into the file
     rows = max(1, len(cells) // 3)
-    monkeypatch.setattr(export, "BLOCK_ROWS", rows)
+    monkeypatch.setattr(export, "PARQUET_ROWS", rows)
     write_cells_parquet(tmp_path / "cells.parquet", cells)
     expected = cells.drop(columns=["nucleus_polygon", "cell_polygon"]).reset_index(drop=True)
     expected.to_parquet(tmp_path / "pandas.parquet", index=False)
@@ -154,11 +154,11 @@ def test_parquet_in_row_groups_reads_back_as_pandas_writes_it(tmp_path, monkeypa
 
 
 def test_geojson_bytes_do_not_depend_on_the_block_size(tmp_path, monkeypatch):
-    """Measurements are gathered a block of rows at a time: blocks of 2 rows give the same file."""
+    """Features are encoded a block of rows at a time: blocks of 2 rows give the same file."""
     cells = make_cells(n=7)
     cells.loc[3, "Cell: DAB OD mean"] = np.nan  # a non-finite value is left out of its feature
     write_cells_geojson(tmp_path / "one.geojson", cells, MPP, seed=4)
-    monkeypatch.setattr(export, "BLOCK_ROWS", 2)
+    monkeypatch.setattr(export, "GEOJSON_ROWS", 2)
     write_cells_geojson(tmp_path / "blocks.geojson", cells, MPP, seed=4)
     assert (tmp_path / "one.geojson").read_bytes() == (tmp_path / "blocks.geojson").read_bytes()
     features = json.loads((tmp_path / "blocks.geojson").read_text(encoding="utf-8"))["features"]

@@ -390,12 +390,12 @@ def test_stale_tile_tables_of_killed_runs_are_removed(tmp_path):
 
 
 def test_tile_tables_error_names_the_folder_and_tmpdir(tmp_path):
-    from ihcscore.tile_tables import TileTables
+    from ihcscore.tile_tables import TileTables, pack_tile
 
     folder = tmp_path / "gone"
     tables = TileTables(folder)  # never created: writing fails as on a full or missing disk
     with pytest.raises(OSError, match=r"tiles' cell tables in .*gone.*TMPDIR"):
-        tables.add(_tile_table(np.random.default_rng(0), 3))
+        tables.add(pack_tile(_tile_table(np.random.default_rng(0), 3)))
 
 
 def _tile_table(rng, n, polygons=True):
@@ -415,14 +415,14 @@ def _tile_table(rng, n, polygons=True):
 def test_tile_tables_assemble_what_concat_drop_and_stable_sort_give(tmp_path, with_keep):
     """TileTables (tiles spilled to disk, one sorted table built at the end) gives the table that
     pd.concat + dropping rows outside the tissue + a stable sort by (y_px, x_px) gives."""
-    from ihcscore.tile_tables import TileTables
+    from ihcscore.tile_tables import TileTables, pack_tile
 
     rng = np.random.default_rng(3)
     # an empty tile comes first, without outline columns (as analyze_tile gives it)
     parts = [_tile_table(rng, 0, polygons=False)] + [_tile_table(rng, n) for n in (40, 0, 25, 1, 60)]
     tables = TileTables(tmp_path)
     for part in parts:
-        tables.add(part)
+        tables.add(pack_tile(part))
     assert len(list(tmp_path.iterdir())) == 4  # empty tiles write nothing
 
     def keep(y, x):

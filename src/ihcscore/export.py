@@ -56,9 +56,11 @@ Colours are QuPath's intensity colours: Negative (90, 90, 180) blue,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import datetime as _dt
+import gc
 import hashlib
 import io
 import itertools
@@ -71,6 +73,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .runtime import worker_pool
 
 __all__ = [
     "GEOMETRY_COLUMNS",
@@ -364,12 +368,12 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     columns = [c for c in cells.columns if c not in GEOMETRY_COLUMNS]
 
     def _w(p):
-        # Row groups of BLOCK_ROWS converted one at a time: a whole slide's table (10^6 cells) is
+        # Row groups of PARQUET_ROWS converted one at a time: a whole slide's table (10^6 cells) is
         # never copied whole (pandas' to_parquet holds a second copy plus the Arrow table).
         with contextlib.ExitStack() as stack:
             writer = None
-            for start in range(0, max(len(cells), 1), BLOCK_ROWS):
-                chunk = cells.iloc[start:start + BLOCK_ROWS][columns].reset_index(drop=True)
+            for start in range(0, max(len(cells), 1), PARQUET_ROWS):
+                chunk = cells.iloc[start:start + PARQUET_ROWS][columns].reset_index(drop=True)
                 chunk.columns = [str(c) for c in columns]
                 table = pa.Table.from_pandas(chunk, preserve_index=False)
                 if writer is None:
@@ -379,9 +383,8 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     return atomic_write(path, _w)
 
 
-#: Rows handled at a time when a cell table is written: a Parquet row group (converted to Arrow on its
-#: own) and a block of GeoJSON measurements.
-BLOCK_ROWS = 65536
+#: Rows per Parquet row group (and per conversion to Arrow) in ``cells.parquet``.
+PARQUET_ROWS = 65536
 
 
 def write_cells_csv(path, cells: pd.DataFrame):
@@ -571,7 +574,8 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
     ids = iter(ids) if ids is not None else _feature_ids(seed)
     names = list(measurement_columns) + [_CENTROID_NAMES[c] for c in ("x_um", "y_um") if c in cells.columns]
     sources = list(measurement_columns) + [c for c in ("x_um", "y_um") if c in cells.columns]
-    columns = [pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]
+    values = np.column_stack([pd.to_numeric(cells[c], errors="coerce").to_numpy(float) for c in sources]) \
+        if sources else np.zeros((len(cells), 0))
 
     n = len(cells)
     xs = cells["x_px"].to_numpy(float) if "x_px" in cells else np.full(n, np.nan)
@@ -583,11 +587,8 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
     nuc_area = cells["Nucleus: Area µm^2"].to_numpy(float) if "Nucleus: Area µm^2" in cells else np.full(n, np.nan)
     cell_area = cells["Cell: Area µm^2"].to_numpy(float) if "Cell: Area µm^2" in cells else np.full(n, np.nan)
 
+    finite = np.isfinite(values).all(axis=1)
     for i in range(n):
-        if i % BLOCK_ROWS == 0:  # the measurements of a block of rows at a time, not of the whole slide
-            values = np.column_stack([c[i:i + BLOCK_ROWS] for c in columns]) if columns else \
-                np.zeros((min(BLOCK_ROWS, n - i), 0))
-            finite = np.isfinite(values).all(axis=1)
         nuc = _ring(nuc_polys[i])
         cel = _ring(cell_polys[i])
         if nuc is None:
@@ -603,9 +604,8 @@ def _geojson_features(cells, mpp, measurement_columns, n_thresholds, qupath_vers
             else:
                 cel = nuc
         cname = qupath_class_name(classes[i], bins[i], n_thresholds)
-        row = values[i % BLOCK_ROWS].tolist()
-        meas = dict(zip(names, row)) if finite[i % BLOCK_ROWS] else \
-            {k: v for k, v in zip(names, row) if math.isfinite(v)}
+        row = values[i].tolist()
+        meas = dict(zip(names, row)) if finite[i] else {k: v for k, v in zip(names, row) if math.isfinite(v)}
         fid = next(ids)
         props: dict[str, Any] = {}
         if qupath_version == "0.4":
@@ -684,7 +684,8 @@ def write_cells_geojson(
     return Path(path)
 
 
-#: Features per block of :func:`write_cells_geojson` (what one process encodes at a time).
+#: Features per block of :func:`write_cells_geojson` (what one process encodes at a time: the block's
+#: measurements, not the whole slide's, are held at once).
 GEOJSON_ROWS = 5000
 
 
@@ -700,29 +701,21 @@ def _in_order(fn, items, workers: int):
     if workers <= 1:
         yield from map(fn, items)
         return
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-
-    from .runtime import die_with_parent
-
-    import gc
-
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-    # The workers are forked at the first submit and share this process's objects (a slide's table):
-    # frozen, the workers' garbage collector leaves them, and their pages, untouched.
-    gc.freeze()
-    try:
-        pending = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            gc.unfreeze()
-            if len(pending) > 2 * workers:
+    with worker_pool(workers) as pool:
+        # The workers are forked at the first submit and share this process's objects (a slide's table):
+        # frozen, the workers' garbage collector leaves them, and their pages, untouched.
+        gc.freeze()
+        try:
+            pending = collections.deque()
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                gc.unfreeze()
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        gc.unfreeze()
-        pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            gc.unfreeze()
 
 
 def _class_from_name(name: str | None):

@@ -20,7 +20,6 @@ import os
 import queue
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
 from .measure import _rings_by_label, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
-from .runtime import default_threads, die_with_parent, release_freed_memory
+from .runtime import default_threads, release_freed_memory, worker_pool
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -354,8 +353,8 @@ def _run_tasks(fn, tasks, workers: int, client=None):
         for t in tasks:
             yield fn(t)
         return
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
-    try:
+    # after a failed tile (or an early close) the tiles not started are dropped, not run first
+    with worker_pool(workers) as pool:
         # Finished futures go through a queue and are dropped once their result is taken: a list of all
         # the futures (as_completed keeps one) would hold every tile's table until the slide ends.
         finished = queue.SimpleQueue()
@@ -363,9 +362,6 @@ def _run_tasks(fn, tasks, workers: int, client=None):
             pool.submit(fn, t).add_done_callback(finished.put)
         for _ in range(len(tasks)):
             yield finished.get().result()
-    finally:
-        # after a failed tile (or an early close) the tiles not started are dropped, not run first
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _TileJob:

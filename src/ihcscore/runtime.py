@@ -13,8 +13,11 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
-__all__ = ["retain_freed_memory", "release_freed_memory", "default_threads", "die_with_parent", "process_alive"]
+__all__ = ["retain_freed_memory", "release_freed_memory", "default_threads", "die_with_parent", "process_alive",
+           "worker_pool"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -97,6 +100,19 @@ def die_with_parent(parent_pid: int) -> None:
     prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
+
+
+@contextmanager
+def worker_pool(workers: int):
+    """A process pool whose workers die with this process (:func:`die_with_parent`).
+
+    On leaving, also after an error or an early close, the tasks not started are dropped, not run first.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def process_alive(pid: int) -> bool:

@@ -42,9 +42,9 @@ class TileTables:
         self._files = []  # (path, rows)
         self._keys = []  # (y_px, x_px) of every row, in arrival order
 
-    def add(self, part) -> None:
-        """Keep one tile's table: a DataFrame, or :func:`pack_tile` of one."""
-        table, rings, columns = part if isinstance(part, tuple) else pack_tile(part)
+    def add(self, packed) -> None:
+        """Keep one tile's table, as :func:`pack_tile` gives it."""
+        table, rings, columns = packed
         if self.columns is None:
             self.columns = {}
         for name, dtype in columns.items():  # an empty tile has no outline columns: the union, as pd.concat
