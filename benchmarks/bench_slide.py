@@ -22,7 +22,9 @@ by later runs. Then, each measured in this run on this machine:
   with ihcscore's compiled kernels switched off (every step then runs as the scipy / scikit-image call
   it replaces: the QuPath-style detection, four compartments, written with those libraries), and with them
   on, on the same crop (skip both with ``--skip-same-algorithm``);
-* **GPU** (``ihcscore.gpu``, CuPy) deconvolution + Gaussian rate when a GPU is present.
+* **GPU** (``ihcscore.gpu``, CuPy), when one is present: the deconvolution + Gaussian rate on a 4096 x 4096
+  crop against the CPU's, and the slide scored end to end a second time with ``gpu=True`` (same workers;
+  skip with ``--skip-gpu-slide``), with its cell count and H-scores beside the CPU run's.
 
 and the ratios between them.
 """
@@ -102,7 +104,7 @@ def _score_child(args) -> None:
     with PeakSampler(os.getpid()) as sampler, open_slide(args.slide) as slide:
         t0 = time.perf_counter()
         res = analyze_slide(slide, preset, tile_size=args.tile_size, workers=args.workers, tissue=args.tissue,
-                            polygons=args.polygons, progress=lambda d, n: ticks.append((d, n)))
+                            polygons=args.polygons, progress=lambda d, n: ticks.append((d, n)), gpu=args.gpu)
         dt = time.perf_counter() - t0
         dims = slide.dimensions
     ru_self = resource.getrusage(resource.RUSAGE_SELF)
@@ -111,7 +113,8 @@ def _score_child(args) -> None:
     cpu_s = ru_self.ru_utime + ru_self.ru_stime + ru_kids.ru_utime + ru_kids.ru_stime
     print(json.dumps({
         "seconds": dt, "cpu_seconds": cpu_s, "n_cells": int(len(res.cells)), "n_tiles": int(res.summary["n_tiles"]),
-        "h_score": res.summary["all"]["h_score"], "width": dims[0], "height": dims[1],
+        "h_score": res.summary["all"]["h_score"], "tumour_h_score": res.summary["tumour"]["h_score"],
+        "width": dims[0], "height": dims[1], "device": res.summary["device"],
         "peak_rss_tree_bytes": sampler.peak, "maxrss_self_bytes": self_kb * 1024,
         "maxrss_largest_child_bytes": child_kb * 1024,
         "cells_table_bytes": int(res.cells.memory_usage(deep=True).sum()),
@@ -249,6 +252,15 @@ def gpu_rate(path: Path, side: int = 4096):
             "device": gpu.device_name()}
 
 
+def _run_child(cmd):
+    """Run the scoring child; its JSON line, or None (its output printed) when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=16384, help="slide side in pixels (level 0)")
@@ -265,7 +277,10 @@ def main(argv=None):
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-same-algorithm", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    ap.add_argument("--skip-gpu-slide", action="store_true",
+                    help="with a GPU, do not score the slide a second time with gpu=True")
     ap.add_argument("--_score", dest="score_slide", help=argparse.SUPPRESS)
+    ap.add_argument("--_gpu", dest="gpu", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from ihcscore.runtime import retain_freed_memory
 
@@ -293,11 +308,9 @@ def main(argv=None):
     if args.polygons:
         cmd.append("--polygons")
     print("scoring (child process) ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout, proc.stderr, file=sys.stderr)
+    e2e = _run_child(cmd)
+    if e2e is None:
         return 1
-    e2e = json.loads(proc.stdout.strip().splitlines()[-1])
     mp = e2e["width"] * e2e["height"] / 1e6
     rate = mp / e2e["seconds"]
     print(f"end to end (analyze_slide):          {rate:8.2f} MP/s  = {rate / cores:.2f} MP/s per core  "
@@ -328,6 +341,18 @@ def main(argv=None):
     if g:
         print(f"GPU deconvolution + Gaussian ({g['device']}): {g['gpu_mp_per_s']:.1f} MP/s vs CPU "
               f"{g['cpu_mp_per_s']:.1f} MP/s ({g['gpu_mp_per_s'] / g['cpu_mp_per_s']:.1f}x)", flush=True)
+        if not args.skip_gpu_slide:
+            print("scoring with gpu=True (child process) ...", flush=True)
+            e2e_gpu = _run_child(cmd + ["--_gpu"])
+            if e2e_gpu is None:
+                return 1
+            g["end_to_end"] = e2e_gpu
+            g_rate = mp / e2e_gpu["seconds"]
+            print(f"end to end with gpu=True:            {g_rate:8.2f} MP/s  ({e2e_gpu['seconds']:.1f} s wall, "
+                  f"{e2e_gpu['n_cells']} cells vs {e2e['n_cells']} on the CPU, H-score {e2e_gpu['h_score']:.2f} vs "
+                  f"{e2e['h_score']:.2f}, tumour {e2e_gpu['tumour_h_score']:.2f} vs {e2e['tumour_h_score']:.2f}; "
+                  f"peak RSS {e2e_gpu['peak_rss_tree_bytes'] / 2**30:.2f} GiB): {g_rate / rate:.2f}x the CPU run",
+                  flush=True)
     else:
         print("GPU: none (CuPy or a CUDA device missing); GPU rate not measured", flush=True)
 

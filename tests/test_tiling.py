@@ -221,30 +221,6 @@ def test_estimated_stains_do_not_depend_on_tile_size(slide_path, preset):
     assert a.summary["stain_vectors"] != preset.stains.to_stain_vectors().to_dict()
 
 
-# ----------------------------------------------------------------------------- optional GPU path
-
-def test_gpu_module_imports_without_cupy():
-    from ihcscore import gpu
-
-    assert isinstance(gpu.available(), bool)
-    if not gpu.available():
-        with pytest.raises(RuntimeError, match="no GPU"):
-            gpu.deconvolve(np.zeros((4, 4, 3), np.uint8), None)
-
-
-def test_gpu_matches_cpu_within_1e4_od():
-    from ihcscore import gpu
-    from ihcscore.stains import H_DAB_DEFAULT
-
-    if not gpu.available():
-        pytest.skip("no CuPy or no CUDA device")
-    rgb, _, _ = make_synthetic_region((512, 512), 0.5, seed=9)
-    s_gpu, sm_gpu = gpu.deconvolve_smooth(rgb, H_DAB_DEFAULT, sigma_px=3.0)
-    s_cpu, sm_cpu = gpu.deconvolve_smooth_cpu(rgb, H_DAB_DEFAULT, sigma_px=3.0)
-    assert np.abs(s_gpu - s_cpu).max() <= 1e-4
-    assert np.abs(sm_gpu - sm_cpu).max() <= 1e-4
-
-
 @pytest.mark.parametrize("preset_name", ["cxcr4", "ki67"])
 def test_region_in_threaded_bands_is_identical(preset_name):
     """analyze_region in 3 row bands (threads) gives the one-band result: every label image, the

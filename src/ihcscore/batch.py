@@ -40,10 +40,16 @@ def find_slides(path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
 
 
-def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None) -> str:
-    """Hash of everything that changes a slide's results (not tile size or workers: they must not)."""
-    return hash_params({"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": str(tissue),
-                        "mpp": mpp, "classifier": _file_digest(classifier), "version": __version__})
+def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None, gpu: bool = False) -> str:
+    """Hash of everything that changes a slide's results (not tile size or workers: they must not).
+
+    ``gpu`` enters only when set, so CPU outputs made before it existed still count as complete.
+    """
+    params = {"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": str(tissue),
+              "mpp": mpp, "classifier": _file_digest(classifier), "version": __version__}
+    if gpu:  # the GPU's smoothing rounds differently: a pixel at a threshold may fall the other way
+        params["device"] = "gpu"
+    return hash_params(params)
 
 
 def _file_digest(path):
@@ -89,10 +95,11 @@ class BatchResult:
 
 def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
                 tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None,
-                classifier=None) -> dict:
+                classifier=None, gpu=False) -> dict:
     """Score one slide and write its output folder; returns its summary.json content.
 
     ``classifier`` is the path of a trained classifier (``ihcscore train``); default the morphology rule.
+    ``gpu``: deconvolution and detection smoothing on the GPU (:func:`~ihcscore.pipeline.analyze_slide`).
     """
     from .classify import CellClassifier
     from .slide import open_slide
@@ -101,7 +108,7 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
     with open_slide(path, mpp=mpp) as slide:
         result = analyze_slide(slide, preset, stains=stains, tissue=tissue, tile_size=tile_size,
                                workers=workers, client=client, polygons=True, progress=progress,
-                               classifier=model)
+                               classifier=model, gpu=gpu)
         summary = result.summary
         images = {}
         if report:
@@ -113,7 +120,7 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
         out_dir = Path(out_root) / slide.name
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images, workers=workers,
-                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier))
+                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu))
     return summary
 
 
@@ -146,7 +153,7 @@ def dask_client(address: str, workers: int = 2):
 
 def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
                 tile_size=1024, workers=1, client=None, csv=False, report=True, resume=True,
-                on_slide_start=None, on_tile=None, on_slide_end=None, classifier=None) -> BatchResult:
+                on_slide_start=None, on_tile=None, on_slide_end=None, classifier=None, gpu=False) -> BatchResult:
     """Score many slides; one failure never stops the others.
 
     Parameters
@@ -155,7 +162,10 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     out_root : path
         ``DIR``: gets ``DIR/<stem>/...``, ``DIR/summary.csv``, ``DIR/failures.csv``.
     resume : bool
-        Skip slides whose outputs are complete and were made with the same parameters.
+        Skip slides whose outputs are complete and were made with the same parameters (and on the
+        same kind of device: a CPU run redoes a slide scored with ``gpu``, and the reverse).
+    gpu : bool
+        Deconvolution and detection smoothing on the GPU (:func:`~ihcscore.pipeline.analyze_slide`).
     on_slide_start(path, index, total), on_tile(done, total), on_slide_end(path, row) : callables, optional
         Progress hooks (the CLI draws progress bars with them).
 
@@ -172,7 +182,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
             on_slide_start(path, i, len(paths))
         t0 = time.perf_counter()
         out_dir = out_root / path.stem
-        h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier)
+        h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu)
         try:
             if resume and is_complete(out_dir, h):
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
@@ -182,7 +192,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                 _remove_stale_temporaries(out_dir)
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
-                                      report=report, progress=on_tile, classifier=classifier)
+                                      report=report, progress=on_tile, classifier=classifier, gpu=gpu)
                 row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
         except Exception as e:  # isolate: report and go on with the next slide
             msg = " ".join(str(e).split()) or type(e).__name__

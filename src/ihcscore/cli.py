@@ -61,7 +61,9 @@ def _add_score_parser(sub):
     p.add_argument("--csv", action="store_true", help="also write cells.csv")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--no-resume", action="store_true", help="rescore slides even when complete outputs exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument("--gpu", action="store_true",
+                   help="colour deconvolution and detection smoothing on a CUDA GPU (the [gpu] extra, CuPy)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables (errors still print)")
     p.set_defaults(func=run_score)
 
 
@@ -97,12 +99,13 @@ def _fmt(v, digits=1):
 
 def run_score(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from .batch import dask_client, find_slides, score_batch
 
-    console = Console(stderr=True, quiet=args.quiet)
+    console = Console(stderr=True, soft_wrap=True)  # errors print with --quiet too, one line each
     try:
         preset, stains = _build_preset(args)
         paths = list(dict.fromkeys(p for item in args.input for p in find_slides(item)))
@@ -110,17 +113,22 @@ def run_score(args) -> int:
             from .classify import CellClassifier
 
             CellClassifier.load(args.classifier)  # fail early, before any slide
-    except (ValueError, FileNotFoundError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        if args.gpu and not args.dask:  # on a cluster the workers' devices count
+            from . import gpu
+
+            gpu.require()
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return 2
     if not paths:
-        console.print(f"[red]error:[/red] {' '.join(args.input)}: no slide files found", highlight=False)
+        console.print(f"[red]error:[/red] {escape(' '.join(args.input))}: no slide files found", highlight=False)
         return 2
     try:
         client = dask_client(args.dask, args.workers) if args.dask else None
     except (OSError, ValueError, TimeoutError, ImportError) as e:
-        console.print(f"[red]error:[/red] --dask {args.dask}: cannot connect to the scheduler "
-                      f"({' '.join(str(e).split()) or type(e).__name__})", highlight=False)
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        console.print(f"[red]error:[/red] --dask {escape(args.dask)}: cannot connect to the scheduler "
+                      f"({escape(reason)})", highlight=False)
         return 2
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False, disable=args.quiet)
@@ -138,14 +146,14 @@ def run_score(args) -> int:
             progress.update(overall, advance=1)
             progress.update(state["task"], visible=False)
             if row["status"] != "ok":
-                progress.console.print(f"[red]failed:[/red] {row.get('error')}", highlight=False)
+                progress.console.print(f"[red]failed:[/red] {escape(str(row.get('error')))}", highlight=False)
 
         try:
             result = score_batch(paths, args.out, preset, stains=stains, stains_spec=args.stains,
                                  tissue=args.tissue, mpp=args.mpp, tile_size=args.tile_size, workers=args.workers,
                                  client=client, csv=args.csv, report=not args.no_report,
                                  resume=not args.no_resume, on_slide_start=on_slide_start, on_tile=on_tile,
-                                 on_slide_end=on_slide_end, classifier=args.classifier)
+                                 on_slide_end=on_slide_end, classifier=args.classifier, gpu=args.gpu)
         finally:
             if client is not None:
                 client.close()
@@ -166,8 +174,8 @@ def run_score(args) -> int:
         out.print(table)
         for r in result.rows:
             if r.get("warnings"):
-                console.print(f"[yellow]warning:[/yellow] {r['warnings']}", highlight=False)
-        console.print(f"results in {Path(args.out).resolve()}", highlight=False)
+                console.print(f"[yellow]warning:[/yellow] {escape(str(r['warnings']))}", highlight=False)
+        console.print(f"results in {escape(str(Path(args.out).resolve()))}", highlight=False)
     if result.failures:
         console.print(f"[red]{len(result.failures)} of {len(paths)} slides failed[/red] "
                       f"(see {Path(args.out) / 'failures.csv'})", highlight=False)

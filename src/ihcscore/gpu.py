@@ -1,7 +1,9 @@
 """Optional GPU path (the ``[gpu]`` extra, CuPy): colour deconvolution and Gaussian smoothing on a CUDA device.
 
-Everything here is optional: :func:`available` is False without CuPy or without a CUDA device, and the
-engine then never calls into this module. When it is used, results equal the CPU path
+Everything here is optional: :func:`available` is False without CuPy or without a CUDA device. The engine
+calls into this module only when asked (``analyze_region(..., gpu=True)``, ``analyze_slide(..., gpu=True)``,
+``ihcscore score --gpu``): the tile's colour deconvolution and the Gaussian smoothing of nucleus detection
+then run on the device, everything else on the CPU. Results equal the CPU path
 (:func:`ihcscore.stains.rgb_to_od`, the inverse stain matrix, :func:`scipy.ndimage.gaussian_filter` with
 ``mode="nearest"``) within 1e-4 OD: the same lookup table, the same float32 matrix and the same
 truncated Gaussian kernel (``truncate=4.0``) are used, only the summation order differs.
@@ -15,7 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["available", "device_name", "deconvolve", "gaussian", "deconvolve_smooth", "deconvolve_smooth_cpu"]
+__all__ = ["available", "require", "device_name", "deconvolve", "gaussian", "deconvolve_smooth",
+           "deconvolve_smooth_cpu"]
+
+#: What the engine says when ``gpu=True`` finds no usable device.
+NO_GPU_MESSAGE = ("no usable GPU: the GPU path needs CuPy (pip install 'ihcscore[gpu]') and a CUDA device "
+                  "that runs kernels; run without --gpu to use the CPU")
 
 _STATE: dict = {}
 
@@ -50,10 +57,11 @@ def device_name() -> str | None:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def _require():
+def require():
+    """The cupy module; ``RuntimeError`` (:data:`NO_GPU_MESSAGE`) when no device is usable."""
     cp = _cupy()
     if cp is None:
-        raise RuntimeError("ihcscore.gpu: no GPU available (install the [gpu] extra, CuPy, and use a CUDA device)")
+        raise RuntimeError(NO_GPU_MESSAGE)
     return cp
 
 
@@ -64,12 +72,12 @@ def deconvolve(rgb, stains, *, to_host: bool = True):
     """
     from .stains import od_lookup_table
 
-    cp = _require()
+    cp = require()
     rgb = np.asarray(rgb)[..., :3]
     if rgb.dtype != np.uint8:
         raise ValueError(f"ihcscore.gpu.deconvolve expects uint8 RGB, got {rgb.dtype}")
     lut = cp.asarray(np.stack([np.asarray(t, dtype=np.float32) for t in od_lookup_table(stains.background)]))
-    d = cp.asarray(rgb)
+    d = cp.asarray(np.ascontiguousarray(rgb))
     od = cp.empty(d.shape, dtype=cp.float32)
     for c in range(3):
         od[..., c] = lut[c][d[..., c]]
@@ -90,10 +98,11 @@ def _kernel(sigma: float, truncate: float = 4.0) -> np.ndarray:
 
 def gaussian(image, sigma_px: float, *, to_host: bool = True):
     """Gaussian filter of a 2-D image on the GPU, like ``scipy.ndimage.gaussian_filter(..., mode="nearest")``."""
-    cp = _require()
+    cp = require()
     from cupyx.scipy import ndimage as cndi
 
-    img = cp.asarray(image, dtype=cp.float32)
+    img = image.astype(cp.float32, copy=False) if isinstance(image, cp.ndarray) else \
+        cp.asarray(np.ascontiguousarray(image, dtype=np.float32))
     k = cp.asarray(_kernel(sigma_px).astype(np.float32))
     out = cndi.correlate1d(img, k, axis=0, mode="nearest")
     out = cndi.correlate1d(out, k, axis=1, mode="nearest")
@@ -102,7 +111,7 @@ def gaussian(image, sigma_px: float, *, to_host: bool = True):
 
 def deconvolve_smooth(rgb, stains, sigma_px: float, channel: int = 0):
     """GPU: ``(stain_od, smoothed)`` — deconvolved stains and the Gaussian of one stain channel (NumPy out)."""
-    cp = _require()
+    cp = require()
     _, stain_od = deconvolve(rgb, stains, to_host=False)
     smoothed = gaussian(stain_od[..., channel], sigma_px, to_host=False)
     out = cp.asnumpy(stain_od), cp.asnumpy(smoothed)

@@ -149,7 +149,7 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
-                    keep=None, grid_origin=None, outline_dtype=np.float64, core=None):
+                    keep=None, grid_origin=None, outline_dtype=np.float64, core=None, gpu=False):
     """Deconvolve, segment and measure one detection-resolution tile.
 
     ``core``: the tile's core (rows, cols of ``rgb``) when the rest is context (see
@@ -157,10 +157,16 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
     ``keep(cells) -> bool array`` selects the rows to return (and to outline) before the outlines.
     ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
     ``outline_dtype``: of the outlines' vertices (cast from :func:`~ihcscore.measure.label_polygons`' float64).
+    ``gpu``: deconvolve and smooth on the GPU (:mod:`ihcscore.gpu`).
     """
-    od = rgb_to_od(rgb, stains.background)  # uint8: the compiled one-pass lookup
-    stain_od = unmix(od, stains)
-    seg = segment_cells(od, stain_od, params, threads=threads, core=core)
+    if gpu:
+        from . import gpu as _gpu
+
+        od, stain_od = _gpu.deconvolve(rgb, stains)
+    else:
+        od = rgb_to_od(rgb, stains.background)  # uint8: the compiled one-pass lookup
+        stain_od = unmix(od, stains)
+    seg = segment_cells(od, stain_od, params, threads=threads, core=core, gpu=gpu)
     oy, ox = seg.offset
     if oy or ox:
         h, w = seg.nuclei.shape
@@ -198,6 +204,7 @@ def analyze_region(
     polygons: bool = False,
     classifier=None,
     threads: int | None = None,
+    gpu: bool = False,
 ) -> RegionResult:
     """Detect, measure, classify and score the cells of one RGB region.
 
@@ -220,6 +227,10 @@ def analyze_region(
     threads : int, optional
         Bands of rows segmented in parallel (``ihcscore.cells.segment_in_bands``);
         default: the CPUs this process may use. Results are identical for any value.
+    gpu : bool
+        Colour deconvolution and the smoothing of nucleus detection on the GPU (``ihcscore.gpu``;
+        ``RuntimeError`` without one). Stain OD within 1e-4 of the CPU's; a pixel at a threshold may
+        then fall the other way, so a few cells can differ.
 
     Returns
     -------
@@ -231,6 +242,10 @@ def analyze_region(
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"expected an RGB image (M, N, 3), got shape {rgb.shape}")
     rgb = rgb[..., :3]
+    if gpu:
+        from . import gpu as _gpu
+
+        _gpu.require()
     stains = _stains_for(preset, stains, rgb)
     px = detection_pixel_size(mpp, preset.detection.pixel_size_um)
     params = replace(preset.detection, pixel_size_um=px)
@@ -239,7 +254,7 @@ def analyze_region(
         shape = (int(rgb.shape[0] / ds), int(rgb.shape[1] / ds))
         rgb = _to_uint8(resample_to_grid(rgb, (0, 0), ds, (0, 0), shape))
     threads = default_threads() if threads is None else max(1, int(threads))
-    cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons, threads)
+    cells, seg = _cells_from_rgb(rgb, stains, params, origin_px, ds, mpp, polygons, threads, gpu=gpu)
     cells = _score_table(cells, preset.scoring, classifier)
     summary = summarize(cells, preset.scoring)
     return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg,
@@ -316,7 +331,7 @@ def _worker_slide(path, mpp):
 
 
 def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: float, stains: StainVectors,
-                 params: DetectionParams, polygons: bool) -> pd.DataFrame:
+                 params: DetectionParams, polygons: bool, gpu: bool = False) -> pd.DataFrame:
     """Cells whose nucleus centroid lies in the tile's core (a picklable unit of work)."""
     slide = _worker_slide(slide_path, mpp_override)
     rgb = read_detection_tile(slide, task.padded, ds)
@@ -333,11 +348,11 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
     # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
     core = (cy0 - py0, cx0 - px0, cy1 - py0, cx1 - px0)
     cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
-                               grid_origin=(py0, px0), outline_dtype=np.float32, core=core)
+                               grid_origin=(py0, px0), outline_dtype=np.float32, core=core, gpu=gpu)
     return cells
 
 
-def _run_tasks(fn, tasks, workers: int, client=None):
+def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
     """Yield results of ``fn(task)`` as they complete: inline, in processes, or on Dask."""
     if client is not None:
         from distributed import as_completed as dask_as_completed
@@ -354,7 +369,7 @@ def _run_tasks(fn, tasks, workers: int, client=None):
             yield fn(t)
         return
     # after a failed tile (or an early close) the tiles not started are dropped, not run first
-    with worker_pool(workers) as pool:
+    with worker_pool(workers, start_method) as pool:
         # Finished futures go through a queue and are dropped once their result is taken: a list of all
         # the futures (as_completed keeps one) would hold every tile's table until the slide ends.
         finished = queue.SimpleQueue()
@@ -457,6 +472,7 @@ def analyze_slide(
     classifier=None,
     hotspot_grid_um: float = 500.0,
     hotspot_min_cells: int = 50,
+    gpu: bool = False,
 ) -> SlideResult:
     """Score a whole slide tile by tile.
 
@@ -482,12 +498,24 @@ def analyze_slide(
         neighbourhood features do not depend on tiles); default the morphology rule.
     hotspot_grid_um, hotspot_min_cells : float, int
         Grid of the H-score heat map (µm) and the fewest cells a square needs to count.
+    gpu : bool
+        Each tile's colour deconvolution and detection smoothing on the GPU (``ihcscore.gpu``;
+        ``RuntimeError`` without one). Worker processes are then spawned, not forked (CUDA does not
+        survive a fork), and share the device.
 
     Returns
     -------
     SlideResult
     """
     t0 = time.perf_counter()
+    device = "cpu"
+    if gpu and client is None:  # on a cluster the workers' devices count, not this machine's
+        from . import gpu as _gpu
+
+        _gpu.require()
+        device = f"gpu: {_gpu.device_name()}"
+    elif gpu:
+        device = "gpu"
     modality = getattr(slide, "modality", "brightfield")
     if modality == "fluorescence":
         from .slide import SlideError
@@ -539,7 +567,7 @@ def analyze_slide(
 
     # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
     job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
-                   params=params, polygons=polygons)
+                   params=params, polygons=polygons, gpu=bool(gpu))
     in_tissue = None
     if mask is not None:
         def in_tissue(y_px, x_px):
@@ -554,7 +582,8 @@ def analyze_slide(
     remove_stale_tile_tables()
     with tempfile.TemporaryDirectory(prefix=f"{TILE_TABLES_PREFIX}{os.getpid()}-") as spill:
         tables = TileTables(spill)
-        for done, part in enumerate(_run_tasks(job, tasks, workers, client), start=1):
+        start_method = "spawn" if gpu else None
+        for done, part in enumerate(_run_tasks(job, tasks, workers, client, start_method), start=1):
             tables.add(part)
             if progress is not None:
                 progress(done, len(tasks))
@@ -564,6 +593,7 @@ def analyze_slide(
     cells = _score_table(cells, preset.scoring, classifier)
     summary = slide_summary(slide, preset, stains, cells, warnings)
     summary["classifier"] = getattr(classifier, "source", "trained") if classifier is not None else "morphology rule"
+    summary["device"] = device
     grid = score_grid(cells, preset.scoring, grid_um=hotspot_grid_um, min_cells=hotspot_min_cells)
     summary["hotspots"] = {"grid_um": float(hotspot_grid_um), "min_cells": int(hotspot_min_cells),
                            "top": top_hotspots(grid, 3)}

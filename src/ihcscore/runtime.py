@@ -11,6 +11,7 @@ would hold every worker at its peak memory between tiles.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -103,12 +104,16 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 @contextmanager
-def worker_pool(workers: int):
+def worker_pool(workers: int, start_method: str | None = None):
     """A process pool whose workers die with this process (:func:`die_with_parent`).
 
     On leaving, also after an error or an early close, the tasks not started are dropped, not run first.
+    ``start_method``: ``multiprocessing``'s ("spawn" for workers that use CUDA, which a forked child of a
+    process that has used it cannot); default the platform's.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),))
+    context = multiprocessing.get_context(start_method) if start_method else None
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent,
+                               initargs=(os.getpid(),))
     try:
         yield pool
     finally:

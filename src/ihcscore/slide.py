@@ -104,6 +104,12 @@ def _ensure_tifffile_jpeg() -> None:
             _tf.imagecodecs.jpeg_encode = _pil_jpeg_encode
         if not hasattr(_tf.imagecodecs, "jpeg_decode"):
             _tf.imagecodecs.jpeg_decode = _pil_jpeg_decode
+        # tifffile >= 2026.4 resolves the (de)compressor tables to imagecodecs' or its own functions only
+        # (a RuntimeError otherwise): put ours in the tables' caches, which are looked up first.
+        for table, codec in (("COMPRESSORS", _pil_jpeg_encode), ("DECOMPRESSORS", _pil_jpeg_decode)):
+            cache = getattr(getattr(_tf.TIFF, table, None), "_codecs", None)
+            if isinstance(cache, dict):
+                cache.setdefault(7, codec)
 
 
 # --------------------------------------------------------------------------
