@@ -20,23 +20,10 @@ from ihcscore.pipeline import _run_tasks, analyze_region, analyze_slide
 from ihcscore.preset import load_preset
 from ihcscore.slide import open_slide
 from ihcscore.stains import H_DAB_DEFAULT, rgb_to_od, unmix
-from ihcscore.synthetic import make_synthetic_region, make_synthetic_slide
+from ihcscore.synthetic import make_synthetic_region
 
 needs_gpu = pytest.mark.skipif(not gpu.available(), reason="no CuPy or no CUDA device")
-MPP = 0.25
 MATCH_PX = 4.0  # level-0 px (1 µm): the same nucleus found by both devices
-
-
-@pytest.fixture(scope="module")
-def preset():
-    return load_preset("cxcr4")
-
-
-@pytest.fixture(scope="module")
-def slide_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gpu") / "slide.tif"
-    make_synthetic_slide(path, shape=(1536, 1536), mpp=MPP, seed=3)
-    return path
 
 
 def _match(a, b, tol_px):

@@ -16,21 +16,9 @@ from ihcscore.preset import load_preset
 from ihcscore.slide import open_slide, write_pyramidal_tiff
 from ihcscore.synthetic import make_synthetic_region, make_synthetic_slide
 
-MPP = 0.25
+MPP = 0.25  # the shared slide (conftest.py): 0.25 µm/px, SIDE² level-0 px
 SIDE = 1536  # level-0 px: 384 µm, ~350 cells; 768 px at the detection resolution
 MATCH_UM = 1.0  # the same nucleus found twice: centroids closer than this
-
-
-@pytest.fixture(scope="module")
-def preset():
-    return load_preset("cxcr4")
-
-
-@pytest.fixture(scope="module")
-def slide_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiling") / "slide.tif"
-    make_synthetic_slide(path, shape=(SIDE, SIDE), mpp=MPP, seed=3)
-    return path
 
 
 @pytest.fixture(scope="module")
