@@ -189,14 +189,18 @@ def read_region_rate(path: Path, side: int = 4096, block: int = 1024):
     return {"seconds": dt, "mp_per_s": side * side / 1e6 / dt}
 
 
-def naive_rate(path: Path, side: int = 4096):
+def central_crop(path: Path, side: int):
+    """The slide's central ``side``² level-0 square (smaller if the slide is): ``(rgb, side, mpp)``."""
     from ihcscore.slide import open_slide
 
     with open_slide(path) as s:
         w, h = s.dimensions
         side = min(side, w, h)
-        x0, y0 = (w - side) // 2, (h - side) // 2
-        rgb = s.read_region((x0, y0), 0, (side, side))
+        return s.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side)), side, float(s.mpp)
+
+
+def naive_rate(path: Path, side: int = 4096):
+    rgb, side, _ = central_crop(path, side)
     t0, c0 = time.perf_counter(), time.process_time()
     n, _ = naive_pipeline(rgb)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -208,13 +212,8 @@ def same_algorithm_rate(path: Path, preset_name: str, side: int = 2048):
     """analyze_region on one level-0 crop, one thread: scipy / scikit-image calls, then ihcscore's kernels."""
     from ihcscore.pipeline import analyze_region
     from ihcscore.preset import load_preset
-    from ihcscore.slide import open_slide
 
-    with open_slide(path) as s:
-        w, h = s.dimensions
-        side = min(side, w, h)
-        rgb = s.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side))
-        mpp = float(s.mpp)
+    rgb, side, mpp = central_crop(path, side)
     preset = load_preset(preset_name)
     out = {"side": side}
     for name, on in (("skimage", False), ("kernels", True)):
@@ -234,13 +233,9 @@ def gpu_rate(path: Path, side: int = 4096):
 
     if not gpu.available():
         return None
-    from ihcscore.slide import open_slide
     from ihcscore.stains import H_DAB_DEFAULT
 
-    with open_slide(path) as s:
-        w, h = s.dimensions
-        side = min(side, w, h)
-        rgb = s.read_region(((w - side) // 2, (h - side) // 2), 0, (side, side))
+    rgb, side, _ = central_crop(path, side)
     gpu.deconvolve_smooth(rgb, H_DAB_DEFAULT, sigma_px=3.0)  # warm-up (kernels, transfer)
     t0 = time.perf_counter()
     gpu.deconvolve_smooth(rgb, H_DAB_DEFAULT, sigma_px=3.0)

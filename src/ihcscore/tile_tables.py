@@ -94,7 +94,7 @@ class TileTables:
         return cells
 
 
-#: Temporary folders of :class:`_TileTables` are named this, the owner's process id, ``-`` and a random part.
+#: Temporary folders of :class:`TileTables` are named this, the owner's process id, ``-`` and a random part.
 TILE_TABLES_PREFIX = "ihcscore-tiles-"
 
 
