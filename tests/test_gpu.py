@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
-from scipy.spatial import cKDTree
 
+from cell_matching import match_cells
 from ihcscore import gpu
 from ihcscore.pipeline import _run_tasks, analyze_region, analyze_slide
 from ihcscore.preset import load_preset
@@ -26,21 +26,12 @@ needs_gpu = pytest.mark.skipif(not gpu.available(), reason="no CuPy or no CUDA d
 MATCH_PX = 4.0  # level-0 px (1 µm): the same nucleus found by both devices
 
 
-def _match(a, b, tol_px):
-    """Indices into tables ``a`` and ``b`` of mutual nearest centroids closer than ``tol_px``."""
-    pa, pb = a[["x_px", "y_px"]].to_numpy(), b[["x_px", "y_px"]].to_numpy()
-    d, i_ab = cKDTree(pa).query(pb)
-    _, i_ba = cKDTree(pb).query(pa)
-    ok = (d < tol_px) & (i_ba[i_ab] == np.arange(len(pb)))
-    return i_ab[ok], np.nonzero(ok)[0]
-
-
 def _assert_same_scoring(cpu_cells, cpu_summary, gpu_cells, gpu_summary):
     """The issue's seam criterion between devices: counts within 0.5 %, >= 99.5 % of matched cells in
     the same bin, H-score within 0.5; cells segmented alike have the same DAB OD within 1e-4."""
     assert len(cpu_cells) > 100
     assert abs(len(gpu_cells) - len(cpu_cells)) <= max(1, 0.005 * len(cpu_cells))
-    i_c, i_g = _match(cpu_cells, gpu_cells, MATCH_PX)
+    i_c, i_g = match_cells(cpu_cells, gpu_cells, MATCH_PX)
     assert len(i_c) >= 0.99 * len(cpu_cells)
     assert (cpu_cells["bin"].to_numpy()[i_c] == gpu_cells["bin"].to_numpy()[i_g]).mean() >= 0.995
     for group in ("tumour", "all"):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
+from cell_matching import match_cells
 from ihcscore.pipeline import analyze_slide, plan_tiles
 from ihcscore.preset import load_preset
 from ihcscore.slide import open_slide, write_pyramidal_tiff
@@ -30,16 +31,6 @@ def runs(slide_path, preset):
             res = analyze_slide(s, preset, tile_size=tile, workers=workers, tissue="all")
         out[(tile, workers)] = res
     return out
-
-
-def _match(ref: pd.DataFrame, other: pd.DataFrame, tol_px: float):
-    """Indices into ``ref`` and ``other`` of mutual nearest neighbours closer than ``tol_px``."""
-    a = ref[["x_px", "y_px"]].to_numpy()
-    b = other[["x_px", "y_px"]].to_numpy()
-    d_ab, i_ab = cKDTree(a).query(b)
-    _, i_ba = cKDTree(b).query(a)
-    ok = (d_ab < tol_px) & (i_ba[i_ab] == np.arange(len(b)))
-    return i_ab[ok], np.nonzero(ok)[0]
 
 
 def _table(res):
@@ -86,7 +77,7 @@ def test_seam_free_across_tile_sizes(runs, tile):
     ref, res = runs[(2048, 1)], runs[(tile, 1)]
     rc, tc = ref.cells, res.cells
     assert len(rc) > 250
-    i_ref, i_t = _match(rc, tc, MATCH_UM / MPP)
+    i_ref, i_t = match_cells(rc, tc, MATCH_UM / MPP)
     # cell count: the same within 1 %
     assert abs(len(tc) - len(rc)) <= max(1, 0.01 * len(rc))
     # nearly every cell found in both runs (the remainder: see test_bit_identical_across_tile_sizes)
@@ -124,7 +115,7 @@ def test_tile_borders_lose_and_duplicate_nothing(runs, tile):
     band_ref = ref[near_border(ref)]
     band_res = res[near_border(res)]
     assert len(band_ref) > 30
-    i_ref, i_t = _match(band_ref, res, MATCH_UM / MPP)
+    i_ref, i_t = match_cells(band_ref, res, MATCH_UM / MPP)
     assert len(i_ref) >= 0.97 * len(band_ref)  # lost: at most 3 % (1 of ~60 here)
     assert abs(len(band_res) - len(band_ref)) <= max(1, 0.03 * len(band_ref))
 
@@ -165,7 +156,7 @@ def test_blank_half_processes_fewer_tiles(half_blank, preset):
     assert len(everything.cells) > 100
     assert (auto.cells["x_px"] < 512 + 8).all()
     # the cells of the tissue half are the same either way
-    i_a, _ = _match(auto.cells, everything.cells, 2.0)
+    i_a, _ = match_cells(auto.cells, everything.cells, 2.0)
     assert len(i_a) >= 0.98 * len(everything.cells[everything.cells["x_px"] < 500])
 
 
@@ -195,7 +186,7 @@ def test_tissue_mask_png_and_geojson(half_blank, preset, tmp_path):
         assert (c["x_px"] < x1).all() and (c["y_px"] >= y0).all() and (c["y_px"] < y1).all()
         ref = everything.cells
         ref = ref[(ref["x_px"] < x1 - 8) & (ref["y_px"] >= y0 + 8) & (ref["y_px"] < y1 - 8)]
-        i_ref, _ = _match(ref, c, 2.0)
+        i_ref, _ = match_cells(ref, c, 2.0)
         assert len(i_ref) >= 0.98 * len(ref)
 
 
