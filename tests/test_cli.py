@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,23 @@ def test_bad_preset_and_missing_input_are_one_line_errors(tmp_path, capsys):
     assert "detection.sigmaa_um" in err
     assert main(["score", str(tmp_path / "nope.svs"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.svs" in capsys.readouterr().err
+
+
+def test_damaged_file_gives_one_line_and_no_reader_noise(tmp_path):
+    # The first 5000 bytes of a real SVS: tifffile logs its own warning about the page offset, which
+    # must not reach the user beside our one-line error.
+    real = Path(__file__).parent / "data" / "real" / "CMU-1-Small-Region.svs"
+    cut = tmp_path / "in" / "cut.svs"
+    cut.parent.mkdir()
+    cut.write_bytes(real.read_bytes()[:5000])
+    out = tmp_path / "o"
+    # In a child process: pytest's log capture would hide the reader's warning here.
+    proc = subprocess.run([sys.executable, "-c", "import sys; from ihcscore.cli import main; sys.exit(main())",
+                           "score", str(cut.parent), "--out", str(out), "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines == [f"failed: {cut}: TIFF has no images (corrupt or truncated)",
+                     f"1 of 1 slides failed (see {out / 'failures.csv'})"]
 
 
 def test_version(capsys):

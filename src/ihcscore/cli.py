@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -274,9 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Readers that log their own warnings about a damaged file; the CLI reports each failure in one line.
+_QUIET_LOGGERS = ("tifffile", "imagecodecs", "PIL")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if getattr(args, "workers", 1) <= 1 and not getattr(args, "dask", None):
         from .runtime import retain_freed_memory
 
