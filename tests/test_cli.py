@@ -138,6 +138,21 @@ def test_bad_preset_and_missing_input_are_one_line_errors(tmp_path, capsys):
     assert "nope.svs" in capsys.readouterr().err
 
 
+def test_bad_tiling_and_tissue_options_stop_before_any_slide(tmp_path, capsys):
+    slide = Path(__file__).parent / "data" / "real" / "CMU-1-Small-Region.svs"
+    out = tmp_path / "o"
+    for flags, said in ((["--tile-size", "10"], "--tile-size 10: tiles must be at least 128 px"),
+                        (["--tissue", str(tmp_path / "mask.png")], "mask.png: no such mask or annotation file")):
+        assert main(["score", str(slide), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    for flags in (["--workers", "0"], ["--tile-size", "-5"]):
+        with pytest.raises(SystemExit) as e:
+            main(["score", str(slide), "--out", str(out), *flags])
+        assert e.value.code == 2 and ">= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_damaged_file_gives_one_line_and_no_reader_noise(tmp_path):
     # The first 5000 bytes of a real SVS: tifffile logs its own warning about the page offset, which
     # must not reach the user beside our one-line error.

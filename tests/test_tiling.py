@@ -47,6 +47,13 @@ def test_plan_tiles_cores_partition_the_plane():
     assert (cover == 1).all()
 
 
+@pytest.mark.parametrize("kw, said", [({"tile_size": 64}, "tile_size must be a whole number of pixels >= 128"),
+                                      ({"tile_size": 256.5}, "tile_size"), ({"workers": 0}, "workers must be")])
+def test_bad_tile_size_or_workers_are_refused(slide_path, preset, kw, said):
+    with open_slide(slide_path) as s, pytest.raises(ValueError, match=said):
+        analyze_slide(s, preset, **kw)
+
+
 def test_plan_covers_single_tile(runs):
     assert runs[(2048, 1)].summary["n_tiles"] == 1
     assert runs[(256, 1)].summary["n_tiles"] == 9

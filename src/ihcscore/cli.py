@@ -32,6 +32,18 @@ def _positive_float(text: str):
     return v
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return v
+    return parse
+
+
 def _add_score_parser(sub):
     p = sub.add_parser("score", help="score a slide or every slide in a folder",
                        description="Detect cells, measure DAB OD and report H-score, percent positive, Allred and "
@@ -52,9 +64,11 @@ def _add_score_parser(sub):
                    help="compartment whose DAB OD mean bins each cell (others are reported too)")
     p.add_argument("--tissue", default="auto", metavar="auto|all|MASK.png|ANNOTATIONS.geojson",
                    help="where to score: detected tissue (auto), the whole image (all), a mask or QuPath annotations")
-    p.add_argument("--tile-size", type=int, default=1024, metavar="PX",
-                   help="tile side in pixels at the detection resolution (results do not depend on it; default 1024)")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes for tiles (default 1)")
+    p.add_argument("--tile-size", type=_int_at_least(1), default=1024, metavar="PX",
+                   help="tile side in pixels at the detection resolution (results do not depend on it; "
+                        "default 1024, at least 128)")
+    p.add_argument("--workers", type=_int_at_least(1), default=1, metavar="N",
+                   help="worker processes for tiles (default 1)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run tiles on a dask.distributed scheduler at ADDRESS, or on a local cluster of --workers")
     p.add_argument("--classifier", metavar="MODEL.skops",
@@ -105,11 +119,16 @@ def run_score(args) -> int:
     from rich.table import Table
 
     from .batch import dask_client, find_slides, score_batch
+    from .pipeline import MIN_TILE_PX
 
     console = Console(stderr=True, soft_wrap=True)  # errors print with --quiet too, one line each
     try:
         preset, stains = _build_preset(args)
         paths = list(dict.fromkeys(p for item in args.input for p in find_slides(item)))
+        if args.tile_size < MIN_TILE_PX:
+            raise ValueError(f"--tile-size {args.tile_size}: tiles must be at least {MIN_TILE_PX} px")
+        if args.tissue not in ("auto", "all") and not Path(args.tissue).is_file():
+            raise FileNotFoundError(f"--tissue {args.tissue}: no such mask or annotation file")
         if args.classifier is not None:
             from .classify import CellClassifier
 

@@ -444,6 +444,8 @@ def _tissue(slide, tissue):
 
 #: Side (detection px) of the windows sampled for stain estimation and checks (12 at most: ~3 MP).
 SAMPLE_WINDOW_PX = 512
+#: Smallest core tile side (detection px): smaller cores would read and segment mostly overlap.
+MIN_TILE_PX = 128
 
 
 def _sample_tissue_rgb(slide, tasks, ds, max_tiles: int = 12) -> np.ndarray:
@@ -486,9 +488,9 @@ def analyze_slide(
     tissue : "auto" | "all" | path
         Tissue detection, everything, or a PNG mask / GeoJSON annotations.
     tile_size : int
-        Core tile side in detection pixels.
+        Core tile side in detection pixels (at least :data:`MIN_TILE_PX`).
     workers : int
-        Processes; ``client`` (a ``dask.distributed.Client``) takes precedence.
+        Processes (at least 1); ``client`` (a ``dask.distributed.Client``) takes precedence.
     polygons : bool
         Keep nucleus/cell outlines (for GeoJSON): ``nucleus_polygon`` and ``cell_polygon``
         columns of closed-ring (K, 2) float32 level-0 (x, y) vertices.
@@ -507,6 +509,10 @@ def analyze_slide(
     -------
     SlideResult
     """
+    if int(tile_size) != tile_size or tile_size < MIN_TILE_PX:
+        raise ValueError(f"tile_size must be a whole number of pixels >= {MIN_TILE_PX}, got {tile_size}")
+    if int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers}")
     t0 = time.perf_counter()
     device = "cpu"
     if gpu and client is None:  # on a cluster the workers' devices count, not this machine's
