@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ihcscore import classify  # noqa: E402
 from ihcscore.pipeline import analyze_region  # noqa: E402
 from ihcscore.preset import load_preset  # noqa: E402
+from ihcscore.slide import slide_name  # noqa: E402
 from ihcscore.stains import H_DAB_DEFAULT, StainVectors, estimate_stain_vectors, rgb_to_od  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "real"
@@ -341,7 +342,7 @@ def validate_vendor_files(data):
             cmd = cmd0 + ["score", str(path), "--out", out, "--preset", "ki67", "--quiet"]
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             crashed = "Traceback" in (p.stderr + p.stdout)
-            summary = Path(out) / path.stem / "summary.json"
+            summary = Path(out) / slide_name(path) / "summary.json"
             failures = Path(out) / "failures.csv"
             warnings, fail_reason = [], ""
             if summary.is_file():

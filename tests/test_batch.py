@@ -105,6 +105,54 @@ def test_resume_skips_complete_and_redoes_partial_or_changed(folder, tmp_path):
     assert json.loads((out / "a" / "summary.json").read_text())["thresholds"] == [0.25, 0.45, 0.65]
 
 
+def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(good_slides, tmp_path):
+    # a/x.tif and b/x.tif are different slides: one output folder each, named by their folder
+    for sub, src in (("a", "a.tif"), ("b", "b.tif")):
+        (tmp_path / sub).mkdir()
+        os.link(good_slides / src, tmp_path / sub / "x.tif")
+    out, alone = tmp_path / "out", tmp_path / "alone"
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    for sub, src in (("a", "a.tif"), ("b", "b.tif")):
+        assert main(["score", str(good_slides / src), "--out", str(alone), *SCORE_ARGS]) == 0
+        got, want = _summary(out / f"{sub}_x"), _summary(alone / Path(src).stem)
+        assert got.pop("slide") == f"{sub}_x" and want.pop("slide") == Path(src).stem
+        assert got == want
+    rows = _read_csv(out / "summary.csv")
+    assert [r["slide"] for r in rows] == ["a_x", "b_x"] and rows[0]["n_cells"] != rows[1]["n_cells"]
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    assert [r["resumed"] for r in _read_csv(out / "summary.csv")] == ["True", "True"]
+
+    # out/x holds a/x.tif's results: b/x.tif scored into the same folder is not taken as done
+    one = tmp_path / "one"
+    assert main(["score", str(tmp_path / "a" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
+    assert main(["score", str(tmp_path / "b" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
+    (row,) = _read_csv(one / "summary.csv")
+    assert row.get("resumed") in ("", None)
+    assert _summary(one / "x") | {"slide": "b"} == _summary(alone / "b")
+    # outputs written before the marker named its slide: summary.json's path decides
+    marker = json.loads((one / "x" / COMPLETE_MARKER).read_text())
+    assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "b.tif").stat().st_size}
+    (one / "x" / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert main(["score", str(tmp_path / "b" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
+    assert _read_csv(one / "summary.csv")[0]["resumed"] == "True"
+    os.link(good_slides / "b.tif", tmp_path / "y.tif")
+    (one / "x").rename(one / "y")
+    assert main(["score", str(tmp_path / "y.tif"), "--out", str(one), *SCORE_ARGS]) == 0
+    assert _read_csv(one / "summary.csv")[0].get("resumed") in ("", None)
+
+
+def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path):
+    ome = tmp_path / "in" / "case.ome.tif"
+    ome.parent.mkdir()
+    os.link(good_slides / "a.tif", ome)
+    out = tmp_path / "out"
+    for resumed in (("", None), ("True",)):
+        assert main(["score", str(ome.parent), "--out", str(out), *SCORE_ARGS]) == 0
+        (row,) = _read_csv(out / "summary.csv")
+        assert row["slide"] == "case" and row.get("resumed") in resumed
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["case"]
+
+
 # ----------------------------------------------------------------------------- SIGKILL mid-slide
 
 DRIVER = r"""

@@ -138,7 +138,7 @@ def test_bad_preset_and_missing_input_are_one_line_errors(tmp_path, capsys):
     assert "nope.svs" in capsys.readouterr().err
 
 
-def test_bad_tiling_and_tissue_options_stop_before_any_slide(tmp_path, capsys):
+def test_bad_tiling_tissue_and_out_options_stop_before_any_slide(tmp_path, capsys):
     slide = Path(__file__).parent / "data" / "real" / "CMU-1-Small-Region.svs"
     out = tmp_path / "o"
     for flags, said in ((["--tile-size", "10"], "--tile-size 10: tiles must be at least 128 px"),
@@ -151,6 +151,10 @@ def test_bad_tiling_and_tissue_options_stop_before_any_slide(tmp_path, capsys):
             main(["score", str(slide), "--out", str(out), *flags])
         assert e.value.code == 2 and ">= 1" in capsys.readouterr().err
     assert not out.exists()
+    out.write_text("a file, not a folder")
+    assert main(["score", str(slide), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot create the output folder" in err and err.count("\n") == 1, err
 
 
 def test_damaged_file_gives_one_line_and_no_reader_noise(tmp_path):

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import hash_params, is_complete, summary_row, write_failures, write_slide_outputs, write_summary_csv
+from .export import (hash_params, is_complete, slide_source, summary_row, write_failures, write_slide_outputs,
+                     write_summary_csv)
 from .pipeline import analyze_slide
 from .report import write_cohort_index
 from .runtime import process_alive
+from .slide import slide_name
 
-__all__ = ["SLIDE_EXTENSIONS", "find_slides", "slide_params_hash", "score_slide", "score_batch", "BatchResult",
-           "dask_client"]
+__all__ = ["SLIDE_EXTENSIONS", "find_slides", "output_names", "slide_params_hash", "score_slide", "score_batch",
+           "BatchResult", "dask_client"]
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
                     ".png", ".jpg", ".jpeg")
@@ -38,6 +40,24 @@ def find_slides(path) -> list[Path]:
         return [path]
     return sorted(p for p in path.iterdir()
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
+
+
+def output_names(paths) -> list[str]:
+    """The output folder name of each slide of a batch: its name, unique within the batch.
+
+    Slides of one name from different folders (``a/x.svs``, ``b/x.svs``) are told apart by their
+    folder (``a_x``, ``b_x``), then, if that still repeats, by a number in the order given (``a_x-2``).
+    """
+    paths = [Path(p) for p in paths]
+    names = [slide_name(p) for p in paths]
+    repeated = {n for n in names if names.count(n) > 1}
+    names = [f"{p.resolve().parent.name}_{n}" if n in repeated else n for p, n in zip(paths, names)]
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return unique
 
 
 def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None, gpu: bool = False) -> str:
@@ -95,11 +115,13 @@ class BatchResult:
 
 def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
                 tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None,
-                classifier=None, gpu=False) -> dict:
+                classifier=None, gpu=False, out_name=None) -> dict:
     """Score one slide and write its output folder; returns its summary.json content.
 
     ``classifier`` is the path of a trained classifier (``ihcscore train``); default the morphology rule.
     ``gpu``: deconvolution and detection smoothing on the GPU (:func:`~ihcscore.pipeline.analyze_slide`).
+    ``out_name``: the output folder ``out_root/out_name`` and summary's ``slide`` (default the slide's name;
+    :func:`output_names` keeps them unique in a batch).
     """
     from .classify import CellClassifier
     from .slide import open_slide
@@ -110,6 +132,8 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
                                workers=workers, client=client, polygons=True, progress=progress,
                                classifier=model, gpu=gpu)
         summary = result.summary
+        if out_name is not None:
+            summary["slide"] = out_name
         images = {}
         if report:
             thumb = slide.thumbnail(1024)
@@ -117,10 +141,11 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
                       "thumbnail_downsample": max(slide.dimensions) / max(thumb.shape[:2]),
                       "fields": _report_fields(slide, result.cells, summary["detection_pixel_size_um"] / slide.mpp),
                       "hotspot_grid": result.hotspot_grid}
-        out_dir = Path(out_root) / slide.name
+        out_dir = Path(out_root) / summary["slide"]
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images, workers=workers,
-                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu))
+                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu),
+                            source=slide_source(path))
     return summary
 
 
@@ -160,10 +185,11 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     ----------
     paths : list of path
     out_root : path
-        ``DIR``: gets ``DIR/<stem>/...``, ``DIR/summary.csv``, ``DIR/failures.csv``.
+        ``DIR``: gets ``DIR/<slide>/...`` (:func:`output_names`), ``DIR/summary.csv``, ``DIR/failures.csv``.
     resume : bool
-        Skip slides whose outputs are complete and were made with the same parameters (and on the
-        same kind of device: a CPU run redoes a slide scored with ``gpu``, and the reverse).
+        Skip slides whose outputs are complete and were made of the same slide file with the same
+        parameters (and on the same kind of device: a CPU run redoes a slide scored with ``gpu``,
+        and the reverse).
     gpu : bool
         Deconvolution and detection smoothing on the GPU (:func:`~ihcscore.pipeline.analyze_slide`).
     on_slide_start(path, index, total), on_tile(done, total), on_slide_end(path, row) : callables, optional
@@ -176,15 +202,16 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
-    for i, path in enumerate(paths):
+    names = output_names(paths)
+    for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:
             on_slide_start(path, i, len(paths))
         t0 = time.perf_counter()
-        out_dir = out_root / path.stem
+        out_dir = out_root / name
         h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu)
         try:
-            if resume and is_complete(out_dir, h):
+            if resume and is_complete(out_dir, h, slide_source(path)):
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
@@ -192,15 +219,16 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                 _remove_stale_temporaries(out_dir)
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
-                                      report=report, progress=on_tile, classifier=classifier, gpu=gpu)
+                                      report=report, progress=on_tile, classifier=classifier, gpu=gpu,
+                                      out_name=name)
                 row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
         except Exception as e:  # isolate: report and go on with the next slide
             msg = " ".join(str(e).split()) or type(e).__name__
             if str(path) not in msg and path.name not in msg:
                 msg = f"{path}: {msg}"
-            result.failures.append({"slide": path.stem, "path": str(path), "error": msg})
+            result.failures.append({"slide": name, "path": str(path), "error": msg})
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
-                              slide=path.stem)
+                              slide=name)
         result.rows.append(row)
         write_summary_csv(out_root / "summary.csv", result.rows)
         write_failures(out_root, result.failures)

@@ -129,6 +129,10 @@ def run_score(args) -> int:
             raise ValueError(f"--tile-size {args.tile_size}: tiles must be at least {MIN_TILE_PX} px")
         if args.tissue not in ("auto", "all") and not Path(args.tissue).is_file():
             raise FileNotFoundError(f"--tissue {args.tissue}: no such mask or annotation file")
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from e
         if args.classifier is not None:
             from .classify import CellClassifier
 

@@ -83,6 +83,7 @@ __all__ = [
     "SUMMARY_CSV_COLUMNS",
     "FAILURES_CSV_COLUMNS",
     "COMPLETE_MARKER",
+    "slide_source",
     "atomic_write",
     "atomic_open",
     "atomic_path",
@@ -858,6 +859,7 @@ def write_slide_outputs(
     params_hash: str | None = None,
     geojson: bool = True,
     workers: int = 1,
+    source: Mapping | None = None,
 ):
     """Write one slide's output folder; the ``_COMPLETE`` marker last.
 
@@ -886,6 +888,8 @@ def write_slide_outputs(
         Write ``cells.geojson`` (default True).
     workers : int
         Processes that encode ``cells.geojson`` (:func:`write_cells_geojson`).
+    source : dict, optional
+        The slide file these outputs are of (:func:`slide_source`), stored in the marker.
 
     Returns
     -------
@@ -896,7 +900,7 @@ def write_slide_outputs(
     -----
     An existing ``_COMPLETE`` is removed first, so an interrupted rewrite never
     looks complete. The marker is JSON with ``params_hash``, the file names,
-    the software version and the time.
+    the software version, the time and ``source``.
     """
     if cells is None and hasattr(summary, "summary") and hasattr(summary, "cells"):
         summary, cells = summary.summary, summary.cells
@@ -944,6 +948,8 @@ def write_slide_outputs(
         "software_version": version,
         "completed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if source is not None:
+        info["source"] = dict(source)
     with atomic_open(marker, "w") as f:
         f.write(_dumps(info))
         f.write("\n")
@@ -951,11 +957,23 @@ def write_slide_outputs(
     return written
 
 
-def is_complete(out_dir, params_hash: str | None) -> bool:
-    """True when ``out_dir`` holds complete outputs written with ``params_hash``.
+def slide_source(path) -> dict:
+    """What identifies a slide file for resuming: its name and size in bytes.
+
+    Not its folder (a moved cohort still resumes) nor its time stamp (a copy still resumes); two
+    different slides of one name practically never have the same size.
+    """
+    path = Path(path)
+    return {"file": path.name, "bytes": path.stat().st_size}
+
+
+def is_complete(out_dir, params_hash: str | None, source: Mapping | None = None) -> bool:
+    """True when ``out_dir`` holds complete outputs written with ``params_hash`` (of ``source``).
 
     False when the ``_COMPLETE`` marker is missing or unreadable, was written
-    with another hash, or a file it lists is missing.
+    with another hash, or a file it lists is missing; with ``source``
+    (:func:`slide_source`), also when the outputs are of another slide file
+    (for a marker without ``source``: when summary.json's ``path`` names another file).
     """
     out = Path(out_dir)
     try:
@@ -964,7 +982,17 @@ def is_complete(out_dir, params_hash: str | None) -> bool:
         return False
     if not isinstance(info, dict) or info.get("params_hash") != params_hash:
         return False
-    return all((out / name).is_file() for name in info.get("files", []))
+    if not all((out / name).is_file() for name in info.get("files", [])):
+        return False
+    if source is None:
+        return True
+    if "source" in info:
+        return info["source"] == dict(source)
+    try:
+        recorded = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("path")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(recorded, str) and Path(recorded).name == source["file"]
 
 
 # --------------------------------------------------------------------------- #

@@ -23,9 +23,22 @@ import numpy as np
 __all__ = [
     "SlideError",
     "Slide",
+    "slide_name",
     "open_slide",
     "write_pyramidal_tiff",
 ]
+
+
+_OME_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.tf2", ".ome.tf8", ".ome.btf")
+
+
+def slide_name(path) -> str:
+    """A slide's name: its file name without the extension (``.ome.tif`` counts as one)."""
+    n = Path(path).name
+    for suffix in _OME_SUFFIXES:
+        if n.lower().endswith(suffix):
+            return n[: -len(suffix)]
+    return Path(path).stem
 
 
 class SlideError(ValueError):
@@ -589,11 +602,7 @@ class Slide:
     # -- identity -------------------------------------------------------
     @property
     def name(self) -> str:
-        n = self.path.name
-        for suffix in (".ome.tiff", ".ome.tif", ".ome.tf2", ".ome.tf8", ".ome.btf"):
-            if n.lower().endswith(suffix):
-                return n[: -len(suffix)]
-        return self.path.stem
+        return slide_name(self.path)
 
     def __repr__(self):
         w, h = self.dimensions
