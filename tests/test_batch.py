@@ -254,6 +254,41 @@ def test_sigkill_mid_slide_then_rerun_is_identical(kill_folder, clean_run, tmp_p
     _assert_same_outputs(out, clean_run)
 
 
+def test_ctrl_c_stops_in_one_line_and_rerun_is_identical(kill_folder, clean_run, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group, workers included) mid-slide."""
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "out"
+    ticks = tmp_path / "ticks.txt"
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, str(driver), str(ticks), "kill-mid-tiles", "score", str(kill_folder), "--out", str(out),
+           *SCORE_ARGS, "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ticks.exists() and len(ticks.read_text().splitlines()) >= 9 + 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run finished before it could be interrupted"
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.splitlines()[-1] == "interrupted (finished slides are kept: the same command resumes)"
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive
+    assert (out / "a" / COMPLETE_MARKER).is_file() and not (out / "big" / COMPLETE_MARKER).exists()
+    assert not list(out.rglob("*.tmp-*"))
+    assert main(["score", str(kill_folder), "--out", str(out), *SCORE_ARGS]) == 0
+    _assert_same_outputs(out, clean_run)
+
+
 def test_sigkill_of_the_main_process_ends_its_tile_workers(kill_folder, tmp_path):
     """`kill -9` of `ihcscore score --workers 2` alone (not its group) leaves no orphaned workers behind."""
     psutil = pytest.importorskip("psutil")

@@ -311,7 +311,12 @@ def main(argv=None) -> int:
         from .runtime import retain_freed_memory
 
         retain_freed_memory()  # tiles are scored in this process: reuse their freed buffers
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        done = " (finished slides are kept: the same command resumes)" if args.command == "score" else ""
+        print(f"interrupted{done}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

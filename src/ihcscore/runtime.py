@@ -103,16 +103,28 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def init_worker(parent_pid: int) -> None:
+    """Pool initializer: :func:`die_with_parent`, and Ctrl-C is left to the parent.
+
+    A terminal's Ctrl-C reaches every process of the foreground group; the parent stops the pool
+    and says so in one line, where each worker would print a traceback of its own.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+
+
 @contextmanager
 def worker_pool(workers: int, start_method: str | None = None):
-    """A process pool whose workers die with this process (:func:`die_with_parent`).
+    """A process pool whose workers die with this process and ignore Ctrl-C (:func:`init_worker`).
 
     On leaving, also after an error or an early close, the tasks not started are dropped, not run first.
     ``start_method``: ``multiprocessing``'s ("spawn" for workers that use CUDA, which a forked child of a
     process that has used it cannot); default the platform's.
     """
     context = multiprocessing.get_context(start_method) if start_method else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=die_with_parent,
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=init_worker,
                                initargs=(os.getpid(),))
     try:
         yield pool
