@@ -119,6 +119,11 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
         assert got == want
     rows = _read_csv(out / "summary.csv")
     assert [r["slide"] for r in rows] == ["a_x", "b_x"] and rows[0]["n_cells"] != rows[1]["n_cells"]
+    # one file named three ways is one slide
+    same = tmp_path / "same"
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "a" / "x.tif"), str(tmp_path / "b" / ".." / "a"),
+                 "--out", str(same), *SCORE_ARGS]) == 0
+    assert [r["slide"] for r in _read_csv(same / "summary.csv")] == ["x"]
     assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
     assert [r["resumed"] for r in _read_csv(out / "summary.csv")] == ["True", "True"]
 

@@ -124,7 +124,11 @@ def run_score(args) -> int:
     console = Console(stderr=True, soft_wrap=True)  # errors print with --quiet too, one line each
     try:
         preset, stains = _build_preset(args)
-        paths = list(dict.fromkeys(p for item in args.input for p in find_slides(item)))
+        found = {}  # one entry per file, however it was named (a/x.svs, ./a/x.svs, the folder a)
+        for item in args.input:
+            for p in find_slides(item):
+                found.setdefault(p.resolve(), p)
+        paths = list(found.values())
         if args.tile_size < MIN_TILE_PX:
             raise ValueError(f"--tile-size {args.tile_size}: tiles must be at least {MIN_TILE_PX} px")
         if args.tissue not in ("auto", "all") and not Path(args.tissue).is_file():
