@@ -93,7 +93,7 @@ def test_resume_skips_complete_and_redoes_partial_or_changed(folder, tmp_path):
     (out / "b" / "cells.parquet.tmp-99999").write_bytes(b"half")
     assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS]) == 1
     rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
-    assert rows["a"]["resumed"] == "True" and rows["b"].get("resumed") in ("", None)
+    assert rows["a"]["resumed"] == "True" and rows["b"]["resumed"] == "False"
     assert (out / "b" / COMPLETE_MARKER).is_file()
     assert not list((out / "b").glob("*.tmp-*"))
     assert _summary(out / "b") == first["b"]
@@ -101,7 +101,7 @@ def test_resume_skips_complete_and_redoes_partial_or_changed(folder, tmp_path):
     # other parameters (thresholds): nothing is taken as done
     assert main(["score", str(folder), "--out", str(out), *SCORE_ARGS, "--thresholds", "0.25,0.45,0.65"]) == 1
     rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
-    assert rows["a"].get("resumed") in ("", None) and rows["b"].get("resumed") in ("", None)
+    assert rows["a"]["resumed"] == "False" and rows["b"]["resumed"] == "False"
     assert json.loads((out / "a" / "summary.json").read_text())["thresholds"] == [0.25, 0.45, 0.65]
 
 
@@ -132,7 +132,7 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     assert main(["score", str(tmp_path / "a" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
     assert main(["score", str(tmp_path / "b" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
     (row,) = _read_csv(one / "summary.csv")
-    assert row.get("resumed") in ("", None)
+    assert row["resumed"] == "False"
     assert _summary(one / "x") | {"slide": "b"} == _summary(alone / "b")
     # outputs written before the marker named its slide: summary.json's path decides
     marker = json.loads((one / "x" / COMPLETE_MARKER).read_text())
@@ -143,7 +143,7 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     os.link(good_slides / "b.tif", tmp_path / "y.tif")
     (one / "x").rename(one / "y")
     assert main(["score", str(tmp_path / "y.tif"), "--out", str(one), *SCORE_ARGS]) == 0
-    assert _read_csv(one / "summary.csv")[0].get("resumed") in ("", None)
+    assert _read_csv(one / "summary.csv")[0]["resumed"] == "False"
 
 
 def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path):
@@ -151,10 +151,10 @@ def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path
     ome.parent.mkdir()
     os.link(good_slides / "a.tif", ome)
     out = tmp_path / "out"
-    for resumed in (("", None), ("True",)):
+    for resumed in ("False", "True"):
         assert main(["score", str(ome.parent), "--out", str(out), *SCORE_ARGS]) == 0
         (row,) = _read_csv(out / "summary.csv")
-        assert row["slide"] == "case" and row.get("resumed") in resumed
+        assert row["slide"] == "case" and row["resumed"] == resumed
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["case"]
 
 

@@ -222,6 +222,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                                       report=report, progress=on_tile, classifier=classifier, gpu=gpu,
                                       out_name=name)
                 row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
+                row["resumed"] = False
         except Exception as e:  # isolate: report and go on with the next slide
             msg = " ".join(str(e).split()) or type(e).__name__
             if str(path) not in msg and path.name not in msg:
@@ -229,6 +230,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
             result.failures.append({"slide": name, "path": str(path), "error": msg})
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
                               slide=name)
+            row["resumed"] = False
         result.rows.append(row)
         write_summary_csv(out_root / "summary.csv", result.rows)
         write_failures(out_root, result.failures)

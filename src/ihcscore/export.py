@@ -153,6 +153,7 @@ SUMMARY_CSV_COLUMNS = (
     "all_h_score_cell",
     "error",
     "warnings",
+    "resumed",  # True: the slide's complete outputs were found and kept (not rescored) by this run
 )
 #: Columns of ``DIR/failures.csv``.
 FAILURES_CSV_COLUMNS = ("slide", "path", "error")
