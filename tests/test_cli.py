@@ -117,6 +117,22 @@ def test_annotations_give_per_region_scores(scored, tmp_path):
     assert s["regions"][0]["area_mm2"] == pytest.approx(320 * 640 * 0.25 / 1e6)
 
 
+def test_mask_png_beside_the_slides_is_the_mask_not_a_slide(scored, tmp_path):
+    slides, _, _ = scored
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "syn.tif").hardlink_to(slides / "syn.tif")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255  # the left half of the 640 px slide
+    Image.fromarray(mask).save(folder / "mask.png")
+    out = tmp_path / "o"
+    assert main(["score", str(folder), "--out", str(out), "--quiet", "--no-report",
+                 "--tissue", str(folder / "mask.png")]) == 0
+    assert [r["slide"] for r in csv.DictReader(open(out / "summary.csv", newline=""))] == ["syn"]
+    cells = pd.read_parquet(out / "syn" / "cells.parquet")
+    assert len(cells) > 50 and cells["x_px"].max() < 320
+
+
 def test_image_without_pixel_size_needs_mpp(tmp_path, capsys):
     rgb = np.full((200, 200, 3), 240, np.uint8)
     png = tmp_path / "plain.png"

@@ -128,11 +128,13 @@ def run_score(args) -> int:
         for item in args.input:
             for p in find_slides(item):
                 found.setdefault(p.resolve(), p)
-        paths = list(found.values())
         if args.tile_size < MIN_TILE_PX:
             raise ValueError(f"--tile-size {args.tile_size}: tiles must be at least {MIN_TILE_PX} px")
-        if args.tissue not in ("auto", "all") and not Path(args.tissue).is_file():
-            raise FileNotFoundError(f"--tissue {args.tissue}: no such mask or annotation file")
+        if args.tissue not in ("auto", "all"):
+            if not Path(args.tissue).is_file():
+                raise FileNotFoundError(f"--tissue {args.tissue}: no such mask or annotation file")
+            found.pop(Path(args.tissue).resolve(), None)  # a mask.png beside the slides is not a slide
+        paths = list(found.values())
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as e:
