@@ -101,3 +101,21 @@ def test_cli_dask_unreachable_scheduler(slides, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()  # --quiet silences the bars, not the errors
     assert len(err) == 1 and "cannot connect" in err[0]
+
+
+def test_local_cluster_leaves_ctrl_c_to_this_process():
+    """`--dask local`: the cluster's processes ignore SIGINT (no tracebacks of their own on Ctrl-C); ours does not."""
+    import signal
+
+    from ihcscore.batch import dask_client
+
+    before = signal.getsignal(signal.SIGINT)
+    client = dask_client("local", 1)
+    try:
+        assert signal.getsignal(signal.SIGINT) is before
+        on_workers = client.run(lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+        assert list(on_workers.values()) == [True]
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()

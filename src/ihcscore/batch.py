@@ -170,8 +170,19 @@ def dask_client(address: str, workers: int = 2):
     from distributed import Client, LocalCluster
 
     if address == "local":
-        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None)
+        import signal
+        import threading
+
+        # The cluster's processes inherit an ignored SIGINT: Ctrl-C is this process's to report (in one line),
+        # where each worker would print tracebacks of its own.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address=None)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
         return Client(cluster)
     return Client(address)
 
