@@ -150,7 +150,7 @@ def test_stain_vectors_normalised_with_orthogonal_residual():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(hematoxylin=(0, 0, 0), dab=(0.27, 0.57, 0.78)), "zero or non-finite"),
+        (dict(hematoxylin=(0, 0, 0), dab=(0.27, 0.57, 0.78)), r"stain vector \[0\.0, 0\.0, 0\.0\] has zero or non-finite"),
         (dict(hematoxylin=(np.nan, 1, 1), dab=(0.27, 0.57, 0.78)), "zero or non-finite"),
         (dict(hematoxylin=(0.27, 0.57, 0.78), dab=(0.54, 1.14, 1.56)), "parallel"),
         (dict(hematoxylin=(0.65, 0.70, 0.29), dab=(0.27, 0.57, 0.78), background=(0, 255, 255)), "background"),

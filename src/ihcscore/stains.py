@@ -37,7 +37,7 @@ def _unit(v) -> tuple[float, float, float]:
     a = np.asarray(v, dtype=float).reshape(3)
     n = np.linalg.norm(a)
     if not np.isfinite(n) or n == 0:
-        raise ValueError(f"stain vector {list(a)} has zero or non-finite length")
+        raise ValueError(f"stain vector {a.tolist()} has zero or non-finite length")
     return tuple(float(x) for x in a / n)
 
 
