@@ -405,6 +405,7 @@ _DETECTION_COMMENTS = {
     "split_by_shape": "split touching nuclei by shape (watershed)",
     "cell_expansion_um": "µm beyond the nucleus; 0 = cell is the nucleus",
     "membrane_width_um": "µm, ring inside the cell boundary",
+    "hematoxylin_threshold": "OD; > 0 with image = \"od_sum\": also add pale nuclei found on hematoxylin (0 = off)",
 }
 _SCORING_COMMENTS = {
     "compartment": "nucleus | cytoplasm | membrane | cell",
