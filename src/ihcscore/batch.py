@@ -17,10 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import (hash_params, is_complete, slide_source, summary_row, write_failures, write_slide_outputs,
-                     write_summary_csv)
+from .export import hash_params, is_complete, slide_source, summary_row, update_folder_tables, write_slide_outputs
 from .pipeline import analyze_slide
-from .report import write_cohort_index
 from .runtime import process_alive
 from .slide import slide_name
 
@@ -196,7 +194,9 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     ----------
     paths : list of path
     out_root : path
-        ``DIR``: gets ``DIR/<slide>/...`` (:func:`output_names`), ``DIR/summary.csv``, ``DIR/failures.csv``.
+        ``DIR``: gets ``DIR/<slide>/...`` (:func:`output_names`), and ``DIR/summary.csv``, ``DIR/failures.csv``
+        rewritten after every slide with this run's rows merged into those already there
+        (:func:`~ihcscore.export.update_folder_tables`: other runs' slides are kept).
     resume : bool
         Skip slides whose outputs are complete and were made of the same slide file with the same
         parameters (and on the same kind of device: a CPU run redoes a slide scored with ``gpu``,
@@ -243,10 +243,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                               slide=name)
             row["resumed"] = False
         result.rows.append(row)
-        write_summary_csv(out_root / "summary.csv", result.rows)
-        write_failures(out_root, result.failures)
-        if report:
-            write_cohort_index(out_root / "index.html", result.rows)
+        update_folder_tables(out_root, result.rows, result.failures, index=report)
         if on_slide_end:
             on_slide_end(path, row)
     return result

@@ -102,6 +102,9 @@ __all__ = [
     "summary_row",
     "write_summary_csv",
     "append_summary_row",
+    "read_csv_rows",
+    "folder_lock",
+    "update_folder_tables",
     "write_failures_csv",
     "write_failures",
 ]
@@ -1087,20 +1090,74 @@ def write_summary_csv(path, rows: Iterable[Mapping]):
     return _write_rows(path, rows, SUMMARY_CSV_COLUMNS)
 
 
-def append_summary_row(out_dir, row: Mapping):
-    """Add or replace (same ``slide``) one row of ``out_dir/summary.csv``.
+def read_csv_rows(path) -> list[dict]:
+    """The rows of a table this module wrote (``summary.csv``, ``failures.csv``), empty cells as None;
+    ``[]`` when the file does not exist."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return [{k: (None if v == "" else v) for k, v in r.items()} for r in csv.DictReader(f)]
+    except FileNotFoundError:
+        return []
 
-    The whole file is rewritten atomically. Returns the path.
+
+@contextlib.contextmanager
+def folder_lock(out_dir):
+    """Hold an exclusive lock on ``out_dir``'s tables (``.ihcscore.lock``; POSIX ``flock``, elsewhere none).
+
+    Several runs may write into one folder (a job per slide on a cluster): each reads, merges and
+    rewrites the tables under the lock, so none drops another's rows.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(Path(out_dir) / ".ihcscore.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Mapping] = (), index: bool = False):
+    """Merge slides' rows into ``out_dir/summary.csv`` and their failures into ``failures.csv``.
+
+    A row replaces the row of the same ``slide``; rows of other slides (earlier runs, other jobs) are kept,
+    in their order, before the new ones. A slide named in ``rows`` keeps only the failures given here.
+    Both files (and with ``index``, ``index.html``: :func:`ihcscore.report.write_cohort_index`) are
+    rewritten atomically under :func:`folder_lock`.
+
+    Returns
+    -------
+    rows : list of dict
+        The whole ``summary.csv`` as written.
+    """
+    out = Path(out_dir)
+    rows, failures = [dict(r) for r in rows], [dict(f) for f in failures]
+    names = {str(r.get("slide")) for r in rows}
+    with folder_lock(out):
+        merged = [r for r in read_csv_rows(out / "summary.csv") if r.get("slide") not in names] + rows
+        old_failures = [f for f in read_csv_rows(out / "failures.csv") if f.get("slide") not in names]
+        write_summary_csv(out / "summary.csv", merged)
+        write_failures(out, old_failures + failures)
+        if index:
+            from .report import write_cohort_index
+
+            write_cohort_index(out / "index.html", merged)
+    return merged
+
+
+def append_summary_row(out_dir, row: Mapping):
+    """Add or replace (same ``slide``) one row of ``out_dir/summary.csv`` (:func:`update_folder_tables`).
+
+    Returns the path.
     """
     path = Path(out_dir) / "summary.csv"
-    rows = []
-    if path.is_file():
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
-        rows = [{k: (None if v == "" else v) for k, v in r.items()} for r in rows]
-    rows = [r for r in rows if r.get("slide") != str(row.get("slide"))]
-    rows.append(dict(row))
-    return write_summary_csv(path, rows)
+    with folder_lock(out_dir):
+        rows = [r for r in read_csv_rows(path) if r.get("slide") != str(row.get("slide"))]
+        rows.append(dict(row))
+        return write_summary_csv(path, rows)
 
 
 def write_failures_csv(path, failures: Iterable):
