@@ -126,24 +126,31 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     assert [r["slide"] for r in _read_csv(same / "summary.csv")] == ["x"]
     assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
     assert [r["resumed"] for r in _read_csv(out / "summary.csv")] == ["True", "True"]
+    assert main(["score", str(tmp_path / "a" / "x.tif"), "--out", str(out), *SCORE_ARGS]) == 0  # alone: a_x
+    assert {r["slide"]: r["resumed"] for r in _read_csv(out / "summary.csv")} == {"a_x": "True", "b_x": "True"}
 
-    # out/x holds a/x.tif's results: b/x.tif scored into the same folder is not taken as done
+    # an earlier run put a/x.tif's outputs in one/x: b/x.tif goes beside them (not over them, nor taken as
+    # done), and reruns resume each where it is
     one = tmp_path / "one"
-    assert main(["score", str(tmp_path / "a" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
-    assert main(["score", str(tmp_path / "b" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
-    (row,) = _read_csv(one / "summary.csv")
-    assert row["resumed"] == "False"
-    assert _summary(one / "x") | {"slide": "b"} == _summary(alone / "b")
-    # outputs written before the marker named its slide: summary.json's path decides
+    a_x, b_x = str(tmp_path / "a" / "x.tif"), str(tmp_path / "b" / "x.tif")
+    assert main(["score", a_x, "--out", str(one), *SCORE_ARGS]) == 0
+    assert main(["score", b_x, "--out", str(one), *SCORE_ARGS]) == 0
+    assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")} == {"x": "False", "b_x": "False"}
+    assert _summary(one / "x") | {"slide": "a"} == _summary(alone / "a")
+    assert _summary(one / "b_x") | {"slide": "b"} == _summary(alone / "b")
+    assert main(["score", a_x, b_x, "--out", str(one), *SCORE_ARGS]) == 0
+    assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")} == {"x": "True", "b_x": "True"}
+    # outputs written before markers named their slide: the file name in summary.json's path decides
     marker = json.loads((one / "x" / COMPLETE_MARKER).read_text())
-    assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "b.tif").stat().st_size}
+    assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "a.tif").stat().st_size}
     (one / "x" / COMPLETE_MARKER).write_text(json.dumps(marker))
-    assert main(["score", str(tmp_path / "b" / "x.tif"), "--out", str(one), *SCORE_ARGS]) == 0
-    assert _read_csv(one / "summary.csv")[0]["resumed"] == "True"
-    os.link(good_slides / "b.tif", tmp_path / "y.tif")
-    (one / "x").rename(one / "y")
+    assert main(["score", a_x, "--out", str(one), *SCORE_ARGS]) == 0
+    assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")}["x"] == "True"
+    os.link(good_slides / "a.tif", tmp_path / "y.tif")
+    (one / "x").rename(one / "y")  # one/y now holds the outputs of a file named x.tif
     assert main(["score", str(tmp_path / "y.tif"), "--out", str(one), *SCORE_ARGS]) == 0
-    assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")} == {"x": "True", "y": "False"}
+    rows = {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")}
+    assert rows[f"{tmp_path.name}_y"] == "False" and (one / f"{tmp_path.name}_y" / COMPLETE_MARKER).is_file()
 
 
 def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path):

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import hash_params, is_complete, slide_source, summary_row, update_folder_tables, write_slide_outputs
+from .export import (hash_params, is_complete, recorded_source, same_source, slide_source, summary_row,
+                     update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -40,16 +41,34 @@ def find_slides(path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
 
 
-def output_names(paths) -> list[str]:
-    """The output folder name of each slide of a batch: its name, unique within the batch.
+def output_names(paths, out_root=None) -> list[str]:
+    """The output folder name of each slide of a batch: its name, unique within the batch and ``out_root``.
 
-    Slides of one name from different folders (``a/x.svs``, ``b/x.svs``) are told apart by their
-    folder (``a_x``, ``b_x``), then, if that still repeats, by a number in the order given (``a_x-2``).
+    A slide's name is the folder of its outputs unless another slide has a claim on it: another slide
+    of that name in the batch (``a/x.svs``, ``b/x.svs``), or finished outputs of another file in
+    ``out_root/<name>`` (an earlier run scored ``a/x.svs``, this one ``b/x.svs``). Such slides are
+    told apart by their folder (``a_x``, ``b_x``), then, if that still repeats, by a number in the order
+    given (``a_x-2``). A folder that already holds the slide's own finished outputs is kept, so reruns
+    resume whichever name the slide got.
     """
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
     repeated = {n for n in names if names.count(n) > 1}
-    names = [f"{p.resolve().parent.name}_{n}" if n in repeated else n for p, n in zip(paths, names)]
+    chosen = []
+    for p, n in zip(paths, names):
+        qualified = f"{p.resolve().parent.name}_{n}"
+        source = slide_source(p) if out_root is not None and p.is_file() else None
+        if source is None:
+            chosen.append(qualified if n in repeated else n)
+            continue
+        held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)}
+        if same_source(held[n], source):
+            chosen.append(n)
+        elif same_source(held[qualified], source) or n in repeated or held[n] is not None:
+            chosen.append(qualified)
+        else:
+            chosen.append(n)
+    names = chosen
     seen: dict[str, int] = {}
     unique = []
     for n in names:
@@ -213,7 +232,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     result = BatchResult()
-    names = output_names(paths)
+    names = output_names(paths, out_root)
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:

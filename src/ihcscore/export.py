@@ -84,6 +84,8 @@ __all__ = [
     "FAILURES_CSV_COLUMNS",
     "COMPLETE_MARKER",
     "slide_source",
+    "recorded_source",
+    "same_source",
     "atomic_write",
     "atomic_open",
     "atomic_path",
@@ -971,32 +973,54 @@ def slide_source(path) -> dict:
     return {"file": path.name, "bytes": path.stat().st_size}
 
 
+def _marker(out_dir) -> dict | None:
+    try:
+        info = json.loads((Path(out_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def recorded_source(out_dir) -> dict | None:
+    """The slide file whose finished outputs ``out_dir`` holds (:func:`slide_source`), or None (none there).
+
+    Outputs written before markers named their slide give ``{"file": ...}`` from summary.json's ``path``.
+    """
+    info = _marker(out_dir)
+    if info is None:
+        return None
+    if isinstance(info.get("source"), dict):
+        return dict(info["source"])
+    try:
+        path = json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8")).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return {"file": Path(path).name} if isinstance(path, str) else None
+
+
+def same_source(recorded: Mapping | None, source: Mapping) -> bool:
+    """Whether :func:`recorded_source` names the file of ``source`` (by name alone for old outputs)."""
+    if recorded is None:
+        return False
+    if "bytes" in recorded:
+        return dict(recorded) == dict(source)
+    return recorded.get("file") == source.get("file")
+
+
 def is_complete(out_dir, params_hash: str | None, source: Mapping | None = None) -> bool:
     """True when ``out_dir`` holds complete outputs written with ``params_hash`` (of ``source``).
 
     False when the ``_COMPLETE`` marker is missing or unreadable, was written
     with another hash, or a file it lists is missing; with ``source``
-    (:func:`slide_source`), also when the outputs are of another slide file
-    (for a marker without ``source``: when summary.json's ``path`` names another file).
+    (:func:`slide_source`), also when the outputs are of another slide file.
     """
     out = Path(out_dir)
-    try:
-        info = json.loads((out / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(info, dict) or info.get("params_hash") != params_hash:
+    info = _marker(out)
+    if info is None or info.get("params_hash") != params_hash:
         return False
     if not all((out / name).is_file() for name in info.get("files", [])):
         return False
-    if source is None:
-        return True
-    if "source" in info:
-        return info["source"] == dict(source)
-    try:
-        recorded = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("path")
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(recorded, str) and Path(recorded).name == source["file"]
+    return source is None or same_source(recorded_source(out), source)
 
 
 # --------------------------------------------------------------------------- #
