@@ -165,32 +165,27 @@ def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["case"]
 
 
-def test_runs_into_one_folder_keep_each_others_rows(good_slides, tmp_path):
+def test_runs_into_one_folder_keep_each_others_rows(folder, good_slides, tmp_path):
     """One job per slide (a cluster array) or slides scored as they arrive: summary.csv holds them all."""
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("a.tif", "b.tif"):
-        os.link(good_slides / name, folder / name)
-    (folder / "c_bad.svs").write_text("not a slide")
     out = tmp_path / "out"
     jobs = [subprocess.Popen([sys.executable, "-m", "ihcscore.cli", "score", str(folder / name), "--out", str(out),
                               *[a for a in SCORE_ARGS if a != "--no-report"]], stderr=subprocess.PIPE, text=True)
-            for name in ("a.tif", "b.tif", "c_bad.svs")]  # at the same time, with index.html
+            for name in ("a.tif", "b.tif", "c_corrupt.svs")]  # at the same time, with index.html
     assert [j.wait(timeout=300) for j in jobs] == [0, 0, 1], [j.stderr.read() for j in jobs]
     rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
-    assert sorted(rows) == ["a", "b", "c_bad"] and rows["c_bad"]["status"] == "failed"
-    assert [f["slide"] for f in _read_csv(out / "failures.csv")] == ["c_bad"]
+    assert sorted(rows) == ["a", "b", "c_corrupt"] and rows["c_corrupt"]["status"] == "failed"
+    assert [f["slide"] for f in _read_csv(out / "failures.csv")] == ["c_corrupt"]
     index = (out / "index.html").read_text()
     assert all(f'{s}/report.html' in index for s in ("a", "b"))
     # scoring a slide again replaces its row (and a slide that now scores loses its failure); the others stay
     first_b = rows["b"]
-    (folder / "c_bad.svs").unlink()
-    os.link(good_slides / "a.tif", folder / "c_bad.tif")
-    assert main(["score", str(folder / "a.tif"), str(folder / "c_bad.tif"), "--out", str(out), *SCORE_ARGS,
+    (folder / "c_corrupt.svs").unlink()
+    os.link(good_slides / "a.tif", folder / "c_corrupt.tif")
+    assert main(["score", str(folder / "a.tif"), str(folder / "c_corrupt.tif"), "--out", str(out), *SCORE_ARGS,
                  "--thresholds", "0.3,0.5,0.7"]) == 0
     rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
-    assert sorted(rows) == ["a", "b", "c_bad"] and rows["b"] == first_b
-    assert rows["a"]["status"] == rows["c_bad"]["status"] == "ok" and rows["a"]["resumed"] == "False"
+    assert sorted(rows) == ["a", "b", "c_corrupt"] and rows["b"] == first_b
+    assert rows["a"]["status"] == rows["c_corrupt"]["status"] == "ok" and rows["a"]["resumed"] == "False"
     assert _read_csv(out / "failures.csv") == []
 
 
