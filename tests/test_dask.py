@@ -31,7 +31,7 @@ def cluster():
     from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=None) as c:
+                      dashboard_address="127.0.0.1:0") as c:
         yield c
 
 
@@ -80,11 +80,15 @@ def test_analyze_slide_on_client_equals_local(slides, cluster):
     assert local.summary["all"] == remote.summary["all"]
 
 
-def test_cli_dask_scheduler_address(slides, cluster, local_out, tmp_path):
+def test_cli_dask_scheduler_address(slides, cluster, local_out, tmp_path, capsys):
     """`--dask tcp://127.0.0.1:PORT`: what a lab does with the address of its cluster's scheduler."""
     out = tmp_path / "out"
     assert main(["score", str(slides), "--out", str(out), *ARGS, "--dask", cluster.scheduler_address]) == 0
     _same_outputs(out, local_out)
+    # without --quiet (slides resumed): where to watch the cluster
+    assert main(["score", str(slides), "--out", str(out), *[a for a in ARGS if a != "--quiet"],
+                 "--dask", cluster.scheduler_address]) == 0
+    assert f"Dask dashboard: {cluster.dashboard_link}" in capsys.readouterr().err
 
 
 def test_cli_dask_local(slides, local_out, tmp_path):

@@ -196,7 +196,7 @@ def dask_client(address: str, workers: int = 2):
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
         try:
             cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=None)
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0")  # a free port
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)

@@ -112,6 +112,13 @@ def _fmt(v, digits=1):
         return str(v)
 
 
+def _has_dashboard(address: str) -> bool:
+    """A cluster's scheduler serves its dashboard (a local one only with bokeh installed here)."""
+    import importlib.util
+
+    return address != "local" or importlib.util.find_spec("bokeh") is not None
+
+
 def run_score(args) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -160,6 +167,8 @@ def run_score(args) -> int:
         console.print(f"[red]error:[/red] --dask {escape(args.dask)}: cannot connect to the scheduler "
                       f"({escape(reason)})", highlight=False)
         return 2
+    if client is not None and not args.quiet and _has_dashboard(args.dask):
+        console.print(f"Dask dashboard: {escape(client.dashboard_link)}", highlight=False)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=False, disable=args.quiet)
     with progress:
