@@ -133,6 +133,19 @@ def test_mask_png_beside_the_slides_is_the_mask_not_a_slide(scored, tmp_path):
     assert len(cells) > 50 and cells["x_px"].max() < 320
 
 
+def test_rescoring_leaves_no_file_of_the_earlier_parameters(scored, tmp_path):
+    slides, _, _ = scored
+    out = tmp_path / "o"
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--csv"]) == 0
+    d = out / "syn"
+    assert {"cells.csv", "report.html"} <= {p.name for p in d.iterdir()}
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report",
+                 "--thresholds", "0.3,0.5,0.7"]) == 0
+    marker = json.loads((d / "_COMPLETE").read_text())
+    assert sorted(p.name for p in d.iterdir()) == sorted(marker["files"] + ["_COMPLETE"])
+    assert not (d / "cells.csv").exists() and not (d / "report.html").exists()
+
+
 def test_image_without_pixel_size_needs_mpp(tmp_path, capsys):
     rgb = np.full((200, 200, 3), 240, np.uint8)
     png = tmp_path / "plain.png"

@@ -905,7 +905,8 @@ def write_slide_outputs(
     Notes
     -----
     An existing ``_COMPLETE`` is removed first, so an interrupted rewrite never
-    looks complete. The marker is JSON with ``params_hash``, the file names,
+    looks complete, and so are ``cells.csv``, ``cells.geojson`` and ``report.html``
+    when this call does not write them (they would be of earlier parameters). The marker is JSON with ``params_hash``, the file names,
     the software version, the time and ``source``.
     """
     if cells is None and hasattr(summary, "summary") and hasattr(summary, "cells"):
@@ -915,8 +916,12 @@ def write_slide_outputs(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / COMPLETE_MARKER
-    with contextlib.suppress(FileNotFoundError):
-        marker.unlink()
+    # The marker first (an interrupted rewrite never looks complete), then the optional files this call does
+    # not write: a report or cells.csv of earlier parameters must not sit beside the new results.
+    skipped = {"cells.csv": not csv, "cells.geojson": not geojson, "report.html": not report}
+    for name in [COMPLETE_MARKER] + [n for n, skip in skipped.items() if skip]:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
     if mpp is None:
         mpp = summary.get("mpp")
     written: dict[str, Path] = {}
