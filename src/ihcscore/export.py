@@ -1178,9 +1178,8 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
 
 
 def append_summary_row(out_dir, row: Mapping):
-    """Add or replace (same ``slide``) one row of ``out_dir/summary.csv`` (:func:`update_folder_tables`).
-
-    Returns the path.
+    """Add or replace (same ``slide``) one row of ``out_dir/summary.csv``, under :func:`folder_lock`
+    (:func:`update_folder_tables` does this for ``failures.csv`` too). Returns the path.
     """
     path = Path(out_dir) / "summary.csv"
     with folder_lock(out_dir):
