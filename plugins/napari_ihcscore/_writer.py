@@ -53,8 +53,11 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     import numpy as np
     import tifffile
 
+    from ihcscore.export import atomic_path
+
     scale = meta.get("scale") or (1.0, 1.0)
     res = 1e4 / float(scale[-1])  # pixels per cm
-    tifffile.imwrite(path, np.asarray(data).astype(np.int32), resolution=(res, res), resolutionunit="CENTIMETER",
-                     compression="zlib")
+    with atomic_path(path) as tmp:  # a failed write leaves no half TIFF under the name
+        tifffile.imwrite(tmp, np.asarray(data).astype(np.int32), resolution=(res, res),
+                         resolutionunit="CENTIMETER", compression="zlib")
     return [str(path)]
