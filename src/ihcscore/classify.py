@@ -159,8 +159,11 @@ class CellClassifier:
         """Save with skops (no pickle); the file holds the model and its feature names."""
         import skops.io as sio
 
-        sio.dump({"model": self.model, "feature_names": list(self.feature_names),
-                  "format": "ihcscore-cell-classifier-1"}, str(path))
+        from .export import atomic_path  # a failed save leaves no half model under the name
+
+        with atomic_path(path) as tmp:
+            sio.dump({"model": self.model, "feature_names": list(self.feature_names),
+                      "format": "ihcscore-cell-classifier-1"}, str(tmp))
 
     @classmethod
     def load(cls, path) -> "CellClassifier":

@@ -116,7 +116,10 @@ class StainVectors:
             raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from .export import atomic_open  # a failed write leaves the old file, never half a new one
+
+        with atomic_open(path, "w") as f:
+            f.write(json.dumps(self.to_dict(), indent=2))
 
 
 #: QuPath's "H-DAB default" stain vectors with a white background.
