@@ -294,6 +294,8 @@ def test_main_errors_are_one_line(tmp_path, capsys):
     assert main(base + ["--response-column", "best_response"]) == 0
     assert json.loads((tmp_path / "cohort.json").read_text())["n_matched"] == 12
     capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    assert "--out" in err(base + ["--response-column", "best_response", "--out", str(tmp_path / "a_file")])
     assert "not found" in err(["--scores", str(tmp_path / "nope.csv")] + base[2:]
                               + ["--response-column", "best_response"])
     e = err(base + ["--response-column", "response"])

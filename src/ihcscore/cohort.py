@@ -1056,7 +1056,10 @@ def run_cohort(args) -> int:
             id_pattern=args.id_pattern, score_column=args.score_column, cutoff=args.cutoff,
             n_bootstrap=args.bootstrap, seed=args.seed, return_table=True)
         out_dir = Path(args.out) if args.out else Path(args.scores).resolve().parent
-        paths = write_cohort(result, table, out_dir, html_report=not getattr(args, "no_html", False))
+        try:
+            paths = write_cohort(result, table, out_dir, html_report=not getattr(args, "no_html", False))
+        except OSError as exc:
+            raise CohortError(f"--out {out_dir}: cannot write the results ({exc.strerror or exc})") from exc
     except CohortError as exc:
         print(f"ihcscore cohort: error: {exc}", file=sys.stderr)
         return 1
