@@ -216,6 +216,8 @@ def test_train_from_points_then_score_with_the_classifier(scored, tmp_path):
     points = tmp_path / "points.csv"
     truth.rename(columns={"x_px": "x", "y_px": "y"})[["x", "y", "class"]].to_csv(points, index=False)
     model = tmp_path / "model.skops"
+    lost = tmp_path / "no_such_folder" / "model.skops"  # refused before the cells are detected
+    assert main(["train", str(slides / "syn.tif"), "--points", str(points), "--out", str(lost)]) == 2
     assert main(["train", str(slides / "syn.tif"), "--points", str(points), "--out", str(model)]) == 0
     out = tmp_path / "o"
     assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report",

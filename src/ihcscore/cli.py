@@ -251,6 +251,9 @@ def run_train(args) -> int:
     if len(args.points) != len(args.slides):
         print(f"error: {len(args.slides)} slides but {len(args.points)} point files", file=sys.stderr)
         return 2
+    if not Path(args.out).resolve().parent.is_dir():  # before the detection, not after it
+        print(f"error: --out {args.out}: its folder does not exist", file=sys.stderr)
+        return 2
     try:
         preset = load_preset(args.preset)
         tables, labels = [], []
@@ -268,6 +271,9 @@ def run_train(args) -> int:
         model.save(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: --out {args.out}: cannot save the classifier ({e.strerror or e})", file=sys.stderr)
         return 2
     print(f"saved {args.out} ({len(model.feature_names)} features)")
     return 0
