@@ -992,8 +992,11 @@ def recorded_source(out_dir) -> dict | None:
     Outputs written before markers named their slide give ``{"file": ...}`` from summary.json's ``path``.
     """
     info = _marker(out_dir)
-    if info is None:
-        return None
+    return None if info is None else _source_in(out_dir, info)
+
+
+def _source_in(out_dir, info: dict) -> dict | None:
+    """:func:`recorded_source` from the folder's already-read marker ``info``."""
     if isinstance(info.get("source"), dict):
         return dict(info["source"])
     try:
@@ -1025,7 +1028,7 @@ def is_complete(out_dir, params_hash: str | None, source: Mapping | None = None)
         return False
     if not all((out / name).is_file() for name in info.get("files", [])):
         return False
-    return source is None or same_source(recorded_source(out), source)
+    return source is None or same_source(_source_in(out, info), source)
 
 
 # --------------------------------------------------------------------------- #
@@ -1129,6 +1132,11 @@ def read_csv_rows(path) -> list[dict]:
         return []
 
 
+def _merged_rows(path, rows: list, slides: set) -> list:
+    """The rows of the table at ``path`` whose ``slide`` is not in ``slides``, then ``rows``."""
+    return [r for r in read_csv_rows(path) if r.get("slide") not in slides] + rows
+
+
 @contextlib.contextmanager
 def folder_lock(out_dir):
     """Hold an exclusive lock on ``out_dir``'s tables (``.ihcscore.lock``; POSIX ``flock``, elsewhere none).
@@ -1166,10 +1174,9 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
     rows, failures = [dict(r) for r in rows], [dict(f) for f in failures]
     names = {str(r.get("slide")) for r in rows}
     with folder_lock(out):
-        merged = [r for r in read_csv_rows(out / "summary.csv") if r.get("slide") not in names] + rows
-        old_failures = [f for f in read_csv_rows(out / "failures.csv") if f.get("slide") not in names]
+        merged = _merged_rows(out / "summary.csv", rows, names)
         write_summary_csv(out / "summary.csv", merged)
-        write_failures(out, old_failures + failures)
+        write_failures(out, _merged_rows(out / "failures.csv", failures, names))
         if index:
             from .report import write_cohort_index
 
@@ -1183,9 +1190,7 @@ def append_summary_row(out_dir, row: Mapping):
     """
     path = Path(out_dir) / "summary.csv"
     with folder_lock(out_dir):
-        rows = [r for r in read_csv_rows(path) if r.get("slide") != str(row.get("slide"))]
-        rows.append(dict(row))
-        return write_summary_csv(path, rows)
+        return write_summary_csv(path, _merged_rows(path, [dict(row)], {str(row.get("slide"))}))
 
 
 def write_failures_csv(path, failures: Iterable):
