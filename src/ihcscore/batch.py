@@ -58,20 +58,16 @@ def output_names(paths, out_root=None) -> list[str]:
     for p, n in zip(paths, names):
         qualified = f"{p.resolve().parent.name}_{n}"
         source = slide_source(p) if out_root is not None and p.is_file() else None
-        if source is None:
-            chosen.append(qualified if n in repeated else n)
-            continue
-        held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)}
-        if same_source(held[n], source):
+        held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)} if source else {}
+        if source and same_source(held[n], source):
             chosen.append(n)
-        elif same_source(held[qualified], source) or n in repeated or held[n] is not None:
+        elif (source and same_source(held[qualified], source)) or n in repeated or held.get(n) is not None:
             chosen.append(qualified)
         else:
             chosen.append(n)
-    names = chosen
     seen: dict[str, int] = {}
     unique = []
-    for n in names:
+    for n in chosen:
         seen[n] = seen.get(n, 0) + 1
         unique.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
     return unique
