@@ -150,6 +150,18 @@ def test_one_class_too_small_gives_null_stats_and_too_few_patients_errors():
         cohort_statistics(scores.iloc[:3], clinical, "pid", "best_response")
 
 
+def test_constant_scores_give_one_group_and_null_statistics():
+    # every matched H-score 0 (e.g. a CXCR4-negative cohort): no tertiles to cut, no ranking to test
+    ids = [f"P{i}" for i in range(6)]
+    scores = pd.DataFrame({"slide": ids, "status": "ok", "tumour_h_score": 0.0})
+    clinical = pd.DataFrame({"pid": ids, "resp": ["CR", "PD", "PR", "SD", "PD", "CR"]})
+    r = cohort_statistics(scores, clinical, "pid", "resp", n_bootstrap=50)
+    assert [g["n"] for g in r["groups"]] == [6] and r["groups"][0]["responders"] == 3
+    assert r["auc"] == 0.5  # all pairs tied
+    assert r["odds_ratio_per_100"] is None
+    assert any("1 group(s) instead of 3" in w for w in r["warnings"])
+
+
 # ----------------------------------------------------------------------------- matching
 
 
@@ -196,6 +208,28 @@ def test_id_pattern_and_multiple_slides_per_patient():
     assert r3["n_matched"] == 10 and len(r3["unmatched_scores"]) == 10
     with pytest.raises(CohortError, match="invalid --id-pattern"):
         cohort_statistics(scores, clinical, "pid", "best_response", id_pattern="(")
+
+
+def test_a_slide_listed_twice_counts_once_and_its_last_row_wins():
+    # two runs' summary.csv concatenated: P000 appears twice, it is one slide, not two to average
+    scores, clinical = make_cohort(12, seed=5)
+    again = scores.iloc[[0]].assign(tumour_h_score=250.0)
+    r, table = cohort_statistics(pd.concat([scores, again], ignore_index=True), clinical, "pid", "best_response",
+                                 n_bootstrap=0, return_table=True)
+    row = table.set_index("_id").loc["P000"]
+    assert row["_score"] == 250.0 and row["_slides"] == "P000"
+    assert any("listed more than once" in w for w in r["warnings"])
+    assert not any("averaged" in w for w in r["warnings"])
+
+
+def test_ids_that_match_slides_without_the_score_are_not_called_unmatched():
+    # a single-threshold run: tumour_h_score is null by design, the IDs do match
+    scores, clinical = make_cohort(8, seed=7)
+    scores["tumour_h_score"] = np.nan
+    with pytest.raises(CohortError, match="8 slide\\(s\\) match clinical IDs but none has a tumour_h_score"):
+        cohort_statistics(scores, clinical, "pid", "best_response")
+    with pytest.raises(CohortError, match="no IDs matched"):
+        cohort_statistics(scores.assign(slide=[f"X{i}" for i in range(8)]), clinical, "pid", "best_response")
 
 
 def test_score_column_option():

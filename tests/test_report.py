@@ -164,6 +164,9 @@ def test_cohort_index_contents(tmp_path):
     assert "150.0" in page and "SlideError: cannot read" in page
     assert "median tumour H-score 90.0" in page
     assert page.count("<img") == 1
+    # a '#' or '?' in a slide name is percent-encoded in the link (it would end the path)
+    odd = cohort_index_html([summary_row({"slide": "a#1 ?b", "n_cells": 1, "tumour": {"n": 1}}, "ok", 1.0)])
+    assert 'href="a%231%20%3Fb/report.html"' in odd and ">a#1 ?b</a>" in odd
     p = write_cohort_index(tmp_path / "index.html", rows, {"S1": "x/S1.html"})
     assert 'href="x/S1.html"' in p.read_text(encoding="utf-8")
 

@@ -270,6 +270,13 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
     # -- scores side
     sc = scores_df.copy()
     sc["_slide"] = [str(v).strip() for v in sc["slide"]]
+    # A slide listed twice (tables of several runs concatenated) is one slide, not a patient's two:
+    # its last row counts, as when ihcscore merges a folder's summary.csv.
+    repeated = sc["_slide"][sc["_slide"].duplicated()].unique().tolist()
+    if repeated:
+        warn.append(f"{len(repeated)} slide(s) listed more than once in the scores; the last row of each is used: "
+                    + ", ".join(repeated[:10]))
+        sc = sc.drop_duplicates("_slide", keep="last")
     score = pd.to_numeric(sc[score_column], errors="coerce")
     usable = score.notna() & np.isfinite(score.astype(float))
     reasons = np.where(usable, "", f"no {score_column}")
@@ -280,6 +287,7 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
         usable &= ~bad
     unscored = [{"slide": s, "reason": str(r)} for s, r, u in
                 zip(sc["_slide"], reasons, usable) if not u]
+    all_ids = sc["_slide"]  # before the unscored slides are set aside: to tell "no match" from "no score"
     sc = sc.loc[usable.to_numpy()].assign(_score=score[usable].astype(float))
 
     if id_pattern:
@@ -295,6 +303,7 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
             return (m.group(1) if rx.groups else m.group(0)).strip()
 
         sc["_id"] = [derive(s) for s in sc["_slide"]]
+        all_ids = pd.Series([derive(s) for s in all_ids], dtype=object)
         n_nomatch = int(sc["_id"].isna().sum())
         if n_nomatch:
             warn.append(f"--id-pattern did not match {n_nomatch} slide stem(s)")
@@ -305,6 +314,13 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
     in_clin = sc["_id"].isin(clin_ids)
     unmatched_scores = sc.loc[~in_clin, "_slide"].tolist()
     sc = sc.loc[in_clin]
+    if sc.empty and all_ids.isin(clin_ids).any():
+        n_match = int(all_ids.isin(clin_ids).sum())
+        raise CohortError(
+            f"{n_match} slide(s) match clinical IDs but none has a {score_column} (failed slides, or a score "
+            "that is null by design, e.g. no H-score with a single threshold); choose another --score-column, "
+            "e.g. tumour_percent_positive"
+        )
     if sc.empty:
         stems = ", ".join(scores_df["slide"].astype(str).head(3))
         cids = ", ".join(ids[:3])
@@ -474,9 +490,11 @@ def response_groups(score, response, cutoff=None):
         labels = (score >= cutoff).astype(int)
         names = [f"< {cutoff:g}", f">= {cutoff:g}"]
     else:
-        codes = pd.qcut(score, 3, labels=False, duplicates="drop")
-        labels = np.asarray(codes, int)
-        k = int(labels.max()) + 1
+        if np.unique(score).size < 2:  # qcut has no bin edges to cut one value with (its codes are NaN)
+            labels = np.zeros(score.size, int)
+        else:
+            labels = np.asarray(pd.qcut(score, 3, labels=False, duplicates="drop"), int)
+        k = int(labels.max()) + 1 if labels.size else 0
         if k < 3:
             warning = f"tied scores merge tertile cut points: {k} group(s) instead of 3"
         names = []

@@ -18,6 +18,7 @@ import io
 import math
 from pathlib import Path
 from typing import Mapping, Sequence
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -820,8 +821,9 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
         be strings as read back from the CSV.
     links : dict or sequence, optional
         Slide -> href of its report (relative, e.g. ``"S1/report.html"``), or
-        a list aligned with ``rows``. Default ``"<slide>/report.html"`` for
-        rows with status ``ok``.
+        a list aligned with ``rows``, used as given (already URL-encoded). Default
+        ``"<slide>/report.html"`` for rows with status ``ok``, the slide name percent-encoded
+        (a ``#`` or ``?`` in it would otherwise end the path).
     title : str
 
     Returns
@@ -830,7 +832,7 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
     """
     rows = [dict(r) for r in rows]
     if links is None:
-        links = {r.get("slide"): f"{r.get('slide')}/report.html" for r in rows
+        links = {r.get("slide"): f"{quote(str(r.get('slide')))}/report.html" for r in rows
                  if str(r.get("status", "ok")) == "ok"}
     if not isinstance(links, Mapping):
         links = {r.get("slide"): l for r, l in zip(rows, links)}
