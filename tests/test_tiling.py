@@ -197,6 +197,36 @@ def test_tissue_mask_png_and_geojson(half_blank, preset, tmp_path):
         assert len(i_ref) >= 0.98 * len(ref)
 
 
+def test_annotations_keep_exactly_the_cells_inside_them(runs, slide_path, preset, tmp_path, monkeypatch):
+    """--tissue ANNOTATIONS.geojson: a cell counts when its centroid lies in a polygon, whatever the size of
+    the rasterised tissue mask (on a 100k px slide a mask pixel is ~50 level-0 px: forced here)."""
+    import shapely
+    from shapely.geometry import Point, Polygon
+
+    from ihcscore import tissue as tissue_mod
+
+    circle = Point(700, 650).buffer(420, quad_segs=32)
+    triangle = Polygon([(1100, 150), (1500, 300), (1200, 700)])
+    gj = tmp_path / "roi.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(g), "properties": {"name": n}}
+        for n, g in (("circle", circle), ("triangle", triangle))]}))
+    coarse = tissue_mod.mask_from_file
+    monkeypatch.setattr(tissue_mod, "mask_from_file", lambda path, slide: coarse(path, slide, max_side=48))
+    with open_slide(slide_path) as s:
+        res = analyze_slide(s, preset, tile_size=256, tissue=str(gj))
+    assert res.tissue_downsample == 32.0
+    every = runs[(2048, 1)].cells
+    want = every[shapely.contains_xy(circle.union(triangle), every["x_px"], every["y_px"])]
+    assert 100 < len(want) < len(every)
+    assert len(res.cells) == len(want)
+    d, _ = cKDTree(want[["x_px", "y_px"]].to_numpy()).query(res.cells[["x_px", "y_px"]].to_numpy())
+    assert d.max() < 1e-6
+    by_name = {r["name"]: r["n_cells"] for r in res.summary["regions"]}
+    for name, g in (("circle", circle), ("triangle", triangle)):
+        assert by_name[name] == int(shapely.contains_xy(g, every["x_px"], every["y_px"]).sum())
+
+
 def test_estimated_stains_do_not_depend_on_tile_size(slide_path, preset):
     """--stains auto: the vectors come from a fixed grid of tissue windows, not from the tiles."""
     est = preset.replace(estimate_stains=True)

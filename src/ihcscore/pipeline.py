@@ -442,6 +442,15 @@ def _tissue(slide, tissue):
     return tissue_mod.mask_from_file(tissue, slide)
 
 
+def _annotations(tissue):
+    """``[(name, geometry)]`` when ``tissue`` is a GeoJSON annotation file, else None."""
+    if isinstance(tissue, (str, Path)) and str(tissue).lower().endswith((".geojson", ".json")):
+        from .tissue import read_annotations
+
+        return read_annotations(tissue)
+    return None
+
+
 #: Side (detection px) of the windows sampled for stain estimation and checks (12 at most: ~3 MP).
 SAMPLE_WINDOW_PX = 512
 #: Smallest core tile side (detection px): smaller cores would read and segment mostly overlap.
@@ -540,8 +549,20 @@ def analyze_slide(
     pad = params.context_px()
 
     mask, mask_ds = _tissue(slide, tissue)
+    annotations = _annotations(tissue)
     keep = None
-    if mask is not None:
+    if annotations is not None:
+        # Annotations are exact geometry: which cells count must not depend on how coarsely the tissue
+        # mask (for the report) was rasterised, so tiles and cells are tested against the polygons.
+        import shapely
+
+        area = shapely.union_all([g for _, g in annotations])
+        shapely.prepare(area)
+
+        def keep(y0, x0, y1, x1):
+            # the level-0 box of the centroids this core owns (see analyze_tile)
+            return bool(area.intersects(shapely.box(x0 * ds - 0.5, y0 * ds - 0.5, x1 * ds - 0.5, y1 * ds - 0.5)))
+    elif mask is not None:
         scale = ds / mask_ds  # mask pixels per detection pixel
 
         def keep(y0, x0, y1, x1):
@@ -575,7 +596,10 @@ def analyze_slide(
     job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
                    params=params, polygons=polygons, gpu=bool(gpu))
     in_tissue = None
-    if mask is not None:
+    if annotations is not None:
+        def in_tissue(y_px, x_px):
+            return shapely.contains_xy(area, x_px, y_px)  # as regions.cells_in_geometry counts them
+    elif mask is not None:
         def in_tissue(y_px, x_px):
             # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
             # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
@@ -603,10 +627,8 @@ def analyze_slide(
     grid = score_grid(cells, preset.scoring, grid_um=hotspot_grid_um, min_cells=hotspot_min_cells)
     summary["hotspots"] = {"grid_um": float(hotspot_grid_um), "min_cells": int(hotspot_min_cells),
                            "top": top_hotspots(grid, 3)}
-    if isinstance(tissue, (str, Path)) and str(tissue).lower().endswith((".geojson", ".json")):
-        from .tissue import read_annotations
-
-        summary["regions"] = region_summaries(cells, read_annotations(tissue), preset.scoring, mpp0)
+    if annotations is not None:
+        summary["regions"] = region_summaries(cells, annotations, preset.scoring, mpp0)
     summary["n_tiles"] = len(tasks)
     summary["tile_size_px"] = int(tile_size)
     summary["detection_pixel_size_um"] = px
