@@ -302,3 +302,18 @@ def test_summarize_large_random_matches_numpy():
     assert s["tumour"]["n"] == len(vt)
     assert math.isclose(s["tumour"]["h_score"], 100 * b.mean())
     assert math.isclose(s["tumour"]["percent_positive"], 100 * (b > 0).mean())
+
+
+@pytest.mark.parametrize("cells", ["tumour", "all"])
+def test_score_grid_of_a_table_without_cells_is_an_empty_grid(cells):
+    from ihcscore.regions import score_grid, top_hotspots
+
+    scheme = ScoringScheme(cells=cells)
+    cols = ["x0_um", "y0_um", "size_um", "n", "h_score", "percent_positive"]
+    # no columns at all (what summarize() scores as null), only some, or all of them: the same empty grid
+    for table in (pd.DataFrame(), pd.DataFrame({"x_um": []}),
+                  pd.DataFrame({"class": [], "x_um": [], "y_um": [], "Cell: DAB OD mean": []})):
+        grid = score_grid(table, scheme)
+        assert list(grid.columns) == cols and len(grid) == 0
+        assert top_hotspots(grid) == []
+    assert summarize(pd.DataFrame(), scheme)["all"]["h_score"] is None

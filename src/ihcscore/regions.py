@@ -74,11 +74,14 @@ def score_grid(cells: pd.DataFrame, scheme: ScoringScheme, *, grid_um: float = 5
     -------
     DataFrame
         One row per occupied square: ``x0_um``, ``y0_um`` (top-left corner), ``size_um``,
-        ``n``, ``h_score``, ``percent_positive``.
+        ``n``, ``h_score``, ``percent_positive``; no rows (the same columns) for a table without
+        cells, whatever its columns.
     """
     cols = ["x0_um", "y0_um", "size_um", "n", "h_score", "percent_positive"]
+    if len(cells) == 0:  # no cells, whatever columns the table has (even none): nothing to grid
+        return pd.DataFrame(columns=cols)
     sel = cells[[scheme.measurement, "x_um", "y_um"]]  # a slide's whole table is not copied below
-    if scheme.cells != "all" and len(cells):
+    if scheme.cells != "all":
         sel = sel[cells["class"].astype(str).to_numpy() == "tumour"]
     if len(sel) == 0:
         return pd.DataFrame(columns=cols)
