@@ -103,6 +103,10 @@ def test_missing_keys_take_defaults(tmp_path):
         ("[stains]\nestimate = 'yes'\n", "stains.estimate must be true or false"),
         ("[stains]\nbackground = [255, 255, 0]\n", "stains.background"),
         ("[stains]\ndab = [0.65111, 0.70119, 0.29049]\n", "parallel"),
+        ("[stains]\ndab = [0.269, -0.568, 0.778]\n",
+         r"stains\.dab has a negative component \(G = -0\.568\): optical density cannot be negative"),
+        ("[stains]\nhematoxylin = [-0.65, 0.70, 0.29]\n", r"stains\.hematoxylin has a negative component \(R = -0\.65\)"),
+        ("[stains]\ndab = [0.27, 0.57, -0.0011]\n", r"stains\.dab has a negative component \(B = -0\.0011\)"),
         ("detection = 3\n", "detection must be a table"),
         ("name = 3\n", "name must be a non-empty string"),
         ("[scoring\n", "not valid TOML"),
@@ -114,6 +118,17 @@ def test_bad_preset_errors_name_file_and_key(tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as e:
         load_preset(f)
     assert str(e.value).startswith(f"{f}: ")
+
+
+def test_rounding_negatives_in_preset_vectors_are_taken_as_zero(tmp_path):
+    f = tmp_path / "rounded.toml"
+    f.write_text("[stains]\nhematoxylin = [0.65, 0.70, 0.29]\ndab = [-0.001, 0.6, 0.8]\n")
+    p = load_preset(f)
+    assert p.stains.dab == (0.0, 0.6, 0.8)
+    assert p.stains.to_stain_vectors().dab == pytest.approx((0.0, 0.6, 0.8), abs=1e-12)
+    back = tmp_path / "back.toml"
+    back.write_text(p.to_toml(), encoding="utf-8")
+    assert load_preset(back) == p
 
 
 def test_unknown_preset_name_and_missing_file(tmp_path):

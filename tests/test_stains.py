@@ -192,3 +192,58 @@ def test_json_errors_name_the_problem(tmp_path):
     incomplete.write_text(json.dumps({"hematoxylin": [0.65, 0.70, 0.29]}))
     with pytest.raises(ValueError, match="'dab'"):
         StainVectors.from_json(incomplete)
+
+
+def test_json_refuses_negative_stain_components(tmp_path):
+    f = tmp_path / "stains.json"
+    f.write_text(json.dumps({"hematoxylin": [0.65, 0.70, 0.29], "dab": [0.269, -0.568, 0.778]}))
+    with pytest.raises(ValueError) as e:
+        StainVectors.from_json(f)
+    msg = str(e.value)
+    assert msg == f"{f}: dab has a negative component (G = -0.568): optical density cannot be negative"
+    with pytest.raises(ValueError, match=r"hematoxylin has a negative component \(R = -0\.002\)"):
+        StainVectors.from_dict({"hematoxylin": [-0.002, 0.70, 0.29], "dab": [0.27, 0.57, 0.78]})
+    # rounding (down to -1e-3) is taken as 0 before normalising
+    f.write_text(json.dumps({"hematoxylin": [0.65, 0.70, 0.29], "dab": [-0.001, 0.6, 0.8]}))
+    s = StainVectors.from_json(f)
+    assert s.dab == pytest.approx((0.0, 0.6, 0.8), abs=1e-12) and min(s.dab) == 0.0
+    # only vectors a user supplies are checked: the value object itself (estimates) is not
+    assert StainVectors((0.65, 0.70, 0.29), (0.269, -0.568, 0.778)).dab[1] < 0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ([1, 2], "stain vectors must be a JSON object with 'hematoxylin', 'dab' and optionally 'background' "
+                 "(R, G, B), got list [1, 2]"),
+        ("H-DAB", "stain vectors must be a JSON object"),
+        ({"hematoxylin": [0.65, 0.70, 0.29], "dab": [0.27, 0.57, 0.78], "background": [255, 255]},
+         "background must be a list of 3 numbers (R, G, B, 0-255), got [255, 255]"),
+        ({"hematoxylin": [0.65, 0.70, 0.29], "dab": [0.27, 0.57, 0.78], "background": 255},
+         "background must be a list of 3 numbers (R, G, B, 0-255), got 255"),
+        ({"hematoxylin": "abc", "dab": [0.27, 0.57, 0.78]},
+         "hematoxylin must be a list of 3 numbers (R, G, B OD), got 'abc'"),
+        ({"hematoxylin": [0.65, 0.70, 0.29], "dab": [0.27, "0.57", 0.78]},
+         "dab must be a list of 3 numbers (R, G, B OD), got [0.27, '0.57', 0.78]"),
+        ({"hematoxylin": [0.65, 0.70, 0.29], "dab": {"r": 0.27, "g": 0.57, "b": 0.78}},
+         "dab must be a list of 3 numbers (R, G, B OD), got {"),
+        ({"hematoxylin": [0.65, 0.70, 0.29, 0.1], "dab": [0.27, 0.57, 0.78]},
+         "hematoxylin must be a list of 3 numbers"),
+    ],
+)
+def test_json_structure_errors_name_file_and_field(tmp_path, content, message):
+    f = tmp_path / "stains.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(ValueError) as e:
+        StainVectors.from_json(f)
+    msg = str(e.value)
+    assert msg.startswith(f"{f}: {message}") and "\n" not in msg
+
+
+def test_json_unreadable_files_name_the_file(tmp_path):
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ValueError, match=r"binary\.json: not a JSON text file \(byte 0x80 at position 0"):
+        StainVectors.from_json(binary)
+    with pytest.raises(ValueError, match="cannot read the stain vector file"):
+        StainVectors.from_json(tmp_path)  # a folder

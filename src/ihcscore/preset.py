@@ -8,7 +8,8 @@ A preset file has four parts (see ``DESIGN.md``, "Presets")::
     [scoring]    compartment, statistic, thresholds, cells
 
 Missing keys take their defaults; an unknown table or key, a wrong type or an
-out-of-range value is a ``ValueError`` whose message starts with the file and
+out-of-range value (such as a negative stain vector component: optical density
+cannot be negative) is a ``ValueError`` whose message starts with the file and
 names the key, e.g. ``"my.toml: unknown key 'detection.foo'"``.
 
 Packaged presets live in ``ihcscore/presets/<name>.toml``;
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from .cells import DetectionParams
 from .scoring import CELL_GROUPS, COMPARTMENTS, STATISTICS, ScoringScheme, validate_thresholds
-from .stains import StainVectors
+from .stains import StainVectors, nonnegative_od_vector
 
 __all__ = [
     "DEFAULT_HEMATOXYLIN",
@@ -321,7 +322,11 @@ def _from_dict(data: dict, default_name: str) -> Preset:
             if key not in keys:
                 raise ValueError(f"unknown key '{tname}.{key}'")
         tables[tname] = table
-    stains = StainSettings(**tables["stains"])
+    stain_table = dict(tables["stains"])
+    for key in ("hematoxylin", "dab"):  # a user's vectors: optical density cannot be negative
+        if key in stain_table:
+            stain_table[key] = nonnegative_od_vector(_vec3(stain_table[key], f"stains.{key}"), f"stains.{key}")
+    stains = StainSettings(**stain_table)
     det = {k: _check_detection_value(k, v) for k, v in tables["detection"].items()}
     detection = _check_detection(DetectionParams(**det))
     scoring = _check_scoring(tables["scoring"])

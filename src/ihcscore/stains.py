@@ -33,12 +33,49 @@ __all__ = [
 ]
 
 
+#: A user-supplied stain vector component this little below 0 is rounding, taken as 0; below it, an error.
+NEGATIVE_OD_TOLERANCE = 1e-3
+_CHANNELS = ("R", "G", "B")
+
+
+def _three_numbers(value, key: str, what: str = "numbers") -> tuple:
+    """``value`` as 3 floats, or a ValueError naming ``key`` (a list, a string, 2 values...)."""
+    from numbers import Real
+
+    if (isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__") or len(value) != 3
+            or not all(isinstance(x, Real) and not isinstance(x, bool) for x in value)):
+        shown = value.tolist() if isinstance(value, np.ndarray) else value
+        raise ValueError(f"{key} must be a list of 3 {what}, got {shown!r}")
+    return tuple(float(x) for x in value)
+
+
+def nonnegative_od_vector(values, key: str) -> tuple[float, float, float]:
+    """A user-supplied stain OD vector (a file's, a preset's), checked for negative components.
+
+    Optical density cannot be negative: a component below ``-NEGATIVE_OD_TOLERANCE`` is a
+    ``ValueError`` naming ``key``, the channel and the value; smaller negatives (rounding) become 0,
+    before the vector is normalised. Vectors estimated from an image are not checked here.
+    """
+    out = []
+    for channel, x in zip(_CHANNELS, (float(v) for v in values)):
+        if x < -NEGATIVE_OD_TOLERANCE:
+            raise ValueError(f"{key} has a negative component ({channel} = {x:g}): "
+                             "optical density cannot be negative")
+        out.append(0.0 if x < 0 else x)
+    return tuple(out)
+
+
 def _unit(v) -> tuple[float, float, float]:
     a = np.asarray(v, dtype=float).reshape(3)
     n = np.linalg.norm(a)
     if not np.isfinite(n) or n == 0:
         raise ValueError(f"stain vector {a.tolist()} has zero or non-finite length")
     return tuple(float(x) for x in a / n)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict, str, int, float)) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -91,25 +128,38 @@ class StainVectors:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StainVectors":
-        try:
-            return cls(
-                hematoxylin=d["hematoxylin"],
-                dab=d["dab"],
-                background=d.get("background", (255, 255, 255)),
-                name=d.get("name", "custom"),
-            )
-        except KeyError as e:
-            raise ValueError(f"stain vectors need key {e.args[0]!r}") from None
+        """User-supplied vectors (a ``--stains`` file, :meth:`to_dict`'s output).
+
+        ``hematoxylin`` and ``dab`` must be 3 numbers each, none negative (optical density;
+        rounding negatives down to ``-NEGATIVE_OD_TOLERANCE`` become 0); ``background``, when
+        given, 3 numbers. A ``ValueError`` names the field.
+        """
+        if not isinstance(d, dict):
+            raise ValueError("stain vectors must be a JSON object with 'hematoxylin', 'dab' and optionally "
+                             f"'background' (R, G, B), got {type(d).__name__} {_short(d)}")
+        for key in ("hematoxylin", "dab"):
+            if key not in d:
+                raise ValueError(f"stain vectors need key {key!r}")
+        vectors = {key: nonnegative_od_vector(_three_numbers(d[key], key, "numbers (R, G, B OD)"), key)
+                   for key in ("hematoxylin", "dab")}
+        background = d.get("background", (255, 255, 255))
+        background = _three_numbers(background, "background", "numbers (R, G, B, 0-255)")
+        return cls(**vectors, background=background, name=d.get("name", "custom"))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "StainVectors":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise ValueError(f"{path}: stain vector file not found") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a JSON text file (byte 0x{e.object[e.start]:02x} at position "
+                             f"{e.start} is not UTF-8)") from None
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read the stain vector file ({e.strerror or e})") from None
         try:
             return cls.from_dict(d)
         except (ValueError, TypeError) as e:
