@@ -109,10 +109,12 @@ class DetectionParams:
     def cell_context_um(self) -> float:
         """How far (µm) a cell depends on the background-subtracted image around its nucleus centroid.
 
-        The nucleus (10 µm), the smoothing (3 sigma) and the expansion to the cell: the part of
-        :meth:`context_um` the steps after background subtraction need.
+        The nucleus (10 µm), the smoothing (3 sigma) and the expansion to the cell, twice: a cell
+        reaches one expansion beyond its nucleus and shares that ring with any nucleus within a
+        further expansion, which must be in the window too. The part of :meth:`context_um` the
+        steps after background subtraction need.
         """
-        return 10.0 + self.cell_expansion_um + 3 * self.sigma_um
+        return 10.0 + 2 * self.cell_expansion_um + 3 * self.sigma_um
 
     def cell_context_px(self) -> int:
         """:meth:`cell_context_um` in whole pixels (rounded up)."""

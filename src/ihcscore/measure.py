@@ -158,6 +158,7 @@ def measure_cells(
     downsample: float = 1.0,
     mpp0: float | None = None,
     threads: int = 1,
+    grid_origin=None,
 ) -> pd.DataFrame:
     """Measure every cell of a segmentation.
 
@@ -177,6 +178,11 @@ def measure_cells(
         Measure up to this many bands of rows at once. Each cell is measured
         whole, in the band where its first row lies, visiting its pixels in the
         same order as one band would: the table is identical for any value.
+    grid_origin : (row, col), optional
+        Place of the label images' first pixel on a slide's detection grid. Centroids are then
+        mapped to level-0 pixels from their grid coordinates (:func:`grid_to_level0`; ``origin_px``
+        unused), so a cell seen by two overlapping tiles gets the same coordinates in both, on the
+        same side of any grid line, whatever the downsample.
 
     Returns
     -------
@@ -196,14 +202,27 @@ def measure_cells(
         cols = _measure_in_bands(segmentation.nuclei, segmentation.cells, images, stain_od, n, px, n_bands)
     else:
         cols = _measure_rows(segmentation.nuclei, images, stain_od, n, px, 0)
-    x_px = origin_px[0] + (cols.pop("cx") + 0.5) * downsample - 0.5
-    y_px = origin_px[1] + (cols.pop("cy") + 0.5) * downsample - 0.5
+    if grid_origin is not None:
+        x_px = grid_to_level0(grid_origin[1] + cols.pop("cx"), downsample)
+        y_px = grid_to_level0(grid_origin[0] + cols.pop("cy"), downsample)
+    else:
+        x_px = origin_px[0] + (cols.pop("cx") + 0.5) * downsample - 0.5
+        y_px = origin_px[1] + (cols.pop("cy") + 0.5) * downsample - 0.5
     table = {"label": np.arange(1, n + 1, dtype=np.int64),
              "x_px": x_px, "y_px": y_px, "x_um": x_px * mpp0, "y_um": y_px * mpp0}
     table.update(cols)
     with np.errstate(invalid="ignore", divide="ignore"):
         table["Nucleus/Cell area ratio"] = table["Nucleus: Area µm^2"] / table["Cell: Area µm^2"]
     return pd.DataFrame(table)
+
+
+def grid_to_level0(g, downsample: float):
+    """Level-0 pixel coordinate of detection-grid coordinate ``g`` (pixel centres on both grids).
+
+    Monotonic and computed one way everywhere: tile ownership compares centroids with grid lines
+    mapped through it, so a cell exactly on a line belongs to one tile, never to none or two.
+    """
+    return (g + 0.5) * downsample - 0.5
 
 
 #: Bands of :func:`measure_cells` are at least this many rows tall.

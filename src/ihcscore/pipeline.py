@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - numba missing
     _k = None
 from .cells import DetectionParams, Segmentation, segment_cells
 from .classify import classify_cells
-from .measure import _rings_by_label, label_outlines, measure_cells
+from .measure import _rings_by_label, grid_to_level0, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
 from .runtime import default_threads, release_freed_memory, worker_pool
 from .scoring import ScoringScheme, assign_bins, summarize
@@ -174,7 +174,8 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
         origin_px = (origin_px[0] + ox * downsample, origin_px[1] + oy * downsample)
         if grid_origin is not None:
             grid_origin = (grid_origin[0] + oy, grid_origin[1] + ox)
-    cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads)
+    cells = measure_cells(seg, stain_od, origin_px=origin_px, downsample=downsample, mpp0=mpp0, threads=threads,
+                          grid_origin=grid_origin)
     if keep is not None:
         cells = cells[keep(cells)].reset_index(drop=True)
     if polygons and len(cells):
@@ -338,11 +339,14 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
     py0, px0 = task.padded[0], task.padded[1]
     cy0, cx0, cy1, cx1 = task.core
 
+    # A centroid is in the core when its grid coordinate lies in [c0 - 0.5, c1 - 0.5). Compared in level-0
+    # pixels through the one mapping measure used (grid_to_level0, monotonic): inverting it would round
+    # differently in each tile at a fractional downsample, and a cell on the line was then kept by neither.
+    xs0, xs1, ys0, ys1 = (grid_to_level0(v - 0.5, ds) for v in (cx0, cx1, cy0, cy1))
+
     def in_core(cells):
-        # Centroid in detection-grid coordinates (the inverse of measure's mapping).
-        gx = (cells["x_px"].to_numpy() + 0.5) / ds - 0.5
-        gy = (cells["y_px"].to_numpy() + 0.5) / ds - 0.5
-        return (gx >= cx0 - 0.5) & (gx < cx1 - 0.5) & (gy >= cy0 - 0.5) & (gy < cy1 - 0.5)
+        x, y = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
+        return (x >= xs0) & (x < xs1) & (y >= ys0) & (y < ys1)
 
     # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
     # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
