@@ -437,3 +437,22 @@ def test_tile_reader_threads(tmp_path):
         assert s._backend._pages[0] is not None
         level0 = s.to_dask_pyramid()[0].compute(scheduler="threads", num_workers=4)
     assert np.array_equal(level0, rgb)
+
+
+# --------------------------------------------------------------------------
+# Pixel size from every source, checked; samples OpenSlide cannot decode
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "uint32"])
+def test_tiled_tiff_with_samples_openslide_cannot_decode_reads_through_tifffile(tmp_path, dtype):
+    import tifffile
+
+    rgb = _gradient(600, 500)
+    data = (rgb / 255.0).astype(dtype) if dtype.startswith("float") else rgb.astype(dtype) << 24
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, data, photometric="rgb", tile=(256, 256), resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        got = s.read_region((0, 0), 0, (500, 600))
+        assert s.vendor == "tiff" and s.mpp == pytest.approx(0.5)
+    assert np.abs(got.astype(int) - rgb).max() <= 1

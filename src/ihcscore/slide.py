@@ -819,10 +819,30 @@ def _chunks(n, t):
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _check_tiff_complete(path: Path, size: int) -> None:
-    """Raise SlideError if the TIFF structure is unreadable or its data runs past the end."""
+def _rgba_cannot_decode(page) -> str | None:
+    """Why libtiff's RGBA interface (OpenSlide's decoder for non-JPEG tiles) cannot decode a tiled page, or None.
+
+    It takes 1, 2, 4, 8 and 16-bit integer samples only: float samples ("can not handle images with IEEE
+    floating-point samples") and 32/64-bit ones ("... with 32-bit samples") fail on the first read.
+    """
+    if not getattr(page, "is_tiled", False):
+        return None  # OpenSlide reads tiled images only
+    bits, fmt = int(getattr(page, "bitspersample", 8)), int(getattr(page, "sampleformat", 1))
+    if fmt not in (1, 2, 4) or bits not in (1, 2, 4, 8, 16):
+        kind = {1: "integer", 2: "signed integer", 3: "floating-point"}.get(fmt, f"format {fmt}")
+        return f"libtiff cannot decode {bits}-bit {kind} samples"
+    return None
+
+
+def _check_tiff_complete(path: Path, size: int) -> str | None:
+    """Raise SlideError if the TIFF structure is unreadable or its data runs past the end.
+
+    Returns why OpenSlide could not decode the samples of one of its tiled images (see
+    :func:`_rgba_cannot_decode`), or None.
+    """
     import tifffile
 
+    undecodable = None
     try:
         with tifffile.TiffFile(str(path)) as tf:
             end = 0
@@ -830,6 +850,7 @@ def _check_tiff_complete(path: Path, size: int) -> None:
                 offs, counts = page.dataoffsets, page.databytecounts
                 if len(offs):
                     end = max(end, int(np.max(np.asarray(offs, np.int64) + np.asarray(counts, np.int64))))
+                undecodable = undecodable or _rgba_cannot_decode(page)
             n_pages = len(tf.pages)
     except SlideError:
         raise
@@ -840,6 +861,7 @@ def _check_tiff_complete(path: Path, size: int) -> None:
     if end > size:
         raise SlideError(f"{path}: truncated TIFF: image data runs to byte {end} "
                          f"but the file has {size} bytes")
+    return undecodable
 
 
 def open_slide(path, mpp=None) -> Slide:
@@ -888,8 +910,7 @@ def open_slide(path, mpp=None) -> Slide:
             raise SlideError(f"{path}: mpp must be a positive number of µm/px, got {mpp}")
 
     is_tiff = magic in _TIFF_MAGIC
-    if is_tiff:
-        _check_tiff_complete(path, size)
+    undecodable = _check_tiff_complete(path, size) if is_tiff else None
 
     backend = None
     errors = []
@@ -899,7 +920,10 @@ def open_slide(path, mpp=None) -> Slide:
         vendor = openslide.OpenSlide.detect_format(str(path))
     except Exception:  # noqa: BLE001 - no OpenSlide or detection failed
         vendor = None
-    if vendor is not None:
+    if vendor is not None and undecodable:
+        # OpenSlide opens such a file and fails on its first read: tifffile reads it
+        errors.append(f"OpenSlide: {undecodable}")
+    elif vendor is not None:
         try:
             backend = _OpenSlideBackend(path)
         except Exception as exc:  # noqa: BLE001
