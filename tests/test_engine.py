@@ -83,6 +83,25 @@ def test_skimage_ihc_scores_finite_and_deterministic():
     assert np.array_equal(a.cells["bin"].to_numpy(), b.cells["bin"].to_numpy())
 
 
+def test_region_pixels_of_other_types_score_as_their_uint8_equivalent():
+    """uint16, float 0-1 and RGBA arrays are converted as the slide reader converts them (before, a cast
+    wrapped or truncated them: 0 cells for float and full-range uint16)."""
+    rgb = data.immunohistochemistry()[:256, :256]
+    preset = load_preset("cxcr4")
+    ref = analyze_region(rgb, 0.5, preset)
+    assert len(ref.cells) > 20
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    for other in (rgb.astype(np.uint16) * 257, rgb.astype(np.float32) / 255, rgba):
+        got = analyze_region(other, 0.5, preset)
+        pd.testing.assert_frame_equal(got.cells, ref.cells)
+
+
+@pytest.mark.parametrize("mpp", [0, -0.5, float("nan"), float("inf"), "0.5"])
+def test_region_pixel_size_must_be_positive_and_finite(mpp):
+    with pytest.raises(ValueError, match="mpp must be a positive pixel size in µm/px"):
+        analyze_region(np.full((64, 64, 3), 200, np.uint8), mpp, load_preset("cxcr4"))
+
+
 def test_blank_glass_gives_no_cells_and_null_scores():
     rgb = np.full((300, 300, 3), 250, np.uint8)
     result = analyze_region(rgb, 0.5, load_preset("cxcr4"))

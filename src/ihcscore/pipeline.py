@@ -38,6 +38,7 @@ from .classify import classify_cells
 from .measure import _rings_by_label, grid_to_level0, label_outlines, measure_cells
 from .regions import region_summaries, score_grid, top_hotspots
 from .runtime import default_threads, release_freed_memory, worker_pool
+from .slide import _to_rgb_uint8
 from .scoring import ScoringScheme, assign_bins, summarize
 from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_stain_vectors,
                      rgb_to_od, stain_fit_report, unmix)
@@ -211,8 +212,9 @@ def analyze_region(
 
     Parameters
     ----------
-    rgb : (M, N, 3) uint8
-        The region at its native pixel size.
+    rgb : (M, N, 3) or (M, N, 4) array
+        The region at its native pixel size: uint8, or uint16 / float (0-1 or 0-255) / RGBA
+        converted as :func:`ihcscore.slide.open_slide` converts such files.
     mpp : float
         Native pixel size of ``rgb`` in µm.
     preset : ihcscore.preset.Preset
@@ -242,7 +244,11 @@ def analyze_region(
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"expected an RGB image (M, N, 3), got shape {rgb.shape}")
-    rgb = rgb[..., :3]
+    if not (isinstance(mpp, (int, float, np.number)) and math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"mpp must be a positive pixel size in µm/px, got {mpp!r}")
+    mpp = float(mpp)
+    # uint16 / float / RGBA pixels as the slide reader converts them (cast as is, they wrapped or truncated)
+    rgb = rgb[..., :3] if rgb.dtype == np.uint8 else _to_rgb_uint8(rgb)
     if gpu:
         from . import gpu as _gpu
 
