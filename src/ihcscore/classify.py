@@ -247,45 +247,146 @@ def labels_from_points(table: pd.DataFrame, points_xy, point_classes, max_distan
     return out
 
 
+#: Point classes that mean tumour (compared lower-case); every other class is "other".
+_TUMOUR_NAMES = {"tumour", "tumor", "1", "epithelium", "true", "yes"}
+
+
 def read_point_annotations(path):
     """Labelled points for training: ``(xy level-0 px (K, 2), classes)``.
 
     CSV with columns ``x``, ``y`` (level-0 px) and ``class`` (``tumour``/``tumor``/``1``/``epithelium``
     -> tumour; ``other``/``0``/``stroma``/anything else -> other), or GeoJSON points (QuPath point
-    annotations: a feature's ``classification.name`` "Tumor"/"Tumour" -> tumour, others -> other).
+    annotations: a FeatureCollection, a list of Features, one Feature or a bare geometry; a feature's
+    ``classification.name``, or ``classification`` itself when it is a string as older QuPath versions
+    write it, "Tumor"/"Tumour" -> tumour, others -> other).
+
+    Raises
+    ------
+    ValueError
+        One line naming the file and what is wrong in it: not found or unreadable, not text, not
+        CSV/JSON/GeoJSON, a missing column, the row (the file's line, header = row 1) or feature
+        (numbered from 0) whose coordinate is not a finite number.
     """
-    import json
     from pathlib import Path
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: point annotation file not found")
-    tumour_names = {"tumour", "tumor", "1", "epithelium", "true", "yes"}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file (byte 0x{e.object[e.start]:02x} at position {e.start} "
+                         "is not UTF-8); point annotations are CSV or GeoJSON") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the point annotation file ({e.strerror or e})") from None
     if path.suffix.lower() in (".geojson", ".json"):
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
-        feats = data.get("features", []) if isinstance(data, dict) else data
-        xy, cls = [], []
-        for f in feats:
-            geom = f.get("geometry") or {}
-            props = f.get("properties") or {}
-            name = str((props.get("classification") or {}).get("name", props.get("class", ""))).strip().lower()
-            coords = geom.get("coordinates")
-            if geom.get("type") == "Point":
-                coords = [coords]
-            elif geom.get("type") != "MultiPoint":
-                continue
-            for c in coords:
-                xy.append(c[:2])
-                cls.append(TUMOUR if name in tumour_names else OTHER)
-        if not xy:
-            raise ValueError(f"{path}: no Point features found")
-        return np.asarray(xy, dtype=np.float64), np.asarray(cls, dtype=object)
-    table = pd.read_csv(path)
+        return _points_from_geojson(path, text)
+    return _points_from_csv(path, text)
+
+
+def _point_class(name) -> str:
+    return TUMOUR if str(name).strip().lower() in _TUMOUR_NAMES else OTHER
+
+
+def _points_from_csv(path, text: str):
+    import io
+    import math
+
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file; need a header x,y,class and one row per point") from None
+    except ValueError as e:  # pandas' ParserError (ragged rows, bad quoting) and the like
+        raise ValueError(f"{path}: not a readable CSV file ({' '.join(str(e).split())})") from None
     missing = [c for c in ("x", "y", "class") if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; need x, y (level-0 px) and class")
-    cls = np.where(table["class"].astype(str).str.strip().str.lower().isin(tumour_names), TUMOUR, OTHER)
-    return table[["x", "y"]].to_numpy(dtype=np.float64), cls.astype(object)
+    # rows as a spreadsheet numbers them (the file's lines, header = row 1): blank lines are skipped
+    lines = [n for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    row_of = (lambda i: lines[i + 1]) if len(lines) == len(table) + 1 else (lambda i: i + 2)
+    xy = np.empty((len(table), 2), dtype=np.float64)
+    for i, (x, y) in enumerate(zip(table["x"], table["y"])):
+        for j, (col, raw) in enumerate((("x", x), ("y", y))):
+            value = str(raw).strip()
+            if not value:
+                raise ValueError(f"{path}: row {row_of(i)}: {col} is empty")
+            try:
+                xy[i, j] = float(value)
+            except ValueError:
+                raise ValueError(f"{path}: row {row_of(i)}: {col} is not a number ({value!r})") from None
+            if not math.isfinite(xy[i, j]):
+                raise ValueError(f"{path}: row {row_of(i)}: {col} is not a finite number ({value!r})")
+    cls = np.array([_point_class(c) for c in table["class"]], dtype=object)
+    return xy, cls
+
+
+def _points_from_geojson(path, text: str):
+    import json
+    import math
+    from numbers import Real
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
+
+    def shown(value, limit=60):
+        out = json.dumps(value) if isinstance(value, (list, dict, str, int, float, type(None))) else repr(value)
+        return out if len(out) <= limit else out[:limit - 3] + "..."
+
+    if isinstance(data, dict) and (data.get("type") == "FeatureCollection" or "features" in data):
+        feats = data.get("features") or []
+        if not isinstance(feats, list):
+            raise ValueError(f"{path}: 'features' must be a list of features, got {shown(feats)}")
+    elif isinstance(data, list):
+        feats = data
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, dict) and "coordinates" in data:
+        feats = [{"type": "Feature", "geometry": data, "properties": {}}]
+    else:
+        raise ValueError(f"{path}: not GeoJSON (expected a FeatureCollection, a list of features, a Feature "
+                         f"or a geometry), got {shown(data)}")
+    xy, cls = [], []
+    for i, f in enumerate(feats):
+        if not isinstance(f, dict):
+            raise ValueError(f"{path}: feature {i} is not a JSON object ({shown(f)})")
+        geom = f.get("geometry") if ("geometry" in f or f.get("type") == "Feature") else f
+        props = f.get("properties")
+        if geom is None:
+            geom = {}
+        if not isinstance(geom, dict):
+            raise ValueError(f"{path}: feature {i}: geometry is not a JSON object ({shown(geom)})")
+        if props is None:
+            props = {}
+        if not isinstance(props, dict):
+            raise ValueError(f"{path}: feature {i}: properties is not a JSON object ({shown(props)})")
+        kind = geom.get("type")
+        if kind not in ("Point", "MultiPoint"):
+            continue
+        classification = props.get("classification")
+        if isinstance(classification, dict):  # QuPath 0.2+: {"name": "Tumor", "color": [...]}
+            name = classification.get("name", props.get("class", ""))
+        elif classification:  # older QuPath exports: the class name itself
+            name = classification
+        else:
+            name = props.get("class", "")
+        coords = geom.get("coordinates")
+        if kind == "Point":
+            points = [coords]
+        elif isinstance(coords, list):
+            points = coords
+        else:
+            raise ValueError(f"{path}: feature {i}: MultiPoint coordinates must be a list of [x, y] points, "
+                             f"got {shown(coords)}")
+        for k, c in enumerate(points):
+            if not (isinstance(c, list) and len(c) in (2, 3)
+                    and all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in c)):
+                where = f"feature {i}" + (f": point {k}" if kind == "MultiPoint" else "")
+                raise ValueError(f"{path}: {where}: coordinates must be [x, y] (finite numbers, level-0 px), "
+                                 f"got {shown(c)}")
+            xy.append(c[:2])
+            cls.append(_point_class(name))
+    if not xy:
+        raise ValueError(f"{path}: no Point features found")
+    return np.asarray(xy, dtype=np.float64), np.asarray(cls, dtype=object)
