@@ -443,6 +443,72 @@ def test_tile_reader_threads(tmp_path):
 # Pixel size from every source, checked; samples OpenSlide cannot decode
 # --------------------------------------------------------------------------
 
+def _ome(path, rgb, tiled, **sizes):
+    import tifffile
+
+    md = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeXUnit": "µm",
+          "PhysicalSizeY": 0.5, "PhysicalSizeYUnit": "µm", **sizes}
+    tifffile.imwrite(path, rgb, photometric="rgb", metadata=md, **({"tile": (256, 256)} if tiled else {}))
+    return path
+
+
+def _resolution_tiff(path, mpp_x, mpp_y, tiled):
+    import tifffile
+
+    tifffile.imwrite(path, _gradient(600, 500), photometric="rgb", resolution=(1e4 / mpp_x, 1e4 / mpp_y),
+                     resolutionunit="CENTIMETER", **({"tile": (256, 256)} if tiled else {}))
+    return path
+
+
+def _aperio_tiff(path, mpp_text, tiled):
+    """An Aperio description with ``MPP = mpp_text``: OpenSlide reads it tiled, tifffile stripped."""
+    import tifffile
+
+    tifffile.imwrite(path, _gradient(600, 500), photometric="rgb", compression="zlib", metadata=None,
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                     description=f"Aperio Image Library ihcscore\n500x600 [0,0 500x600] (256x256) ZLIB/RGB"
+                                 f"|AppMag = 20|MPP = {mpp_text}",
+                     **({"tile": (256, 256)} if tiled else {}))
+    return path
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_implausible_or_unreadable_mpp_in_the_file_is_one_line_error(tmp_path, tiled):
+    cases = [(_aperio_tiff(tmp_path / "dot.tif", ".", tiled), "'.'"),
+             (_aperio_tiff(tmp_path / "neg.tif", "-0.5", tiled), "-0.5 µm/px"),
+             (_aperio_tiff(tmp_path / "huge.tif", "5000", tiled), "5000 µm/px"),
+             (_ome(tmp_path / "huge.ome.tif", _gradient(600, 500), tiled, PhysicalSizeX=5000,
+                   PhysicalSizeY=5000), "5000 µm/px"),
+             (_ome(tmp_path / "zero.ome.tif", _gradient(600, 500), tiled, PhysicalSizeX=1e-9,
+                   PhysicalSizeY=1e-9), "1e-09 µm/px")][:3 if tiled else 5]  # tiled OME-TIFF: no OME pixel size yet
+    for path, value in cases:
+        with pytest.raises(SlideError) as info:
+            open_slide(path)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+        assert value in msg and msg.endswith("pass --mpp UM"), msg
+        with open_slide(path, mpp=0.5) as s:  # what the message says to do works
+            assert s.mpp == 0.5
+    with open_slide(_aperio_tiff(tmp_path / "ok.tif", "0.25", tiled)) as s:
+        assert s.mpp == pytest.approx(0.25)
+        assert s.vendor == ("aperio" if tiled else "aperio-svs")
+
+
+def test_mpp_argument_outside_the_plausible_range_is_one_line_error(tmp_path):
+    path = _resolution_tiff(tmp_path / "a.tif", 0.5, 0.5, False)
+    for bad in (0, -0.5, float("nan"), float("inf"), 1e-9, 1e300, "1e400"):
+        with pytest.raises(SlideError) as info:
+            open_slide(path, mpp=bad)
+        msg = str(info.value)
+        assert msg.startswith(f"{path}: ") and "\n" not in msg, msg
+        assert "outside the accepted range 0.02–20 µm/px" in msg, msg
+    with pytest.raises(SlideError, match=r"a\.tif: mpp must be a number of µm/px, got 'x'"):
+        open_slide(path, mpp="x")
+    for ok in (0.02, 20, "0.5"):
+        with open_slide(path, mpp=ok) as s:
+            assert s.mpp == float(ok) and s.mpp_source == "argument"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "uint32"])
 def test_tiled_tiff_with_samples_openslide_cannot_decode_reads_through_tifffile(tmp_path, dtype):
     import tifffile

@@ -130,7 +130,8 @@ def _ensure_tifffile_jpeg() -> None:
 # --------------------------------------------------------------------------
 
 #: Pixel sizes (µm/px) outside this range in resolution tags are treated as
-#: "not a microscope pixel size" (e.g. 72 or 300 dpi defaults) and ignored.
+#: "not a microscope pixel size" (e.g. 72 or 300 dpi defaults) and ignored; from
+#: any other source (vendor metadata, OME-XML, the ``mpp`` argument) they are an error.
 PLAUSIBLE_MPP_UM = (0.02, 20.0)
 
 _UNIT_TO_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0, "\u00b5m": 1.0,
@@ -145,6 +146,37 @@ def _plausible(mpp) -> float | None:
     if np.isfinite(mpp) and PLAUSIBLE_MPP_UM[0] <= mpp <= PLAUSIBLE_MPP_UM[1]:
         return mpp
     return None
+
+
+def _checked_mpp(path, value, source) -> float:
+    """The level-0 pixel size a file records (a number or its text), checked like the resolution tags'.
+
+    Raises SlideError, one line naming the file and the value, when it is not a number or not in
+    :data:`PLAUSIBLE_MPP_UM`.
+    """
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SlideError(f"{path}: unreadable pixel size {str(value)!r} in the file ({source}); "
+                         "pass --mpp UM") from None
+    if _plausible(mpp) is None:
+        lo, hi = PLAUSIBLE_MPP_UM
+        raise SlideError(f"{path}: implausible pixel size {mpp:g} µm/px in the file ({source}; "
+                         f"expected {lo:g}–{hi:g}); pass --mpp UM")
+    return mpp
+
+
+def _checked_mpp_argument(path, value) -> float:
+    """An explicit pixel size (``open_slide(mpp=)``, the CLI's ``--mpp``), checked like the file's."""
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SlideError(f"{path}: mpp must be a number of µm/px, got {value!r}") from None
+    if _plausible(mpp) is None:
+        lo, hi = PLAUSIBLE_MPP_UM
+        raise SlideError(f"{path}: pixel size {mpp:g} µm/px (--mpp) is outside the accepted range "
+                         f"{lo:g}–{hi:g} µm/px")
+    return mpp
 
 
 def _mpp_from_resolution(xres, unit) -> float | None:
@@ -162,7 +194,9 @@ def _mpp_from_resolution(xres, unit) -> float | None:
     return _plausible(per / xres) if per else None
 
 
-def _ome_mpp(ome_xml: str) -> float | None:
+def _ome_mpp(ome_xml: str):
+    """PhysicalSizeX of the first OME-XML ``Pixels`` that records one: µm as a float, or the recorded text
+    (value and unit) when it is not a number in a known unit; None when none records it."""
     import xml.etree.ElementTree as ET
 
     try:
@@ -171,12 +205,12 @@ def _ome_mpp(ome_xml: str) -> float | None:
         return None
     for el in root.iter():
         if el.tag.rsplit("}", 1)[-1] == "Pixels" and "PhysicalSizeX" in el.attrib:
+            value = el.attrib["PhysicalSizeX"]
             unit = el.attrib.get("PhysicalSizeXUnit", "µm")
             try:
-                val = float(el.attrib["PhysicalSizeX"]) * _UNIT_TO_UM.get(unit, np.nan)
-            except ValueError:
-                return None
-            return val if np.isfinite(val) and val > 0 else None
+                return float(value) * _UNIT_TO_UM[unit]
+            except (KeyError, ValueError):
+                return f"{value} {unit}"
     return None
 
 
@@ -280,17 +314,17 @@ class _OpenSlideBackend:
                 self._pages[level] = page
 
     def mpp(self):
-        for key in ("openslide.mpp-x",):
-            v = self.properties.get(key)
-            if v:
-                try:
-                    v = float(v)
-                    if v > 0 and np.isfinite(v):
-                        return v, key
-                except ValueError:
-                    pass
-        unit = self.properties.get("tiff.ResolutionUnit")
-        m = _mpp_from_resolution(self.properties.get("tiff.XResolution"), unit)
+        """(pixel size as recorded, where) or (None, None); :func:`open_slide` checks it."""
+        p = self.properties
+        v = p.get("openslide.mpp-x")
+        # a generic TIFF's openslide.mpp-x is its resolution tags (centimetres), whose implausible
+        # values (dpi defaults) mean "no pixel size", as below and in the tifffile reader
+        if v and not (self.vendor == "generic-tiff" and _plausible(v) is None):
+            return v, "openslide.mpp-x"
+        if self.vendor == "aperio" and p.get("aperio.MPP", "").strip():
+            return p["aperio.MPP"].strip(), "Aperio MPP"  # one OpenSlide could not parse
+        unit = p.get("tiff.ResolutionUnit")
+        m = _mpp_from_resolution(p.get("tiff.XResolution"), unit)
         return (m, "tiff.XResolution") if m else (None, None)
 
     def read_level(self, level, x, y, w, h):
@@ -439,6 +473,7 @@ class _TiffBackend:
         return ax, n
 
     def mpp(self):
+        """(pixel size as recorded, where) or (None, None); :func:`open_slide` checks it."""
         tf = self.tf
         if tf.is_ome:
             m = _ome_mpp(tf.ome_metadata or "")
@@ -454,9 +489,9 @@ class _TiffBackend:
                     if m:
                         return m, "ImageJ unit"
         if tf.is_svs:
-            m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", tf.pages[0].description or "")
-            if m:
-                return float(m.group(1)), "Aperio MPP"
+            m = re.search(r"\|\s*MPP\s*=([^|\r\n]*)", tf.pages[0].description or "")
+            if m and m.group(1).strip():
+                return m.group(1).strip(), "Aperio MPP"
         p = tf.pages[0]
         xr, ru = p.tags.get("XResolution"), p.tags.get("ResolutionUnit")
         if xr is not None and ru is not None:
@@ -875,7 +910,8 @@ def open_slide(path, mpp=None) -> Slide:
     path : str or Path
     mpp : float, optional
         Pixel size at level 0 in µm/px. Used when the file has none, and
-        overrides the file's value when given.
+        overrides the file's value when given (then the file's is not checked).
+        Accepted range :data:`PLAUSIBLE_MPP_UM` (0.02–20 µm/px).
 
     Returns
     -------
@@ -885,8 +921,10 @@ def open_slide(path, mpp=None) -> Slide:
     ------
     SlideError
         One line naming the file: missing, a directory, empty, corrupt or
-        truncated, not an image, unsupported channel layout, or no pixel size
-        (``"<file>: no pixel size in the file; pass --mpp UM"``).
+        truncated, not an image, unsupported channel layout, no pixel size
+        (``"<file>: no pixel size in the file; pass --mpp UM"``), a recorded
+        pixel size that is not a number or outside 0.02–20 µm/px (the message
+        names it and ends ``pass --mpp UM``), or an ``mpp`` argument outside it.
     """
     path = Path(path)
     if not path.exists():
@@ -902,12 +940,7 @@ def open_slide(path, mpp=None) -> Slide:
     if size == 0:
         raise SlideError(f"{path}: empty file")
     if mpp is not None:
-        try:
-            mpp = float(mpp)
-        except (TypeError, ValueError):
-            raise SlideError(f"{path}: mpp must be a number of µm/px, got {mpp!r}") from None
-        if not (np.isfinite(mpp) and mpp > 0):
-            raise SlideError(f"{path}: mpp must be a positive number of µm/px, got {mpp}")
+        mpp = _checked_mpp_argument(path, mpp)
 
     is_tiff = magic in _TIFF_MAGIC
     undecodable = _check_tiff_complete(path, size) if is_tiff else None
@@ -953,13 +986,13 @@ def open_slide(path, mpp=None) -> Slide:
         raise SlideError(f"{path}: not a readable slide or image file ({why})")
 
     try:
-        file_mpp, source = backend.mpp()
-        if mpp is not None:
+        if mpp is not None:  # the file's own pixel size is not looked at, nor checked
             use_mpp, source = mpp, "argument"
-        elif file_mpp:
-            use_mpp = file_mpp
         else:
-            raise SlideError(f"{path}: no pixel size in the file; pass --mpp UM")
+            file_mpp, source = backend.mpp()
+            if file_mpp is None:
+                raise SlideError(f"{path}: no pixel size in the file; pass --mpp UM")
+            use_mpp = _checked_mpp(path, file_mpp, source)
         w, h = backend.level_dimensions[0]
         if w < 1 or h < 1:
             raise SlideError(f"{path}: image has no pixels ({w}x{h})")
