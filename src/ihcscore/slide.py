@@ -316,6 +316,12 @@ class _OpenSlideBackend:
     def mpp(self):
         """(pixel size as recorded, where) or (None, None); :func:`open_slide` checks it."""
         p = self.properties
+        desc = p.get("tiff.ImageDescription") or ""
+        if self.vendor == "generic-tiff" and "PhysicalSizeX" in desc:
+            # a tiled OME-TIFF is a generic TIFF to OpenSlide, which knows nothing of its OME-XML
+            m = _ome_mpp(desc)
+            if m is not None:
+                return m, "OME PhysicalSizeX"
         v = p.get("openslide.mpp-x")
         # a generic TIFF's openslide.mpp-x is its resolution tags (centimetres), whose implausible
         # values (dpi defaults) mean "no pixel size", as below and in the tifffile reader
