@@ -476,6 +476,30 @@ def _resolution_tiff(path, mpp_x, mpp_y, tiled):
     return path
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_non_square_pixels_are_refused(tmp_path, tiled):
+    rgb = _gradient(600, 500)
+    files = [_resolution_tiff(tmp_path / "res.tif", 0.5, 1.0, tiled),
+             _ome(tmp_path / "ome.ome.tif", rgb, tiled, PhysicalSizeY=1.0)]
+    if not tiled:
+        from PIL import Image
+
+        Image.fromarray(rgb).save(tmp_path / "dpi.png", dpi=(50800, 25400))
+        files.append(tmp_path / "dpi.png")
+    for path in files:
+        with pytest.raises(SlideError) as info:
+            open_slide(path)
+        msg = str(info.value)
+        assert msg == f"{path}: pixels are not square (0.5 x 1 µm); resample the image to square pixels", msg
+        with open_slide(path, mpp=0.5) as s:  # an explicit pixel size overrides the file's, as for any other
+            assert s.mpp == 0.5 and s.mpp_source == "argument"
+    # within 1 %: square (rounding in the metadata)
+    for path in (_resolution_tiff(tmp_path / "near.tif", 0.5, 0.504, tiled),
+                 _ome(tmp_path / "near.ome.tif", rgb, tiled, PhysicalSizeY=0.504)):
+        with open_slide(path) as s:
+            assert s.mpp == pytest.approx(0.5)
+
+
 def _aperio_tiff(path, mpp_text, tiled):
     """An Aperio description with ``MPP = mpp_text``: OpenSlide reads it tiled, tifffile stripped."""
     import tifffile

@@ -148,21 +148,33 @@ def _plausible(mpp) -> float | None:
     return None
 
 
-def _checked_mpp(path, value, source) -> float:
+#: Pixel width and height that differ by more than this fraction are not square.
+SQUARE_PIXEL_TOLERANCE = 0.01
+
+
+def _checked_mpp(path, value, source, height=None) -> float:
     """The level-0 pixel size a file records (a number or its text), checked like the resolution tags'.
 
-    Raises SlideError, one line naming the file and the value, when it is not a number or not in
-    :data:`PLAUSIBLE_MPP_UM`.
+    ``height``: the pixel height when the file records one (None: square). Raises SlideError, one line
+    naming the file and the value, when it is not a number or not in :data:`PLAUSIBLE_MPP_UM`, or
+    naming both sizes when the pixels are not square (width and height more than 1 % apart): every
+    area and distance would be wrong in one direction.
     """
-    try:
-        mpp = float(value)
-    except (TypeError, ValueError, OverflowError):
-        raise SlideError(f"{path}: unreadable pixel size {str(value)!r} in the file ({source}); "
-                         "pass --mpp UM") from None
+    sizes = []
+    for v in (value, height):
+        try:
+            sizes.append(None if v is None else float(v))
+        except (TypeError, ValueError, OverflowError):
+            raise SlideError(f"{path}: unreadable pixel size {str(v)!r} in the file ({source}); "
+                             "pass --mpp UM") from None
+    mpp, mpp_y = sizes
     if _plausible(mpp) is None:
         lo, hi = PLAUSIBLE_MPP_UM
         raise SlideError(f"{path}: implausible pixel size {mpp:g} µm/px in the file ({source}; "
                          f"expected {lo:g}–{hi:g}); pass --mpp UM")
+    if mpp_y is not None and not abs(mpp - mpp_y) <= SQUARE_PIXEL_TOLERANCE * max(mpp, abs(mpp_y)):
+        raise SlideError(f"{path}: pixels are not square ({mpp:g} x {mpp_y:g} µm); "
+                         "resample the image to square pixels")
     return mpp
 
 
@@ -179,24 +191,32 @@ def _checked_mpp_argument(path, value) -> float:
     return mpp
 
 
-def _mpp_from_resolution(xres, unit) -> float | None:
-    """µm/px from a TIFF/PNG resolution (pixels per unit); unit 'inch'/'cm'/'m'."""
+def _resolution_um(res, unit) -> float | None:
+    """µm per pixel from a TIFF/PNG resolution (pixels per unit; unit 'inch'/'cm'/'m'), plausible or not."""
     try:
-        if isinstance(xres, (tuple, list)):
-            xres = xres[0] / xres[1] if xres[1] else 0
-        xres = float(xres)
+        if isinstance(res, (tuple, list)):
+            res = res[0] / res[1] if res[1] else 0
+        res = float(res)
     except (TypeError, ValueError, ZeroDivisionError):
         return None
-    if not xres > 0:
+    if not res > 0:
         return None
     per = {"inch": 25400.0, "2": 25400.0, "centimeter": 1e4, "cm": 1e4, "3": 1e4,
            "m": 1e6, "meter": 1e6}.get(str(unit).lower().split(".")[-1])
-    return _plausible(per / xres) if per else None
+    return per / res if per else None
+
+
+def _mpp_from_resolution(xres, unit) -> float | None:
+    """µm/px from a TIFF/PNG resolution (pixels per unit); unit 'inch'/'cm'/'m'; None unless plausible."""
+    return _plausible(_resolution_um(xres, unit))
 
 
 def _ome_mpp(ome_xml: str):
-    """PhysicalSizeX of the first OME-XML ``Pixels`` that records one: µm as a float, or the recorded text
-    (value and unit) when it is not a number in a known unit; None when none records it."""
+    """(PhysicalSizeX, PhysicalSizeY) of the first OME-XML ``Pixels`` that records a PhysicalSizeX, or None.
+
+    Each in µm as a float, or the recorded text (value and unit) when it is not a number in a known
+    unit; PhysicalSizeY None when not recorded.
+    """
     import xml.etree.ElementTree as ET
 
     try:
@@ -205,12 +225,15 @@ def _ome_mpp(ome_xml: str):
         return None
     for el in root.iter():
         if el.tag.rsplit("}", 1)[-1] == "Pixels" and "PhysicalSizeX" in el.attrib:
-            value = el.attrib["PhysicalSizeX"]
-            unit = el.attrib.get("PhysicalSizeXUnit", "µm")
-            try:
-                return float(value) * _UNIT_TO_UM[unit]
-            except (KeyError, ValueError):
-                return f"{value} {unit}"
+            sizes = []
+            for axis in "XY":
+                value = el.attrib.get(f"PhysicalSize{axis}")
+                unit = el.attrib.get(f"PhysicalSize{axis}Unit", "µm")
+                try:
+                    sizes.append(None if value is None else float(value) * _UNIT_TO_UM[unit])
+                except (KeyError, ValueError):
+                    sizes.append(f"{value} {unit}")
+            return tuple(sizes)
     return None
 
 
@@ -314,24 +337,26 @@ class _OpenSlideBackend:
                 self._pages[level] = page
 
     def mpp(self):
-        """(pixel size as recorded, where) or (None, None); :func:`open_slide` checks it."""
+        """(pixel width and height as recorded, where) or Nones; :func:`open_slide` checks them."""
         p = self.properties
         desc = p.get("tiff.ImageDescription") or ""
         if self.vendor == "generic-tiff" and "PhysicalSizeX" in desc:
             # a tiled OME-TIFF is a generic TIFF to OpenSlide, which knows nothing of its OME-XML
             m = _ome_mpp(desc)
             if m is not None:
-                return m, "OME PhysicalSizeX"
+                return m[0], m[1], "OME PhysicalSizeX"
         v = p.get("openslide.mpp-x")
         # a generic TIFF's openslide.mpp-x is its resolution tags (centimetres), whose implausible
         # values (dpi defaults) mean "no pixel size", as below and in the tifffile reader
         if v and not (self.vendor == "generic-tiff" and _plausible(v) is None):
-            return v, "openslide.mpp-x"
+            return v, p.get("openslide.mpp-y") or None, "openslide.mpp-x"
         if self.vendor == "aperio" and p.get("aperio.MPP", "").strip():
-            return p["aperio.MPP"].strip(), "Aperio MPP"  # one OpenSlide could not parse
+            return p["aperio.MPP"].strip(), None, "Aperio MPP"  # one OpenSlide could not parse
         unit = p.get("tiff.ResolutionUnit")
         m = _mpp_from_resolution(p.get("tiff.XResolution"), unit)
-        return (m, "tiff.XResolution") if m else (None, None)
+        if m:
+            return m, _resolution_um(p.get("tiff.YResolution"), unit), "tiff.XResolution"
+        return None, None, None
 
     def read_level(self, level, x, y, w, h):
         page = self._pages[level]
@@ -479,33 +504,36 @@ class _TiffBackend:
         return ax, n
 
     def mpp(self):
-        """(pixel size as recorded, where) or (None, None); :func:`open_slide` checks it."""
+        """(pixel width and height as recorded, where) or Nones; :func:`open_slide` checks them."""
         tf = self.tf
+        p = tf.pages[0]
+        xr, yr = p.tags.get("XResolution"), p.tags.get("YResolution")
         if tf.is_ome:
             m = _ome_mpp(tf.ome_metadata or "")
-            if m:
-                return m, "OME PhysicalSizeX"
+            if m is not None:
+                return m[0], m[1], "OME PhysicalSizeX"
         if tf.is_imagej:
             md = tf.imagej_metadata or {}
             unit = str(md.get("unit", "")).replace("\\u00B5", "µ")
             if unit in _UNIT_TO_UM:
-                xr = tf.pages[0].tags.get("XResolution")
                 if xr is not None and xr.value[0]:
                     m = _plausible(xr.value[1] / xr.value[0] * _UNIT_TO_UM[unit])
                     if m:
-                        return m, "ImageJ unit"
+                        h = None
+                        if yr is not None and yr.value[0]:
+                            h = yr.value[1] / yr.value[0] * _UNIT_TO_UM[unit]
+                        return m, h, "ImageJ unit"
         if tf.is_svs:
-            m = re.search(r"\|\s*MPP\s*=([^|\r\n]*)", tf.pages[0].description or "")
+            m = re.search(r"\|\s*MPP\s*=([^|\r\n]*)", p.description or "")
             if m and m.group(1).strip():
-                return m.group(1).strip(), "Aperio MPP"
-        p = tf.pages[0]
-        xr, ru = p.tags.get("XResolution"), p.tags.get("ResolutionUnit")
+                return m.group(1).strip(), None, "Aperio MPP"
+        ru = p.tags.get("ResolutionUnit")
         if xr is not None and ru is not None:
             unit = getattr(ru.value, "name", str(ru.value))
             m = _mpp_from_resolution(xr.value, unit)
             if m:
-                return m, "tiff.XResolution"
-        return None, None
+                return m, _resolution_um(yr.value, unit) if yr is not None else None, "tiff.XResolution"
+        return None, None, None
 
     def read_level(self, level, x, y, w, h):
         z = self._arrays[level]
@@ -581,11 +609,13 @@ class _ArrayBackend:
         self.tile_sizes = [512]
 
     def mpp(self):
+        """(pixel width and height, where) or Nones; :func:`open_slide` checks them."""
         if self._dpi:
             m = _mpp_from_resolution(self._dpi[0], "inch")
             if m:
-                return m, "image dpi"
-        return None, None
+                h = _resolution_um(self._dpi[1], "inch") if len(self._dpi) > 1 else None
+                return m, h, "image dpi"
+        return None, None, None
 
     def read_level(self, level, x, y, w, h):
         return self.image[y:y + h, x:x + w].copy()
@@ -930,7 +960,10 @@ def open_slide(path, mpp=None) -> Slide:
         truncated, not an image, unsupported channel layout, no pixel size
         (``"<file>: no pixel size in the file; pass --mpp UM"``), a recorded
         pixel size that is not a number or outside 0.02–20 µm/px (the message
-        names it and ends ``pass --mpp UM``), or an ``mpp`` argument outside it.
+        names it and ends ``pass --mpp UM``), non-square pixels (width and
+        height more than 1 % apart: ``"<file>: pixels are not square (0.5 x 1
+        µm); resample the image to square pixels"``), or an ``mpp`` argument
+        outside 0.02–20 µm/px.
     """
     path = Path(path)
     if not path.exists():
@@ -995,10 +1028,10 @@ def open_slide(path, mpp=None) -> Slide:
         if mpp is not None:  # the file's own pixel size is not looked at, nor checked
             use_mpp, source = mpp, "argument"
         else:
-            file_mpp, source = backend.mpp()
+            file_mpp, file_mpp_y, source = backend.mpp()
             if file_mpp is None:
                 raise SlideError(f"{path}: no pixel size in the file; pass --mpp UM")
-            use_mpp = _checked_mpp(path, file_mpp, source)
+            use_mpp = _checked_mpp(path, file_mpp, source, height=file_mpp_y)
         w, h = backend.level_dimensions[0]
         if w < 1 or h < 1:
             raise SlideError(f"{path}: image has no pixels ({w}x{h})")
