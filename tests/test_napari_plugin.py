@@ -11,7 +11,7 @@ import pytest
 napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from ihcscore.pipeline import analyze_region  # noqa: E402
+from ihcscore.pipeline import analyze_slide, analyze_slide_region  # noqa: E402
 from ihcscore.scoring import assign_bins, score_counts, summarize  # noqa: E402
 from ihcscore.slide import SlideError, open_slide, write_pyramidal_tiff  # noqa: E402
 
@@ -61,6 +61,7 @@ def test_reader_opens_lazy_multiscale_in_um(make_napari_viewer, slide_path):
     layer = _open(viewer, slide_path)
     assert layer.rgb and layer.multiscale
     assert tuple(layer.scale) == pytest.approx((MPP, MPP))
+    assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]  # the scale bar reads µm
     assert layer.metadata["mpp"] == pytest.approx(MPP)
     assert layer.metadata["ihcscore_path"] == str(slide_path)
     import dask.array as da
@@ -86,7 +87,7 @@ def test_widget_uses_the_file_mpp_when_another_reader_opened_it(make_napari_view
     res = w.run(sync=True)
     assert w.last_error is None, w.last_error
     with open_slide(slide_path) as s:
-        eng = analyze_region(s.read_region((40, 30), 0, (300, 230)), MPP, w.current_preset(), origin_px=(40, 30))
+        eng = analyze_slide_region(s, (40, 30, 300, 230), w.current_preset(), polygon=w.last_regions[0].polygon)
     assert len(res.cells) == len(eng.cells)
     np.testing.assert_allclose(viewer.layers["cell centroids"].data, eng.cells[["y_px", "x_px"]].to_numpy())
 
@@ -124,11 +125,10 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     (region,) = w.last_regions
     assert (region.x, region.y, region.w, region.h) == (40, 30, 300, 230)
 
-    # the engine on the same level-0 pixels with the same preset
-    with open_slide(slide_path) as s:
-        rgb = s.read_region((40, 30), 0, (300, 230))
+    # the engine on the same part of the slide with the same preset
     preset = w.current_preset()
-    eng = analyze_region(rgb, MPP, preset, origin_px=(40, 30))
+    with open_slide(slide_path) as s:
+        eng = analyze_slide_region(s, (40, 30, 300, 230), preset, polygon=region.polygon)
     cells = w.result.cells
     assert len(cells) == len(eng.cells) > 20
     np.testing.assert_array_equal(cells["bin"].to_numpy(), eng.cells["bin"].to_numpy())
@@ -146,7 +146,9 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     assert isinstance(labels, Labels) and isinstance(points, Points)
     ds = eng.downsample
     assert tuple(labels.scale) == pytest.approx((ds * MPP, ds * MPP))
-    assert tuple(labels.translate) == pytest.approx(((30 + 0.5 * ds - 0.5) * MPP, (40 + 0.5 * ds - 0.5) * MPP))
+    ox, oy = eng.origin_px  # the label image covers the rectangle and the context it was segmented with
+    assert ox < 40 and oy < 30
+    assert tuple(labels.translate) == pytest.approx(((oy + 0.5 * ds - 0.5) * MPP, (ox + 0.5 * ds - 0.5) * MPP))
     np.testing.assert_array_equal(labels.data, eng.segmentation.cells)
     np.testing.assert_allclose(points.data, eng.cells[["y_um", "x_um"]].to_numpy())
     assert list(points.features["bin"]) == list(eng.cells["bin"])
@@ -201,7 +203,7 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     assert image in viewer.layers
 
 
-def test_classes_and_exclusion_rescore(make_napari_viewer, slide_path):
+def test_classes_and_exclusion_rescore(make_napari_viewer, slide_path, tmp_path):
     viewer = make_napari_viewer()
     _open(viewer, slide_path)
     w = _widget(viewer)
@@ -233,6 +235,11 @@ def test_classes_and_exclusion_rescore(make_napari_viewer, slide_path):
     assert w.table_value("all regions", "all", comp, "n") == want["all"]["n"] == int((~excluded).sum())
     assert w.table_value("all regions", "tumour", comp, "h_score") == want["tumour"]["h_score"]
     assert not viewer.layers["cell centroids"].shown[excluded].any()
+    # File > Save of the points layer writes the cells that count, as the widget's export does
+    import pandas as pd
+
+    saved = viewer.layers["cell centroids"].save(str(tmp_path / "points.csv"), plugin=PLUGIN)
+    assert len(pd.read_csv(saved[0])) == int((~excluded).sum())
     w.reset_classes()
     assert w.table_value("all regions", "all", comp, "n") == n
 
@@ -252,6 +259,11 @@ def test_whole_slide_run_and_sample(make_napari_viewer, slide_path, qtbot, tmp_p
     assert w.table_value("all regions", "tumour", comp, "h_score") == head["tumour"]["h_score"]
     assert "cells" not in viewer.layers  # analyze_slide returns no label images
     assert len(viewer.layers["cell centroids"].data) == len(res.cells)
+    # the GeoJSON export holds the cells' outlines (it held 17-vertex circles)
+    gj = json.loads(w.export("geojson", tmp_path / "slide.geojson").read_text())
+    assert len(gj["features"]) == len(res.cells)
+    ring = np.asarray(gj["features"][0]["geometry"]["coordinates"][0])
+    np.testing.assert_allclose(ring, np.asarray(res.cells["cell_polygon"].iloc[0]), atol=1e-3)
 
     # stain estimation from a rectangle and the H / DAB OD preview of the field on screen (engine calls)
     _rectangle(viewer, 0, 0, 511, 511, name="stain box")
@@ -280,8 +292,92 @@ def test_whole_slide_run_and_sample(make_napari_viewer, slide_path, qtbot, tmp_p
     assert img.ndim == 3 and img.shape[0] > 100 and img[..., :3].std() > 5
 
 
-def test_several_annotations_polygon_and_cancel(make_napari_viewer, qtbot, slide_path):
-    from napari_ihcscore._core import points_in_polygons
+def test_presets_are_used_as_written_and_a_new_preset_clears_the_cells(make_napari_viewer, slide_path):
+    from ihcscore.preset import load_preset
+
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    # values finer than the controls' default decimals, a threshold beyond the slider's default range
+    custom = load_preset("cxcr4").replace(name="mylab", sigma_um=1.125, min_area_um2=12.25,
+                                          thresholds=(0.2, 0.4, 2.8))
+    w.set_preset(custom)
+    used = w.current_preset()
+    assert used.detection.sigma_um == 1.125 and used.detection.min_area_um2 == 12.25
+    assert used.scoring.thresholds == (0.2, 0.4, 2.8)
+    assert used.detection == custom.detection
+
+    _rectangle(viewer, 40, 30, 339, 259)
+    viewer.layers.selection.active = viewer.layers["annotations"]
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    assert "cell centroids" in viewer.layers and not w._stale
+    # a detection setting changed after the run: said once, the cells stay (scores still re-bin)
+    w.det_spins["sigma_um"].setValue(2.0)
+    assert w._stale and "press Run" in w.status.text()
+    # another marker: the cells of this one are cleared, not re-binned with the other's thresholds
+    w.preset_combo.setCurrentText("ki67")
+    assert w.result is None and "cell centroids" not in viewer.layers and "cells" not in viewer.layers
+    assert w.table.rowCount() == 0 and "press Run" in w.status.text()
+    w.run(sync=True)
+    assert w.last_error is None and w.result.preset.name == "ki67"
+
+
+def test_in_memory_layers_of_other_pixel_types_score_as_uint8(make_napari_viewer):
+    from skimage.data import immunohistochemistry
+
+    rgb = immunohistochemistry()[:300, :300]
+    viewer = make_napari_viewer()
+    w = _widget(viewer)
+    results = []
+    for data in (rgb, rgb.astype(np.float32) / 255, rgb.astype(np.uint16) * 257):
+        layer = viewer.add_image(data, rgb=True, scale=(MPP, MPP), name=f"ihc {data.dtype}",
+                                 metadata={"mpp": MPP})
+        w.image_combo.setCurrentText(layer.name)
+        w.region_mode.setCurrentText("Whole slide")  # an in-memory layer: read at once
+        w.run(sync=True)
+        assert w.last_error is None, w.last_error
+        results.append(w.result.cells)
+    assert len(results[0]) > 20
+    for other in results[1:]:
+        np.testing.assert_array_equal(other["bin"].to_numpy(), results[0]["bin"].to_numpy())
+        np.testing.assert_allclose(other["x_px"].to_numpy(), results[0]["x_px"].to_numpy())
+
+
+def test_region_of_an_he_slide_is_flagged(make_napari_viewer):
+    """A region of the H&E CMU-1 slide: the engine's "not H-DAB" warning reaches the pathologist."""
+    from pathlib import Path
+
+    svs = Path(__file__).parent / "data" / "real" / "CMU-1-Small-Region.svs"
+    viewer = make_napari_viewer()
+    image = _open(viewer, svs)
+    w = _widget(viewer)
+    mpp = image.scale[-1]
+    _rectangle(viewer, 600, 600, 1199, 1199, mpp=mpp)
+    viewer.layers.selection.active = viewer.layers["annotations"]
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    assert any("H&E" in m for m in w.result.warnings)
+    assert "Warning:" in w.status.text() and "H&E" in w.status.text()
+
+
+def test_saving_stains_to_a_missing_folder_is_one_line(make_napari_viewer, tmp_path, monkeypatch):
+    from napari_ihcscore import _widget as widget_mod
+
+    viewer = make_napari_viewer()
+    w = _widget(viewer)
+    target = tmp_path / "no such folder" / "stains.json"
+    monkeypatch.setattr(widget_mod.QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    w._save_stains()
+    assert w.last_error.startswith(str(target)) and "\n" not in w.last_error
+    assert not target.parent.exists()
+
+
+def test_several_annotations_score_as_the_cli_and_cancel(make_napari_viewer, qtbot, slide_path, tmp_path):
+    """Rectangle, triangle and an ellipse overlapping the rectangle: each region's cells, and the union's
+    (a shared cell counted once), are those `ihcscore score --tissue ANNOTATIONS.geojson` finds."""
+    import pandas as pd
+    import shapely
 
     viewer = make_napari_viewer()
     _open(viewer, slide_path)
@@ -289,23 +385,46 @@ def test_several_annotations_polygon_and_cancel(make_napari_viewer, qtbot, slide
     shapes = _rectangle(viewer, 0, 0, 199, 149)
     tri = np.array([[300, 250], [500, 250], [500, 480]], float)  # (y, x) level-0 px
     shapes.add_polygons([tri * MPP])
+    shapes.add_ellipses([np.array([[80, 150], [80, 350], [220, 350], [220, 150]], float) * MPP])
+    shapes.add_lines([np.array([[400, 20], [480, 120]], float) * MPP])  # no area: left out
     shapes.selected_data = set()  # none selected: every shape of the active layer
     viewer.layers.selection.active = shapes
     w.run(sync=True)
     assert w.last_error is None, w.last_error
-    r1, r2 = w.last_regions
-    assert r1.polygon is None and r2.polygon is not None
+    regions = w.last_regions
+    assert [r.name for r in regions] == ["annotations #1", "annotations #2", "annotations #3"]
+    ellipse = shapely.Polygon(regions[2].polygon)
+    assert ellipse.area == pytest.approx(np.pi * 100 * 70, rel=0.01)  # not its bounding box (4 * 100 * 70)
+
+    gj = tmp_path / "annotations.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.Polygon(r.polygon)),
+         "properties": {"name": r.name}} for r in regions]}))
     with open_slide(slide_path) as s:
-        eng = analyze_region(s.read_region((r2.x, r2.y), 0, (r2.w, r2.h)), MPP, w.current_preset(),
-                             origin_px=(r2.x, r2.y))
-    inside = points_in_polygons(eng.cells["x_px"], eng.cells["y_px"], [tri[:, ::-1]])
-    assert 0 < inside.sum() < len(eng.cells)
-    want = summarize(eng.cells[inside], w.scheme())
+        cli = analyze_slide(s, w.current_preset(), tissue=str(gj))
     comp = w.scheme().compartment
-    assert w.table_value("annotations #2", "all", comp, "n") == want["all"]["n"]
-    assert w.table_value("annotations #2", "tumour", comp, "h_score") == want["tumour"]["h_score"]
-    n1 = w.table_value("annotations #1", "all", comp, "n")
-    assert w.table_value("all regions", "all", comp, "n") == n1 + want["all"]["n"]
+    for r, want in zip(regions, cli.summary["regions"]):
+        assert w.table_value(r.name, "all", comp, "n") == want["n_cells"] > 5
+        assert w.table_value(r.name, "tumour", comp, "h_score") == want["tumour"]["h_score"]
+    n_per_region = sum(want["n_cells"] for want in cli.summary["regions"])
+    assert w.result.duplicate.sum() == n_per_region - len(cli.cells) > 0  # the rectangle and ellipse share cells
+    assert w.table_value("all regions", "all", comp, "n") == len(cli.cells)
+    assert w.table_value("all regions", "tumour", comp, "h_score") == cli.summary["tumour"]["h_score"]
+    # every export and the npe2 writer hold each cell once
+    exported = pd.read_csv(w.export("csv", tmp_path / "cells.csv"))
+    saved = pd.read_csv(viewer.layers["cell centroids"].save(str(tmp_path / "points.csv"), plugin=PLUGIN)[0])
+    for table in (exported, saved):
+        assert len(table) == len(cli.cells)
+        np.testing.assert_allclose(np.sort(table["x_px"].to_numpy()), np.sort(cli.cells["x_px"].to_numpy()))
+
+    # a line alone is not an area: one line of error, nothing run
+    lines = viewer.add_shapes([np.array([[10, 10], [100, 100]], float) * MPP], shape_type="line", name="a line")
+    viewer.layers.selection.active = lines
+    before = w.result
+    w.run(sync=True)
+    assert "a line has no area to score" in w.last_error and w.result is before
+    viewer.layers.remove(lines)
+    viewer.layers.selection.active = shapes
 
     # Cancel stops a background run at the next region; the previous result stays
     before = w.result

@@ -44,3 +44,25 @@ def test_failed_label_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         write_labels(str(tmp_path / "labels.tif"), np.ones((4, 4), np.int32), {"scale": (0.5, 0.5)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_labels_saved_from_a_region_open_in_place(tmp_path):
+    """A region's labels start at the region: the plugin's reader opens the TIFF as Labels, placed where
+    they were (before, it opened as a black RGB 'slide' at the origin)."""
+    from napari_ihcscore._reader import read_slide
+
+    labels = np.zeros((30, 50), np.int32)
+    labels[5:15, 10:30] = 3
+    path = tmp_path / "cells.tif"
+    write_labels(str(path), labels, {"scale": (0.5, 0.5), "translate": (12.25, 40.5), "name": "cells"})
+    ((data, kwargs, kind),) = read_slide(str(path))
+    assert kind == "labels" and kwargs["name"] == "cells"
+    assert kwargs["scale"] == (0.5, 0.5) and kwargs["translate"] == (12.25, 40.5)
+    assert np.array_equal(data, labels)
+
+
+def test_hidden_points_are_not_written(tmp_path):
+    cells = pd.DataFrame({"x_um": [1.0, 2.0, 3.0], "bin": [0, 1, 2]})
+    path = tmp_path / "cells.csv"
+    write_cells(str(path), np.zeros((3, 2)), {"features": cells, "shown": np.array([True, False, True])})
+    assert pd.read_csv(path)["bin"].tolist() == [0, 2]

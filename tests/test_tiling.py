@@ -223,6 +223,41 @@ def test_fractional_downsample_slide_is_identical_across_tile_sizes(preset_name)
             assert got.summary["tumour"]["h_score"] == pytest.approx(ref.summary["tumour"]["h_score"], abs=1e-9)
 
 
+def test_slide_region_is_what_the_slide_run_finds_in_it(tmp_path):
+    """analyze_slide_region (a viewer's region of interest) reads the region on the slide's grid with the
+    tile context: its cells, edges included, are those analyze_slide keeps for the same annotation."""
+    from pathlib import Path
+
+    import shapely
+    from shapely.geometry import Point, box
+
+    from ihcscore.pipeline import analyze_slide_region
+
+    path = Path(__file__).resolve().parents[1] / "sample_slides" / "OS-2-ndpi.ome.tif"
+    p = load_preset("cxcr4")
+    with open_slide(path) as s:
+        for geom in (box(300, 200, 1300.5, 1099.5), Point(900, 800).buffer(350)):
+            gj = tmp_path / "roi.geojson"
+            gj.write_text(json.dumps({"type": "Feature", "geometry": shapely.geometry.mapping(geom)}))
+            want = analyze_slide(s, p, tissue=str(gj)).cells
+            x0, y0, x1, y1 = geom.bounds
+            got = analyze_slide_region(s, (int(x0), int(y0), int(x1 - x0) + 1, int(y1 - y0) + 1), p, polygon=geom)
+            assert len(got.cells) == len(want) > 50
+            a = want.sort_values(["y_px", "x_px"]).reset_index(drop=True)
+            b = got.cells.sort_values(["y_px", "x_px"]).reset_index(drop=True)
+            num = [c for c in a.columns if a[c].dtype.kind == "f"]
+            np.testing.assert_allclose(b[num].to_numpy(), a[num].to_numpy(), rtol=1e-9, atol=1e-9)
+            assert (a["bin"] == b["bin"]).all() and (a["class"] == b["class"]).all()
+            # the label images cover the region and its context, placed by origin_px
+            oy, ox = (v / got.downsample for v in got.origin_px[::-1])
+            assert ox < x0 / got.downsample and oy < y0 / got.downsample
+            assert got.summary["warnings"] == []
+        # without a polygon: centroids within the rectangle's pixels
+        rect = analyze_slide_region(s, (300, 200, 1001, 900), p)
+        xs, ys = rect.cells["x_px"], rect.cells["y_px"]
+        assert xs.min() >= 299.5 and xs.max() < 1300.5 and ys.min() >= 199.5 and ys.max() < 1099.5
+
+
 def test_annotations_keep_exactly_the_cells_inside_them(runs, slide_path, preset, tmp_path, monkeypatch):
     """--tissue ANNOTATIONS.geojson: a cell counts when its centroid lies in a polygon, whatever the size of
     the rasterised tissue mask (on a 100k px slide a mask pixel is ~50 level-0 px: forced here)."""

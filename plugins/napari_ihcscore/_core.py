@@ -17,7 +17,7 @@ from ihcscore.scoring import COMPARTMENTS, ScoringScheme, assign_bins, summarize
 
 __all__ = [
     "UNSCORED_RGBA", "bin_rgba", "label_color_dict", "Region", "RegionCells", "ScoredCells",
-    "bbox_from_points", "is_axis_aligned_rectangle", "visible_bbox", "points_in_polygons",
+    "bbox_from_points", "ellipse_polygon", "find_duplicates", "visible_bbox", "points_in_polygons",
     "placement", "summary_rows", "SCORE_COLUMNS", "nearest_cells", "format_value",
 ]
 
@@ -71,13 +71,22 @@ class Region:
 
 @dataclass
 class RegionCells:
-    """What one analysed region left for display: its label images and placement."""
+    """What one analysed region left for display: its label images and placement.
+
+    ``origin`` is the level-0 position of the label images' first pixel (they cover the region
+    plus the context it was segmented with).
+    """
 
     region: Region
     nuclei: np.ndarray | None
     cells: np.ndarray | None
     downsample: float
     pixel_size_um: float
+    origin: tuple | None = None
+
+    def __post_init__(self):
+        if self.origin is None:
+            self.origin = self.region.origin
 
 
 @dataclass
@@ -86,7 +95,9 @@ class ScoredCells:
 
     ``cells`` holds the engine's table plus ``region`` (index into
     ``regions``); ``auto_class`` the engine's classes (before hand edits);
-    ``excluded`` cells are left out of every score.
+    ``excluded`` cells are left out of every score; ``duplicate`` cells were
+    found again by a later, overlapping region: they count in that region's
+    scores but once in the union's and in exports.
     """
 
     cells: pd.DataFrame
@@ -98,6 +109,8 @@ class ScoredCells:
     slide_summary: dict | None = None
     auto_class: np.ndarray | None = None
     excluded: np.ndarray | None = None
+    duplicate: np.ndarray | None = None
+    warnings: list = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.cells)
@@ -105,10 +118,17 @@ class ScoredCells:
             self.auto_class = self.cells["class"].to_numpy(dtype=object).copy() if n else np.array([], object)
         if self.excluded is None:
             self.excluded = np.zeros(n, bool)
+        if self.duplicate is None:
+            self.duplicate = np.zeros(n, bool)
+
+    @property
+    def shown(self) -> np.ndarray:
+        """Cells that count in the union of the regions: not excluded, each cell once."""
+        return ~self.excluded & ~self.duplicate
 
     @property
     def included(self) -> pd.DataFrame:
-        return self.cells[~self.excluded]
+        return self.cells[self.shown]
 
     def rescore(self, scheme: ScoringScheme) -> dict:
         """Re-bin every cell with ``scheme`` and summarise (engine functions only; no re-detection).
@@ -125,7 +145,7 @@ class ScoredCells:
                                             scheme.thresholds)
         out = {"all regions": summarize(self.included, scheme)}
         if self.kind == "regions" and len(self.regions) > 1:
-            inc = self.included
+            inc = self.cells[~self.excluded]
             for i, rc in enumerate(self.regions):
                 out[rc.region.name] = summarize(inc[inc["region"].to_numpy() == i], scheme)
         return out
@@ -154,13 +174,47 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
 
 
-def is_axis_aligned_rectangle(xy: np.ndarray, tol: float = 1e-6) -> bool:
-    """True for 4 vertices forming an axis-aligned rectangle (no clipping to the polygon needed)."""
-    xy = np.asarray(xy, dtype=np.float64)
-    if xy.shape[0] != 4:
-        return False
-    xs, ys = np.unique(np.round(xy[:, 0] / tol) * tol), np.unique(np.round(xy[:, 1] / tol) * tol)
-    return len(xs) <= 2 and len(ys) <= 2
+def ellipse_polygon(corners: np.ndarray, n_vertices: int = 128) -> np.ndarray:
+    """The ellipse inscribed in a (possibly rotated) box, as a polygon.
+
+    napari stores an ellipse as the 4 corners of its bounding box, in order around it.
+
+    Parameters
+    ----------
+    corners : (4, 2) array
+    n_vertices : int
+
+    Returns
+    -------
+    (n_vertices, 2) array, in the corners' coordinates.
+    """
+    c = np.asarray(corners, dtype=np.float64)
+    centre = c.mean(axis=0)
+    u = (c[1] + c[2]) / 2 - centre  # half-axis towards the side between corners 1 and 2
+    v = (c[2] + c[3]) / 2 - centre
+    t = np.linspace(0, 2 * np.pi, n_vertices, endpoint=False)[:, None]
+    return centre + np.cos(t) * u + np.sin(t) * v
+
+
+def find_duplicates(xy: np.ndarray, group: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """Rows whose point (x, y) equals, within ``tol``, a point of an earlier group.
+
+    Overlapping regions find the cells they share at the same centroids (the engine reads each region
+    on the slide's grid with its context), so a cell in two regions is one cell.
+    """
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    group = np.asarray(group)
+    dup = np.zeros(len(xy), bool)
+    if not len(xy):
+        return dup
+    from scipy.spatial import cKDTree
+
+    for g in np.unique(group)[1:]:
+        earlier, this = np.flatnonzero(group < g), np.flatnonzero(group == g)
+        if len(earlier) and len(this):
+            d, _ = cKDTree(xy[earlier]).query(xy[this], distance_upper_bound=tol)
+            dup[this[np.isfinite(d)]] = True
+    return dup
 
 
 def visible_bbox(center_world, zoom: float, canvas_hw, world_to_level0, dimensions):

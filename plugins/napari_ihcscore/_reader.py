@@ -59,6 +59,7 @@ def slide_layer_data(slide, mpp_override=None) -> tuple:
         "rgb": True,
         "multiscale": len(levels) > 1,
         "scale": (mpp, mpp),
+        "units": ("µm", "µm"),  # the scale bar reads µm, not "pixel"
         "metadata": metadata,
         "contrast_limits": (0, 255),
     }
@@ -86,9 +87,15 @@ def read_slide(path) -> list[tuple]:
 
     from ._slides import open_for_viewer
 
+    from ._writer import read_labels_tiff
+
     paths = [path] if isinstance(path, (str, Path)) else list(path)
     out = []
     for p in paths:
+        labels = read_labels_tiff(p) if str(p).lower().endswith((".tif", ".tiff")) else None
+        if labels is not None:  # a label image this plugin saved: back as Labels, in place
+            out.append(labels)
+            continue
         slide, mpp_override, warning = open_for_viewer(p)
         if warning:
             show_warning(warning)

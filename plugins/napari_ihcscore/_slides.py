@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from ihcscore.slide import Slide, SlideError, open_slide
+from ihcscore.slide import Slide, SlideError, _to_rgb_uint8, open_slide
 
 __all__ = ["DEFAULT_MPP", "get_slide", "open_for_viewer", "layer_slide", "ArraySource"]
 
@@ -98,7 +98,9 @@ class ArraySource:
         W, H = self.dimensions
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = np.asarray(self.data[y0:y1, x0:x1])[..., :3]
+            # uint16 / float / RGBA layers converted as the slide reader converts such files (a plain
+            # cast into uint8 wrapped or truncated them)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(self.data[y0:y1, x0:x1]))
         return out
 
     def read_scaled(self, x0, y0, w0, h0, downsample):

@@ -11,6 +11,7 @@ viewer (µm) and keeps the cell table so thresholds can move without re-detectio
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from pathlib import Path
@@ -24,14 +25,14 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpin
 from ihcscore import classify as classify_mod
 from ihcscore import export as export_mod
 from ihcscore.cells import DetectionParams
-from ihcscore.pipeline import analyze_region, analyze_slide
+from ihcscore.pipeline import analyze_slide, analyze_slide_region
 from ihcscore.preset import DETECTION_IMAGES, available_presets, load_preset
 from ihcscore.scoring import COMPARTMENTS, STATISTICS, ScoringScheme
 from ihcscore.stains import StainVectors, deconvolve, estimate_stain_vectors
 
-from ._core import (SCORE_COLUMNS, Region, RegionCells, ScoredCells, bbox_from_points, bin_rgba,
-                    format_value, is_axis_aligned_rectangle, label_color_dict, nearest_cells, placement,
-                    points_in_polygons, summary_rows, visible_bbox)
+from ._core import (SCORE_COLUMNS, Region, RegionCells, ScoredCells, bbox_from_points, bin_rgba, ellipse_polygon,
+                    find_duplicates, format_value, label_color_dict, nearest_cells, placement, points_in_polygons,
+                    summary_rows, visible_bbox)
 from ._slides import layer_slide
 
 __all__ = ["IHCScoreWidget", "DETECTION_FIELDS", "REGION_MODES", "Cancelled"]
@@ -75,6 +76,14 @@ class _Relay(QObject):
     progress = Signal(int, int)
 
 
+def _decimals(value: float, most: int = 6) -> int:
+    """Fewest decimals (at most ``most``) that show ``value`` exactly."""
+    for k in range(most + 1):
+        if abs(round(value, k) - value) <= 1e-12 * max(1.0, abs(value)):
+            return k
+    return most
+
+
 def _spin(unit: str, lo: float, hi: float, step: float, decimals: int, value: float) -> QDoubleSpinBox:
     w = QDoubleSpinBox()
     w.setRange(lo, hi)
@@ -84,6 +93,11 @@ def _spin(unit: str, lo: float, hi: float, step: float, decimals: int, value: fl
     w.setValue(value)
     w.setKeyboardTracking(False)
     return w
+
+
+def _units(layer):
+    """The (y, x) world units of ``layer`` (µm for a slide), for the layers placed over it."""
+    return tuple(getattr(layer, "units", ("pixel", "pixel")))[-2:]
 
 
 def _camera_and_canvas(viewer):
@@ -146,6 +160,7 @@ class IHCScoreWidget(QWidget):
         self.worker = None
         self._cancel = threading.Event()
         self._stains: StainVectors | None = None  # None: the preset's stains
+        self._stale = False  # detection settings changed since the result was computed
         self._preset = None
         self._layers: dict = {}
         self._relay = _Relay()
@@ -240,6 +255,11 @@ class IHCScoreWidget(QWidget):
             w = _spin(unit, lo, hi, step, dec, getattr(defaults, name))
             self.det_spins[name] = w
             df.addRow(f"{label} ({unit})", w)
+        for w in self.det_spins.values():
+            w.valueChanged.connect(self._detection_changed)
+        self.det_image.currentTextChanged.connect(self._detection_changed)
+        self.det_exclude_dab.toggled.connect(self._detection_changed)
+        self.det_split.toggled.connect(self._detection_changed)
         self.detection_section = _Collapsible("Detection parameters", det, expanded=False)
         lay.addWidget(self.detection_section)
 
@@ -434,7 +454,13 @@ class IHCScoreWidget(QWidget):
             self._load_preset(path)
 
     def set_preset(self, preset):
-        """Show every parameter of ``preset`` in the controls."""
+        """Show every parameter of ``preset`` in the controls.
+
+        Cells detected with another preset are cleared: re-binning them with this preset's
+        thresholds and compartment would mix two markers' settings.
+        """
+        if self.result is not None:
+            self.clear_result(f"Preset {preset.name}: press Run to detect and score with it.")
         self._preset = preset
         if self.preset_combo.findText(preset.name) < 0 and preset.source:
             self.preset_combo.blockSignals(True)
@@ -446,7 +472,10 @@ class IHCScoreWidget(QWidget):
         self.det_exclude_dab.setChecked(bool(d.exclude_dab))
         self.det_split.setChecked(bool(d.split_by_shape))
         for name, w in self.det_spins.items():
-            w.setValue(float(getattr(d, name)))
+            v = float(getattr(d, name))
+            w.setDecimals(max(w.decimals(), _decimals(v)))  # a preset's value is shown and used as written
+            w.setRange(min(w.minimum(), v), max(w.maximum(), v))
+            w.setValue(v)
         s = preset.scoring
         for w, v in ((self.compartment, s.compartment), (self.statistic, s.statistic), (self.cell_group, s.cells)):
             w.blockSignals(True)
@@ -458,10 +487,14 @@ class IHCScoreWidget(QWidget):
         self._schedule_rescore()
 
     def _set_slider_values(self, thresholds):
-        t = list(thresholds)
+        t = [float(v) for v in thresholds]
         single = len(t) == 1
         for s in self.sliders:
             s.blockSignals(True)
+            # a preset's thresholds beyond the default range, or finer than its step, are kept as written
+            if max(t) > s.maximum():
+                s.setRange(s.minimum(), math.ceil(max(t) * 1.2 * 10) / 10)
+            s.setDecimals(max(3, *(_decimals(v) for v in t)))
         if single:
             self.sliders[0].setValue(t[0])
         else:
@@ -505,6 +538,28 @@ class IHCScoreWidget(QWidget):
         """Use ``stains`` (None: the preset's vectors)."""
         self._stains = stains
         self._show_stains()
+        self._detection_changed()
+
+    def _detection_changed(self, *_):
+        """Say once that the cells shown were detected with the earlier settings."""
+        if self.result is None or self._stale or self.worker is not None:
+            return
+        self._stale = True
+        self._info("Detection settings changed: the cells shown were found with the earlier ones "
+                   "(scores re-bin, detection does not); press Run to apply them.")
+
+    def clear_result(self, message: str = ""):
+        """Drop the result, its layers, table and histogram."""
+        self._rescore_timer.stop()
+        self.result = None
+        self.summaries = {}
+        self._stale = False
+        self._remove_result_layers()
+        self.table.setRowCount(0)
+        self.hist_ax.clear()
+        self.canvas.draw_idle()
+        if message:
+            self.status.setText(message)
 
     def _show_stains(self):
         sv = self.stains()
@@ -569,7 +624,11 @@ class IHCScoreWidget(QWidget):
     def _save_stains(self):
         path, _ = QFileDialog.getSaveFileName(self, "Save stain vectors", "stains.json", "Stain vectors (*.json)")
         if path:
-            self.stains().to_json(path)
+            try:
+                self.stains().to_json(path)
+                self._info(f"wrote {path}")
+            except (ValueError, OSError) as e:
+                self._error(f"{path}: cannot write ({e.strerror or e})" if isinstance(e, OSError) else str(e))
 
     def visible_region(self, image) -> Region:
         """Level-0 rectangle of the field on screen."""
@@ -601,6 +660,7 @@ class IHCScoreWidget(QWidget):
             else:
                 lay = self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, 1.5),
                                             translate=translate, scale=scale, blending="translucent",
+                                            units=_units(image),
                                             metadata={"unit": "OD", RESULT_TAG: "preview"}, visible=True)
             out.append(lay)
         self.viewer.layers.selection.active = image
@@ -618,14 +678,22 @@ class IHCScoreWidget(QWidget):
             w, h = slide.dimensions
             return [Region("whole slide", 0, 0, int(w), int(h))]
         layer, idx = self._selected_shapes()
-        out = []
+        out, lines = [], []
         for i in idx:
+            kind = layer.shape_type[i]
+            if kind in ("line", "path"):  # no area to score
+                lines.append(f"{layer.name} #{i + 1}")
+                continue
             xy = self._shape_level0(layer, image, i)
+            if kind == "ellipse":  # napari keeps an ellipse as the corners of its box
+                xy = ellipse_polygon(xy)
             x, y, w, h = bbox_from_points(xy, slide.dimensions)
             if w < 1 or h < 1:
                 continue
-            poly = None if is_axis_aligned_rectangle(xy) else xy
-            out.append(Region(f"{layer.name} #{i + 1}", x, y, w, h, poly))
+            # cells count when their centroid is inside the shape, as with --tissue ANNOTATIONS.geojson
+            out.append(Region(f"{layer.name} #{i + 1}", x, y, w, h, xy))
+        if not out and lines:
+            raise ValueError(f"{', '.join(lines)}: a line has no area to score; draw a rectangle, ellipse or polygon")
         if not out:
             raise ValueError("the selected annotations lie outside the slide")
         return out
@@ -642,34 +710,35 @@ class IHCScoreWidget(QWidget):
             relay.progress.emit(int(done), int(total))
 
         if whole and getattr(slide, "path", None) is not None:
-            res = analyze_slide(slide, preset, stains=stains, tissue="auto", progress=progress)
+            # outlines too: the GeoJSON export writes the cells' own shapes
+            res = analyze_slide(slide, preset, stains=stains, tissue="auto", progress=progress, polygons=True)
             cells = res.cells.copy()
             cells["region"] = 0
             return ScoredCells(cells=cells, regions=[Region("whole slide", 0, 0, *slide.dimensions)],
                                mpp=float(slide.mpp), stains=res.stains, preset=preset, kind="slide",
-                               slide_summary=res.summary)
-        parts, kept, last_stains = [], [], stains
+                               slide_summary=res.summary, warnings=list(res.summary.get("warnings", [])))
+        parts, kept, last_stains, warnings = [], [], stains, []
         progress(0, len(regions))
         for i, r in enumerate(regions):
             if r.w * r.h > MAX_REGION_PIXELS:
                 raise ValueError(f"{r.name} is {r.w}×{r.h} px at full resolution: too large to read at once; "
                                  "use Region = Whole slide (tiled)")
-            rgb = slide.read_region((r.x, r.y), 0, (r.w, r.h))
-            res = analyze_region(rgb, float(slide.mpp), preset, stains=stains, origin_px=(r.x, r.y))
-            cells = res.cells
-            if r.polygon is not None and len(cells):
-                cells = cells[points_in_polygons(cells["x_px"], cells["y_px"], [r.polygon])]
-            cells = cells.copy()
+            # read on the slide's grid with the tile context: the cells the CLI finds for this shape
+            res = analyze_slide_region(slide, (r.x, r.y, r.w, r.h), preset, stains=stains, polygon=r.polygon)
+            cells = res.cells.copy()
             cells["region"] = i
             parts.append(cells)
             seg = res.segmentation
             kept.append(RegionCells(r, seg.nuclei if seg is not None else None, seg.cells if seg is not None else None,
-                                    float(res.downsample), float(res.pixel_size_um)))
+                                    float(res.downsample), float(res.pixel_size_um), tuple(res.origin_px)))
             last_stains = res.stains  # with per-region estimation each region has its own
+            warnings += [w for w in res.summary.get("warnings", []) if w not in warnings]
             progress(i + 1, len(regions))
         cells = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        duplicate = find_duplicates(cells[["x_px", "y_px"]].to_numpy(), cells["region"].to_numpy()) \
+            if len(cells) else None
         return ScoredCells(cells=cells, regions=kept, mpp=float(slide.mpp), stains=last_stains, preset=preset,
-                           kind="regions")
+                           kind="regions", duplicate=duplicate, warnings=warnings)
 
     def run(self, sync: bool = False):
         """Score the chosen region(s).
@@ -730,7 +799,8 @@ class IHCScoreWidget(QWidget):
     def cancel(self):
         """Stop the run at the next region or tile."""
         self._cancel.set()
-        self.status.setText("Cancelling…")
+        self.status.setText("Cancelling… (whole slide: at the next tile; annotations: after the region "
+                            "being scored)")
 
     def _on_progress(self, done: int, total: int):
         if total <= 0:
@@ -759,10 +829,19 @@ class IHCScoreWidget(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.result = result
+        self._stale = False
         self._show_layers()
         self.rescore()
         dt = time.perf_counter() - self._t0
-        self.status.setText(f"{len(result.cells)} cells in {len(result.regions)} region(s), {dt:.1f} s")
+        n = int(result.shown.sum() + result.excluded.sum())
+        text = f"{n} cells in {len(result.regions)} region(s), {dt:.1f} s"
+        if result.warnings:
+            from napari.utils.notifications import show_warning
+
+            for w in result.warnings:  # e.g. an H&E slide: its DAB scores would be meaningless
+                show_warning(w)
+            text += "\nWarning: " + "\nWarning: ".join(result.warnings)
+        self.status.setText(text)
 
     # ------------------------------------------------------------------ result layers
     def _remove_result_layers(self):
@@ -782,9 +861,10 @@ class IHCScoreWidget(QWidget):
             for i, rc in enumerate(res.regions):
                 if rc.cells is None:
                     continue
-                translate, scale = placement(rc.region.origin, rc.downsample, image.scale, image.translate)
+                translate, scale = placement(rc.origin, rc.downsample, image.scale, image.translate)
                 name = "cells" if len(res.regions) == 1 else f"cells {rc.region.name}"
                 lay = self.viewer.add_labels(rc.cells, name=name, translate=translate, scale=scale, opacity=0.55,
+                                             units=_units(image),
                                              colormap=DirectLabelColormap(color_dict={None: np.zeros(4)}),
                                              metadata={RESULT_TAG: "cells", "region": i,
                                                        "units": "µm", "pixel_size_um": rc.pixel_size_um})
@@ -793,6 +873,7 @@ class IHCScoreWidget(QWidget):
         yx = self._level0_to_world(image, cells[["y_px", "x_px"]].to_numpy()) if len(cells) else np.zeros((0, 2))
         features = cells.drop(columns=[c for c in export_mod.GEOMETRY_COLUMNS if c in cells.columns])
         pts = self.viewer.add_points(yx, name="cell centroids", size=3.0, features=features.reset_index(drop=True),
+                                     units=_units(image),
                                      border_width=0.15, border_width_is_relative=True,
                                      metadata={RESULT_TAG: "points", "units": "µm"})
         self._layers = {"labels": labels_layers, "points": pts}
@@ -804,7 +885,7 @@ class IHCScoreWidget(QWidget):
             return
         nt = len(self.scheme().thresholds)
         bins = res.cells["bin"].to_numpy() if len(res.cells) else np.zeros(0, int)
-        shown = ~res.excluded
+        shown = res.shown
         pts = self._layers.get("points")
         if pts is not None and pts in self.viewer.layers:
             if len(res.cells):
@@ -838,7 +919,7 @@ class IHCScoreWidget(QWidget):
         step = 0.01
         for j in range(i + 1, 3):
             if vals[j] <= vals[j - 1]:
-                vals[j] = min(THRESHOLD_RANGE[1], vals[j - 1] + step)
+                vals[j] = min(self.sliders[j].maximum(), vals[j - 1] + step)
         for j in range(i - 1, -1, -1):
             if vals[j] >= vals[j + 1]:
                 vals[j] = max(THRESHOLD_RANGE[0], vals[j + 1] - step)
@@ -1045,8 +1126,8 @@ class IHCScoreWidget(QWidget):
             if rc.nuclei is None or not len(sel):
                 continue
             ids = inc["label"].to_numpy()[sel]
-            pn = label_polygons(rc.nuclei, ids, origin_px=rc.region.origin, downsample=rc.downsample)
-            pc = label_polygons(rc.cells, ids, origin_px=rc.region.origin, downsample=rc.downsample)
+            pn = label_polygons(rc.nuclei, ids, origin_px=rc.origin, downsample=rc.downsample)
+            pc = label_polygons(rc.cells, ids, origin_px=rc.origin, downsample=rc.downsample)
             for k, lab in zip(sel, ids):
                 nuc[k], cel[k] = pn.get(int(lab)), pc.get(int(lab))
         cells = cells.copy()

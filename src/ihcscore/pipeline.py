@@ -44,7 +44,7 @@ from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_
                      rgb_to_od, stain_fit_report, unmix)
 from .tile_tables import TILE_TABLES_PREFIX, TileTables, pack_tile, remove_stale_tile_tables
 
-__all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "resample_to_grid",
+__all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "analyze_slide_region", "resample_to_grid",
            "detection_pixel_size", "stain_warnings", "plan_tiles"]
 
 #: Residual share of stained OD above which a slide does not look like H-DAB.
@@ -266,6 +266,104 @@ def analyze_region(
     summary = summarize(cells, preset.scoring)
     return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg,
                         pixel_size_um=px, downsample=ds, origin_px=tuple(origin_px))
+
+
+def analyze_slide_region(
+    slide,
+    region,
+    preset,
+    *,
+    polygon=None,
+    stains: StainVectors | None = None,
+    polygons: bool = False,
+    classifier=None,
+    threads: int | None = None,
+    gpu: bool = False,
+) -> RegionResult:
+    """Detect, measure, classify and score the cells of one part of a slide, as :func:`analyze_slide` does.
+
+    The part is read on the slide's detection grid with the tile context around it, so every cell in
+    it, also at its edge, is the cell ``analyze_slide(slide, preset, tissue=ANNOTATIONS)`` finds for the
+    same polygon: what a viewer's region of interest must agree with. (:func:`analyze_region` scores
+    an array as it is, without the pixels around it: nuclei at its edge are cut.)
+
+    Parameters
+    ----------
+    slide : ihcscore.slide.Slide or a Slide-like object
+        ``mpp``, ``dimensions``, ``level_downsamples`` and ``read_region`` are used.
+    region : (x, y, w, h)
+        Level-0 pixels.
+    preset : ihcscore.preset.Preset
+    polygon : shapely geometry or (K, 2) array of level-0 (x, y), optional
+        Cells count when their nucleus centroid lies inside it (``shapely.contains_xy``, as
+        ``--tissue ANNOTATIONS.geojson`` counts them); default: inside the rectangle (centroid in
+        ``[x - 0.5, x + w - 0.5)`` and likewise in y, the pixels' extent).
+    stains, polygons, classifier, threads, gpu
+        As for :func:`analyze_region`; with ``preset.stains.estimate`` and no ``stains`` the
+        vectors are estimated from the region.
+
+    Returns
+    -------
+    RegionResult
+        ``segmentation`` covers the region plus the cell context, ``origin_px`` is the level-0
+        position of its first pixel; ``summary["warnings"]`` says when the region does not look
+        like brightfield H-DAB (as ``summary.json`` does for a slide).
+    """
+    import shapely
+
+    x, y, w, h = (int(v) for v in region)
+    if w < 1 or h < 1:
+        raise ValueError(f"empty region {w}x{h} px")
+    modality = getattr(slide, "modality", "brightfield")
+    name = getattr(slide, "name", "region")
+    if modality == "fluorescence":
+        from .slide import SlideError
+
+        raise SlideError(f"{name}: looks like a fluorescence image (dark background), not brightfield: "
+                         "IHC scoring needs brightfield H-DAB")
+    if gpu:
+        from . import gpu as _gpu
+
+        _gpu.require()
+    mpp0 = float(slide.mpp)
+    px = detection_pixel_size(mpp0, preset.detection.pixel_size_um)
+    ds = px / mpp0
+    params = replace(preset.detection, pixel_size_um=px)
+    w0, h0 = slide.dimensions
+    rows, cols = int(h0 / ds), int(w0 / ds)
+    # the grid pixels whose centroids (grid coordinate g, level-0 grid_to_level0(g)) can lie in the region
+    cy0, cx0 = max(0, math.floor(y / ds) - 1), max(0, math.floor(x / ds) - 1)
+    cy1, cx1 = min(rows, math.ceil((y + h) / ds) + 1), min(cols, math.ceil((x + w) / ds) + 1)
+    if cy1 <= cy0 or cx1 <= cx0:
+        raise ValueError(f"region {x},{y} {w}x{h} px lies outside the slide ({w0}x{h0} px)")
+    pad = params.context_px()
+    py0, px0 = cy0 - pad, cx0 - pad
+    rgb = read_detection_tile(slide, (py0, px0, cy1 + pad, cx1 + pad), ds)
+    core = (pad, pad, pad + cy1 - cy0, pad + cx1 - cx0)
+    rgb_core = rgb[core[0]:core[2], core[1]:core[3]]
+    stains = _stains_for(preset, stains, rgb_core)
+    if polygon is not None and not isinstance(polygon, shapely.Geometry):
+        polygon = shapely.Polygon(np.asarray(polygon, dtype=np.float64))
+    if polygon is not None:
+        shapely.prepare(polygon)
+
+    def keep(cells):
+        xs, ys = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
+        if polygon is not None:
+            return shapely.contains_xy(polygon, xs, ys)
+        return (xs >= x - 0.5) & (xs < x + w - 0.5) & (ys >= y - 0.5) & (ys < y + h - 0.5)
+
+    threads = default_threads() if threads is None else max(1, int(threads))
+    cells, seg = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, threads,
+                                 keep=keep, grid_origin=(py0, px0), core=core, gpu=gpu)
+    cells = _score_table(cells, preset.scoring, classifier)
+    summary = summarize(cells, preset.scoring)
+    warnings = [f"{name}: grayscale image (no colour): DAB cannot be told from hematoxylin"] \
+        if modality == "grayscale" else []
+    summary["warnings"] = warnings + stain_warnings(rgb_core, stains, name)
+    oy, ox = seg.offset
+    return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg, pixel_size_um=px,
+                        downsample=ds, origin_px=((px0 + ox) * ds, (py0 + oy) * ds))
 
 
 # ---------------------------------------------------------------- whole slides
