@@ -155,6 +155,12 @@ def test_image_without_pixel_size_needs_mpp(tmp_path, capsys):
     err = (out / "failures.csv").read_text()
     assert "plain.png" in err and "--mpp" in err
     assert main(["score", str(png), "--out", str(out), "--quiet", "--mpp", "0.5"]) == 0
+    # an implausible --mpp is refused once, up front, not once per slide
+    for bad in ("inf", "1e-9", "1e300", "0"):
+        with pytest.raises(SystemExit) as exc:
+            main(["score", str(png), "--out", str(tmp_path / "bad"), "--mpp", bad])
+        assert exc.value.code == 2
+        assert not (tmp_path / "bad").exists()
 
 
 def test_bad_preset_and_missing_input_are_one_line_errors(tmp_path, capsys):

@@ -32,6 +32,17 @@ def _positive_float(text: str):
     return v
 
 
+def _pixel_size(text: str):
+    """``--mpp``: checked against the range open_slide accepts, once, before any slide."""
+    from .slide import PLAUSIBLE_MPP_UM
+
+    v = _positive_float(text)
+    lo, hi = PLAUSIBLE_MPP_UM
+    if not lo <= v <= hi:
+        raise argparse.ArgumentTypeError(f"pixel size {text} µm/px is outside the accepted range {lo:g}–{hi:g} µm/px")
+    return v
+
+
 def _int_at_least(minimum: int):
     def parse(text: str):
         try:
@@ -56,7 +67,7 @@ def _add_score_parser(sub):
                    help="marker preset: a packaged name (see `ihcscore presets`) or a TOML file (default: cxcr4)")
     p.add_argument("--stains", default="default", metavar="default|auto|FILE.json",
                    help="stain vectors: the preset's (default), estimated per slide (auto), or a JSON file")
-    p.add_argument("--mpp", type=_positive_float, metavar="UM",
+    p.add_argument("--mpp", type=_pixel_size, metavar="UM",
                    help="pixel size in µm/px for files that do not record it (overrides the file)")
     p.add_argument("--thresholds", type=_thresholds, metavar="T1[,T2,T3]",
                    help="DAB OD thresholds for 1+,2+,3+ (one value: positive/negative only)")
@@ -232,7 +243,7 @@ def _add_train_parser(sub):
                    help="one point file per slide: CSV x,y (level-0 px),class or QuPath point annotations")
     p.add_argument("--out", required=True, metavar="MODEL.skops", help="where to save the classifier")
     p.add_argument("--preset", default="cxcr4", metavar="NAME|FILE.toml", help="detection preset (default: cxcr4)")
-    p.add_argument("--mpp", type=_positive_float, metavar="UM", help="pixel size in µm/px if the file lacks it")
+    p.add_argument("--mpp", type=_pixel_size, metavar="UM", help="pixel size in µm/px if the file lacks it")
     p.add_argument("--max-distance", type=_positive_float, default=6.0, metavar="UM",
                    help="a point labels the nearest cell within this distance, µm (default 6)")
     p.add_argument("--model", choices=("random_forest", "gradient_boosting"), default="random_forest")
