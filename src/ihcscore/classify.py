@@ -330,23 +330,9 @@ def _points_from_geojson(path, text: str):
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg})") from None
 
-    def shown(value, limit=60):
-        out = json.dumps(value) if isinstance(value, (list, dict, str, int, float, type(None))) else repr(value)
-        return out if len(out) <= limit else out[:limit - 3] + "..."
+    from .tissue import geojson_features, json_excerpt as shown
 
-    if isinstance(data, dict) and (data.get("type") == "FeatureCollection" or "features" in data):
-        feats = data.get("features") or []
-        if not isinstance(feats, list):
-            raise ValueError(f"{path}: 'features' must be a list of features, got {shown(feats)}")
-    elif isinstance(data, list):
-        feats = data
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        feats = [data]
-    elif isinstance(data, dict) and "coordinates" in data:
-        feats = [{"type": "Feature", "geometry": data, "properties": {}}]
-    else:
-        raise ValueError(f"{path}: not GeoJSON (expected a FeatureCollection, a list of features, a Feature "
-                         f"or a geometry), got {shown(data)}")
+    feats = geojson_features(data, path)  # a MaskError is a ValueError
     xy, cls = [], []
     for i, f in enumerate(feats):
         if not isinstance(f, dict):

@@ -26,6 +26,8 @@ __all__ = [
     "tissue_mask",
     "mask_from_file",
     "read_annotations",
+    "geojson_features",
+    "json_excerpt",
     "rasterize_geometries",
     "resolve_tissue",
     "region_fraction",
@@ -189,6 +191,38 @@ def _feature_name(props: dict) -> str:
     return ""
 
 
+def json_excerpt(value, limit=60) -> str:
+    """A JSON value as text for an error message, cut to ``limit`` characters."""
+    out = json.dumps(value) if isinstance(value, (list, dict, str, int, float, type(None))) else repr(value)
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+def geojson_features(data, path) -> list:
+    """The features of parsed GeoJSON, in any of the forms QuPath and other tools write.
+
+    A FeatureCollection (or an object with ``features``), a list of features, one Feature,
+    or a bare geometry (as one feature without properties).
+
+    Raises
+    ------
+    MaskError
+        Anything else, or ``features`` that is not a list: one line naming the file.
+    """
+    if isinstance(data, dict) and (data.get("type") == "FeatureCollection" or "features" in data):
+        features = data.get("features") or []
+        if not isinstance(features, list):
+            raise MaskError(f"{path}: 'features' must be a list of features, got {json_excerpt(features)}")
+        return features
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    if isinstance(data, dict) and "coordinates" in data:
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    raise MaskError(f"{path}: not GeoJSON (expected a FeatureCollection, a list of features, a Feature "
+                    f"or a geometry), got {json_excerpt(data)}")
+
+
 def read_annotations(path):
     """Polygon annotations from a GeoJSON file (e.g. a QuPath export).
 
@@ -222,18 +256,7 @@ def read_annotations(path):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MaskError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from exc
 
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-    elif isinstance(data, list):
-        features = data
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, dict) and "coordinates" in data:
-        features = [{"type": "Feature", "geometry": data, "properties": {}}]
-    else:
-        raise MaskError(f"{path}: not GeoJSON (expected a FeatureCollection, a list of "
-                        "features, a Feature or a geometry)")
-
+    features = geojson_features(data, path)
     out = []
     for i, feat in enumerate(features):
         if not isinstance(feat, dict):
