@@ -286,6 +286,13 @@ def test_annotations_keep_exactly_the_cells_inside_them(runs, slide_path, preset
     by_name = {r["name"]: r["n_cells"] for r in res.summary["regions"]}
     for name, g in (("circle", circle), ("triangle", triangle)):
         assert by_name[name] == int(shapely.contains_xy(g, every["x_px"], every["y_px"]).sum())
+    # an annotation smaller than a mask pixel (32 level-0 px here) still scores the cell it holds
+    cell = every.iloc[len(every) // 2]
+    tiny = Point(cell["x_px"], cell["y_px"]).buffer(6)
+    gj.write_text(json.dumps({"type": "Feature", "geometry": shapely.geometry.mapping(tiny)}))
+    with open_slide(slide_path) as s:
+        one = analyze_slide(s, preset, tile_size=256, tissue=str(gj))
+    assert len(one.cells) == int(shapely.contains_xy(tiny, every["x_px"], every["y_px"]).sum()) >= 1
 
 
 def test_estimated_stains_do_not_depend_on_tile_size(slide_path, preset):

@@ -363,13 +363,15 @@ def mask_from_file(path, slide, max_side=2048):
     w, h = slide.dimensions
     ext = path.suffix.lower()
     if ext in _GEOJSON_EXT:
+        import shapely
+
         geoms = read_annotations(path)
-        ds = max(1.0, max(w, h) / float(max_side))
-        mask = rasterize_geometries([g for _, g in geoms], _thumb_shape((w, h), ds), ds)
-        if not mask.any():
+        # asked of the geometry: an annotation smaller than a pixel of the mask still counts (its cells do)
+        if not any(g.intersects(shapely.box(0, 0, w, h)) for _, g in geoms):
             raise MaskError(f"{path}: the annotations do not overlap the slide "
                             f"({w}x{h} px); coordinates must be level-0 pixels")
-        return mask, float(ds)
+        ds = max(1.0, max(w, h) / float(max_side))
+        return rasterize_geometries([g for _, g in geoms], _thumb_shape((w, h), ds), ds), float(ds)
     if ext not in _IMAGE_MASK_EXT:
         raise MaskError(f"{path}: unsupported mask file type {ext or '(none)'}; "
                         "use a PNG/TIFF mask or a GeoJSON of annotations")
