@@ -112,6 +112,15 @@ def test_estimate_background_non_white(other_region):
     np.testing.assert_allclose(estimate_background(rgb), OTHER.background, atol=1.0)
 
 
+def test_estimated_background_is_the_mode_of_glass():
+    """DESIGN: I0 is the mode of bright glass pixels; glass at exactly that value has OD 0 (it was mode + 0.5)."""
+    rng = np.random.default_rng(0)
+    glass = np.clip(rng.normal((236, 236, 234), 1.2, size=(200, 200, 3)).round(), 0, 255).astype(np.uint8)
+    want = tuple(float(np.argmax(np.bincount(glass[..., c].ravel(), minlength=256))) for c in range(3))
+    assert estimate_background(glass) == want == (236.0, 236.0, 234.0)
+    assert estimate_background(glass.astype(np.float32)) == want
+
+
 def test_estimate_background_without_glass_returns_default():
     rgb = np.full((64, 64, 3), 90, np.uint8)
     assert estimate_background(rgb) == (255.0, 255.0, 255.0)

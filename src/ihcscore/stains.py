@@ -260,9 +260,11 @@ def unmix(od: np.ndarray, stains: StainVectors = H_DAB_DEFAULT) -> np.ndarray:
 
 
 def _dominant(values: np.ndarray) -> float:
-    if values.dtype == np.uint8:  # the histogram below, by counting
-        return float(np.argmax(np.bincount(values, minlength=256)) + 0.5)
-    hist, edges = np.histogram(values, bins=256, range=(0, 256))
+    """The mode: the commonest intensity (glass exactly at it gets OD 0); other data in unit-wide bins
+    centred on the integers, so integer-valued floats give the uint8 answer."""
+    if values.dtype == np.uint8:
+        return float(np.argmax(np.bincount(values, minlength=256)))
+    hist, edges = np.histogram(values, bins=256, range=(-0.5, 255.5))
     return float(edges[np.argmax(hist)] + 0.5)
 
 
