@@ -128,6 +128,13 @@ def test_parquet_and_csv_round_trip_exact_columns(tmp_path):
     assert list(pq.columns) == expected
     assert list(cs.columns) == expected
     assert "Nucleus: Area µm^2" in cs.columns
+    # DESIGN's order whatever the table's: position, class, bin, then the measurements
+    shuffled = cells[list(reversed(cells.columns))]
+    write_cells_csv(tmp_path / "shuffled.csv", shuffled)
+    head = list(pd.read_csv(tmp_path / "shuffled.csv", nrows=0).columns)
+    lead = [c for c in ("object_id", "label") if c in cells.columns]
+    assert head[:len(lead) + 6] == lead + ["x_px", "y_px", "x_um", "y_um", "class", "bin"]
+    assert sorted(head) == sorted(expected)
     raw_header = (tmp_path / "cells.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "Nucleus: Area µm^2" in raw_header
     pd.testing.assert_frame_equal(pq, cells[expected])

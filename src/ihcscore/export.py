@@ -348,9 +348,21 @@ def hash_params(params) -> str:
 # --------------------------------------------------------------------------- #
 # Cell tables
 # --------------------------------------------------------------------------- #
+#: The columns a cell table file starts with (DESIGN.md's output contract: position, class, bin, then every
+#: measurement); ``object_id`` (slides) or ``label`` (regions) before them.
+LEADING_COLUMNS = ("object_id", "label", "x_px", "y_px", "x_um", "y_um", "class", "bin")
+
+
+def table_columns(cells: pd.DataFrame) -> list:
+    """The columns written for a cell table, in file order: :data:`LEADING_COLUMNS`, then the others as
+    they come; outlines (:data:`GEOMETRY_COLUMNS`) left out."""
+    lead = [c for c in LEADING_COLUMNS if c in cells.columns]
+    return lead + [c for c in cells.columns if c not in lead and c not in GEOMETRY_COLUMNS]
+
+
 def _table_only(cells: pd.DataFrame) -> pd.DataFrame:
-    drop = [c for c in GEOMETRY_COLUMNS if c in cells.columns]
-    return cells.drop(columns=drop) if drop else cells
+    columns = table_columns(cells)
+    return cells if list(cells.columns) == columns else cells[columns]
 
 
 def write_cells_parquet(path, cells: pd.DataFrame):
@@ -372,7 +384,7 @@ def write_cells_parquet(path, cells: pd.DataFrame):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = [c for c in cells.columns if c not in GEOMETRY_COLUMNS]
+    columns = table_columns(cells)
 
     def _w(p):
         # Row groups of PARQUET_ROWS converted one at a time: a whole slide's table (10^6 cells) is
