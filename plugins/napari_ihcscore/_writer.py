@@ -67,7 +67,7 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     """
     import tifffile
 
-    from ihcscore.export import atomic_path
+    from ihcscore.atomic import atomic_path
 
     scale = [float(v) for v in (meta.get("scale") or (1.0, 1.0))][-2:]
     translate = [float(v) for v in (meta.get("translate") or (0.0, 0.0))][-2:]

@@ -159,7 +159,7 @@ class CellClassifier:
         """Save with skops (no pickle); the file holds the model and its feature names."""
         import skops.io as sio
 
-        from .export import atomic_path  # a failed save leaves no half model under the name
+        from .atomic import atomic_path  # a failed save leaves no half model under the name
 
         with atomic_path(path) as tmp:
             sio.dump({"model": self.model, "feature_names": list(self.feature_names),

@@ -951,7 +951,7 @@ figcaption{{font-size:0.85em;color:#555;text-align:center}} .warn{{color:#a60}}
 
 
 def _write_text(path, text: str) -> None:
-    from .export import atomic_open
+    from .atomic import atomic_open
 
     with atomic_open(path, "w") as f:
         f.write(text)

@@ -26,7 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .export import BIN_COLORS, atomic_open, to_jsonable
+from .atomic import atomic_open
+from .export import BIN_COLORS, to_jsonable
 
 __all__ = [
     "scoring_measurement",

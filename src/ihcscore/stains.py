@@ -166,7 +166,7 @@ class StainVectors:
             raise ValueError(f"{path}: {e}") from None
 
     def to_json(self, path: str | Path) -> None:
-        from .export import atomic_open  # a failed write leaves the old file, never half a new one
+        from .atomic import atomic_open  # a failed write leaves the old file, never half a new one
 
         with atomic_open(path, "w") as f:
             f.write(json.dumps(self.to_dict(), indent=2))

@@ -799,7 +799,7 @@ def make_synthetic_slide(
 
 
 def _atomic_write(path, text):
-    from .export import atomic_open
+    from .atomic import atomic_open
 
     with atomic_open(path, "w") as f:
         f.write(text)
