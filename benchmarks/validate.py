@@ -512,9 +512,24 @@ OS2_NOTES = """
   with plain local-maxima seeds).
   Without splitting at all, 980 cells: splitting matters more than any other step here. ImageJ also floods an
   8-bit rescaled EDM; ihcscore floods the float map: a few dividing lines fall a pixel apart.
-- **Regional maxima seeds (step 7)**: now as documented, maxima of the LoG with a 0.001 tolerance
+- **Regional maxima seeds (step 7)**: as QUPATH_DETECTION.md words it, maxima of the LoG with a 0.001 tolerance
   (`skimage.morphology.h_maxima(log, 0.001)`, `cells.SEED_TOLERANCE`); plain `local_maxima` gave 1336 / 1062
-  cells instead of 1332 / 1060: the seeds only over-segment and step 9 merges neighbours again.
+  cells instead of 1332 / 1060 (before the edge change below): the seeds only over-segment and step 9 merges
+  neighbours again. QuPath's source
+  (0.3.2–0.6) reads differently: interior 3×3 local maxima whose LoG is at least 0.001, made regional by
+  reconstruction and labelled 4-connected. That rule, in a re-implementation of ihcscore's detection, gave
+  1305 / 1054 cells and 16.78 / 12.11 % at detection 0.2: further from QuPath's 1323 / 1066 than the guide's
+  rule, which is kept. QuPath's watershed also leaves 1-px lines between the LoG regions (0 / +1 cells).
+- **Not tested by this reference**: it was run without background subtraction (radius 0) and without cell
+  expansion, so steps 6 and 13 differ unseen here. Step 6: ihcscore bounds the reconstruction to 3 radii (seam-free
+  tiles); at QuPath's default 8 µm and threshold 0.1 on this crop, 1328 cells and 17.47 % positive against 1242 and
+  18.68 % unbounded (6 radii: 1286, 12: 1252), and ImageJ's erosion disk (805 px at 16 px against scikit-image's
+  decomposed 861) moves it by about 1 %. Step 13: QuPath leaves 1-px dividing lines between touching cells and keeps
+  pixels strictly closer than the expansion; ihcscore gives every pixel within it to the nearest nucleus (see
+  docs/methods.md).
+- **Matched since session 7**: sample standard deviations (n − 1); the refinement's 3×3 erosion repeats the edge
+  pixels as ImageJ does (+2 / +1 cells here); median and exclude-DAB filters use ImageJ's footprints (21 px at
+  radius 2, 29 at 2.5); `max_background` ≤ 0 turns the check off.
 - **Resampling 0.2271 → 0.5 µm/px (step 1)**: ihcscore Gaussian-filters (sigma (scale − 1)/2) and samples
   bilinearly at pixel centres on a global grid (tile-independent); QuPath reads a downsampled region through
   its image server (interpolated resize without that pre-filter). Bilinear without pre-filter: 1437 vs 1429

@@ -188,9 +188,13 @@ def test_label_statistics_match_numpy():
     for lab in range(1, 5):
         v = img[labels == lab].astype(np.float64)
         assert stats["x mean"][lab - 1] == pytest.approx(v.mean())
-        assert stats["x std dev"][lab - 1] == pytest.approx(v.std(), abs=1e-6)
+        assert stats["x std dev"][lab - 1] == pytest.approx(v.std(ddof=1), abs=1e-6)  # sample std, as QuPath
         assert stats["x max"][lab - 1] == pytest.approx(v.max())
         assert stats["x min"][lab - 1] == pytest.approx(v.min())
+    one = np.zeros((3, 3), int)
+    one[1, 1] = 1
+    assert label_statistics(one, {"x": img[:3, :3]}, 2)["x std dev"].tolist()[0] == 0.0  # one pixel: no spread
+    assert np.isnan(label_statistics(one, {"x": img[:3, :3]}, 2)["x std dev"][1])  # no pixel
 
 
 def test_resample_is_independent_of_the_window():
@@ -218,3 +222,31 @@ def test_detection_params_validate():
         DetectionParams(image="eosin")
     with pytest.raises(ValueError, match="max_area"):
         DetectionParams(min_area_um2=50, max_area_um2=10)
+
+
+def test_filters_use_imagej_footprints_as_qupath():
+    """QuPath's median and exclude-DAB filters are ImageJ rank filters: radius 2 covers 21 pixels (a
+    plain disk 13), radius 2.5 is bumped to 2.85 and covers 29, radius 1.5 to 1.75 (13), radius 1 is 3x3."""
+    from ihcscore.cells import _rank_filter_disk
+
+    assert {r: int(_rank_filter_disk(r).sum()) for r in (1, 1.5, 2, 2.5)} == {1: 9, 1.5: 13, 2: 21, 2.5: 29}
+
+
+def test_max_background_zero_turns_the_limit_off():
+    """QuPath applies max background only when it is > 0; 0 rejected every region (0 cells)."""
+    rgb = data.immunohistochemistry()[:256, :256]
+    p = load_preset("cxcr4")
+    off = analyze_region(rgb, 0.5, p.replace(max_background=0.0)).cells
+    unlimited = analyze_region(rgb, 0.5, p.replace(max_background=1e9)).cells
+    assert len(off) == len(unlimited) > 20
+
+
+def test_refinement_erosion_repeats_the_image_edge():
+    """ImageJ's 3x3 minimum repeats edge pixels: a nucleus cut by the image edge keeps its edge row."""
+    from ihcscore.cells import _erode_3x3_repeating_edge
+
+    mask = np.zeros((6, 6), bool)
+    mask[:3, 1:5] = True  # touches the top edge
+    eroded = _erode_3x3_repeating_edge(mask)
+    np.testing.assert_array_equal(np.flatnonzero(eroded.any(axis=1)), [0, 1])
+    assert eroded[0, 2:4].all() and not eroded[0, 1] and not eroded[2].any()

@@ -100,7 +100,16 @@ class DetectionParams:
 
         Tiles must overlap by at least this on each side for seam-free results.
         """
-        return self.cell_context_um() + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
+        return (self.cell_context_um() + (1 + BACKGROUND_RECONSTRUCTION_RADII) * self.background_radius_um
+                + self._filter_reach_um())
+
+    def _filter_reach_um(self) -> float:
+        """Reach of the filters before background subtraction: the median, and exclude-DAB's median then
+        maximum (ImageJ's footprints reach at most 1 px beyond the radius; 2.5 px becomes 3)."""
+        reach = self.median_radius_um + self.pixel_size_um if self.median_radius_um > 0 else 0.0
+        if self.exclude_dab:
+            reach += 2 * 3 * self.pixel_size_um
+        return reach
 
     def context_px(self) -> int:
         """:meth:`context_um` in whole pixels of ``pixel_size_um`` (rounded up): the overlap of tiles and bands."""
@@ -152,6 +161,23 @@ def _disk(radius_px: float) -> np.ndarray:
     return (x * x + y * y) <= radius_px * radius_px + 1e-6
 
 
+def _rank_filter_disk(radius_px: float) -> np.ndarray:
+    """The footprint of ImageJ's rank filters (median, max), which QuPath's median and exclude-DAB steps use.
+
+    ImageJ rounds a radius in [1.5, 1.75) up to 1.75 and one in [2.5, 2.85) up to 2.85, then takes the
+    offsets with ``dx² + dy² <= int(r²) + 1``: 21 px at radius 2 (a plain disk has 13) and 29 px at 2.5.
+    """
+    r = float(radius_px)
+    if 1.5 <= r < 1.75:
+        r = 1.75
+    elif 2.5 <= r < 2.85:
+        r = 2.85
+    r2 = int(r * r) + 1
+    k = int(np.floor(np.sqrt(r2)))
+    y, x = np.ogrid[-k:k + 1, -k:k + 1]
+    return (x * x + y * y) <= r2
+
+
 def detection_image(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams) -> np.ndarray:
     """The image nuclei are found on.
 
@@ -173,12 +199,12 @@ def detection_image(od: np.ndarray, stain_od: np.ndarray, params: DetectionParam
     else:
         img = np.ascontiguousarray(stain_od[..., 0], dtype=np.float32)
     if params.median_radius_um > 0:
-        img = ndi.median_filter(img, footprint=_disk(params.median_radius_um / px))
+        img = ndi.median_filter(img, footprint=_rank_filter_disk(params.median_radius_um / px))
     if params.exclude_dab:
         # Pixels dominated by DAB (membrane staining) must not be detected as nuclei.
         keep = (stain_od[..., 0] >= stain_od[..., 1]).astype(np.uint8)
-        keep = ndi.median_filter(keep, footprint=_disk(2.5))
-        keep = ndi.maximum_filter(keep, footprint=_disk(2.5))
+        keep = ndi.median_filter(keep, footprint=_rank_filter_disk(2.5))
+        keep = ndi.maximum_filter(keep, footprint=_rank_filter_disk(2.5))
         img = img * keep
     return img.astype(np.float32, copy=False)
 
@@ -199,8 +225,8 @@ def subtract_background(image: np.ndarray, radius_px: float, max_background: flo
         return image, invalid
     fp = morphology.disk(max(1, int(round(radius_px))), decomposition="sequence")
     eroded = _k.grey_erosion_sequence(image, fp) if _k else morphology.erosion(image, fp)
-    high = eroded > max_background
-    if high.any():
+    high = eroded > max_background if max_background > 0 else None  # QuPath: no limit unless > 0
+    if high is not None and high.any():
         invalid = _k.binary_dilation_disk(high, 2 * radius_px) if _k else \
             ndi.binary_dilation(high, structure=_disk(2 * radius_px))
         eroded = eroded.copy()
@@ -240,6 +266,15 @@ def _split_touching(mask: np.ndarray) -> np.ndarray:
     ws = _k.watershed_components(dist, markers, mask, watershed_line=True, negate=True) if _k else \
         segmentation.watershed(-dist, markers, mask=mask, watershed_line=True)
     return ws > 0
+
+
+def _erode_3x3_repeating_edge(mask: np.ndarray) -> np.ndarray:
+    """3×3 erosion with the edge pixels repeated beyond the image, as ImageJ's minimum filter (QuPath's
+    refinement step) does: a nucleus cut by the image edge keeps its edge row. Inside a tile the edge
+    is context, so tiled results do not change."""
+    padded = np.pad(mask, 1, mode="edge")
+    eroded = _k.binary_erosion_3x3(padded) if _k else ndi.binary_erosion(padded, structure=np.ones((3, 3)))
+    return eroded[1:-1, 1:-1]
 
 
 def _laplacian(image: np.ndarray) -> np.ndarray:
@@ -320,8 +355,7 @@ def detect_nuclei(
     if params.sigma_um / px > 1.5:
         # Large smoothing rounds boundaries off: refine with a finer LoG.
         fine = _laplacian(_gaussian(image, 1.0, gpu)) > 0
-        mask = (fine & mask) | (_k.binary_erosion_3x3(mask) if _k else
-                                ndi.binary_erosion(mask, structure=np.ones((3, 3))))
+        mask = (fine & mask) | _erode_3x3_repeating_edge(mask)
 
     labels, n = _k.label(mask, 1) if _k else ndi.label(mask)  # 4-connectivity
     if _k:

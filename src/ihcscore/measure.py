@@ -27,7 +27,10 @@ STAINS = {0: "Hematoxylin", 1: "DAB"}
 
 
 def label_statistics(labels: np.ndarray, images: dict[str, np.ndarray], n_labels: int) -> dict[str, np.ndarray]:
-    """Count, mean, population std, max and min of each image inside labels ``1..n_labels``.
+    """Count, mean, standard deviation, max and min of each image inside labels ``1..n_labels``.
+
+    The standard deviation is the sample one (divided by ``n - 1``), as QuPath's measurements
+    are; 0 for a single pixel.
 
     Returns a dict with ``count`` and ``"{name} {stat}"`` arrays of length
     ``n_labels`` (NaN for empty labels).
@@ -42,16 +45,22 @@ def label_statistics_many(label_images, images: dict[str, np.ndarray], n_labels:
         for counts, s, s2, mn, mx in _k.label_stats_many(label_images, list(images.values()), n_labels):
             st = {"count": counts}
             for i, name in enumerate(images):
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    mean = s[i] / counts
-                    var = np.maximum(s2[i] / counts - mean * mean, 0.0)
+                mean, std = _mean_and_std(s[i], s2[i], counts)
                 st[f"{name} mean"] = mean
-                st[f"{name} std dev"] = np.sqrt(var)
+                st[f"{name} std dev"] = std
                 st[f"{name} max"] = mx[i]
                 st[f"{name} min"] = mn[i]
             out.append(st)
         return out
     return [_label_statistics_np(lab, images, n_labels) for lab in label_images]
+
+
+def _mean_and_std(s, s2, counts):
+    """Mean and sample standard deviation (``n - 1``; 0 for one value, NaN for none) from sums."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = s / counts
+        var = np.maximum(s2 / counts - mean * mean, 0.0) * (counts / np.maximum(counts - 1, 1))
+    return mean, np.sqrt(var)
 
 
 def _label_statistics_np(labels, images, n_labels):
@@ -68,16 +77,14 @@ def _label_statistics_np(labels, images, n_labels):
         vals = img.ravel()[inside][order].astype(np.float64)
         s = np.bincount(sorted_labels, weights=vals, minlength=n_labels + 1)[1:]
         s2 = np.bincount(sorted_labels, weights=vals * vals, minlength=n_labels + 1)[1:]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s / counts
-            var = np.maximum(s2 / counts - mean * mean, 0.0)
+        mean, std = _mean_and_std(s, s2, counts)
         mx = np.full(n_labels, np.nan)
         mn = np.full(n_labels, np.nan)
         if len(present):
             mx[present] = np.maximum.reduceat(vals, starts)
             mn[present] = np.minimum.reduceat(vals, starts)
         out[f"{name} mean"] = mean
-        out[f"{name} std dev"] = np.sqrt(var)
+        out[f"{name} std dev"] = std
         out[f"{name} max"] = mx
         out[f"{name} min"] = mn
     return out
