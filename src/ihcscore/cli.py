@@ -72,7 +72,8 @@ def _add_score_parser(sub):
     p.add_argument("--thresholds", type=_thresholds, metavar="T1[,T2,T3]",
                    help="DAB OD thresholds for 1+,2+,3+ (one value: positive/negative only)")
     p.add_argument("--compartment", choices=COMPARTMENT_CHOICES,
-                   help="compartment whose DAB OD mean bins each cell (others are reported too)")
+                   help="compartment whose DAB OD (the preset's statistic, mean or max) bins each cell "
+                        "(others are reported too)")
     p.add_argument("--tissue", default="auto", metavar="auto|all|MASK.png|ANNOTATIONS.geojson",
                    help="where to score: detected tissue (auto), the whole image (all), a mask or QuPath annotations")
     p.add_argument("--tile-size", type=_int_at_least(1), default=1024, metavar="PX",
