@@ -199,7 +199,10 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     import tifffile
 
     saved = labels.save(str(tmp_path / "cells.tif"), plugin=PLUGIN)
-    np.testing.assert_array_equal(tifffile.imread(saved[0]), eng.segmentation.cells)
+    # the region's cells only: the context's cells around it are segmented, not scored
+    kept = np.where(np.isin(eng.segmentation.cells, eng.cells["label"]), eng.segmentation.cells, 0)
+    assert 0 < (kept > 0).sum() < (eng.segmentation.cells > 0).sum()
+    np.testing.assert_array_equal(tifffile.imread(saved[0]), kept)
     assert image in viewer.layers
 
 
@@ -359,6 +362,130 @@ def test_region_of_an_he_slide_is_flagged(make_napari_viewer):
     assert w.last_error is None, w.last_error
     assert any("H&E" in m for m in w.result.warnings)
     assert "Warning:" in w.status.text() and "H&E" in w.status.text()
+    assert any("H&E" in m for m in w.summary_document()["warnings"])  # and in the exported summary
+
+
+def test_a_region_drawn_twice_counts_each_cell_once_in_classes_and_exclusions(make_napari_viewer, slide_path,
+                                                                               tmp_path):
+    """The same rectangle twice: clicks, the trained classifier, exclusions and the summary treat each cell
+    once, and every copy of a cell gets the same class (a click used to land on a hidden copy)."""
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+
+    def run_with(n_copies):
+        for name in ("annotations", "tumour", "non-tumour", "exclude"):
+            if name in viewer.layers:
+                viewer.layers.remove(name)
+        shapes = _rectangle(viewer, 40, 30, 339, 259)
+        for _ in range(n_copies - 1):
+            shapes.add_rectangles([np.array([[30, 40], [259, 339]], float) * MPP])
+        shapes.selected_data = set()
+        viewer.layers.selection.active = shapes
+        w.run(sync=True)
+        assert w.last_error is None, w.last_error
+        cells = w.result.cells
+        w.add_annotation_layers()
+        tum = cells.index[cells["class"] == "tumour"][:4]
+        oth = cells.index[cells["class"] == "other"][:4]
+        for i in tum:  # tumour cells clicked as non-tumour and the reverse: trains a classifier
+            viewer.layers["non-tumour"].add(cells.loc[i, ["y_um", "x_um"]].to_numpy(float))
+        for i in oth:
+            viewer.layers["tumour"].add(cells.loc[i, ["y_um", "x_um"]].to_numpy(float))
+        viewer.layers["exclude"].add_polygons([np.array([[0, 0], [0, 60], [200, 60], [200, 0]], float)])
+        info = w.apply_annotations()
+        return info, w.result, w.summary_document()
+
+    info1, one, doc1 = run_with(1)
+    info2, two, doc2 = run_with(2)
+    assert two.duplicate.sum() == len(one.cells) and info2["method"] == info1["method"] == "classifier"
+    first = two.cells.iloc[two.first]
+    assert (two.cells["class"].to_numpy() == first["class"].to_numpy()).all()  # every copy as its first
+    np.testing.assert_array_equal(two.cells.iloc[two.unique_rows]["class"].to_numpy(), one.cells["class"].to_numpy())
+    assert info2["n_excluded"] == info1["n_excluded"] == doc2["n_excluded"] > 0
+    assert doc2["n_class_overrides"] == doc1["n_class_overrides"]
+    for key in ("n_cells", "tumour", "all"):
+        assert doc2[key] == doc1[key], key
+
+
+def test_estimating_preset_deconvolves_every_region_with_the_slides_vectors(make_napari_viewer, slide_path):
+    from ihcscore.pipeline import slide_stains
+    from ihcscore.preset import load_preset
+
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    w.set_preset(load_preset("cxcr4").replace(name="estimating", estimate_stains=True))
+    shapes = _rectangle(viewer, 10, 10, 200, 200)
+    shapes.add_rectangles([np.array([[300, 300], [500, 500]], float) * MPP])
+    shapes.selected_data = set()
+    viewer.layers.selection.active = shapes
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    with open_slide(slide_path) as s:
+        want, _ = slide_stains(s, w.current_preset())
+        cli = analyze_slide(s, w.current_preset(), tissue="auto")
+    assert w.result.stains == want == cli.stains  # once per slide, as `ihcscore score` does
+    assert w.summary_document()["stain_vectors"] == want.to_dict()
+
+
+def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path):
+    viewer = make_napari_viewer()
+    image = _open(viewer, slide_path)
+    image.affine = np.array([[1, 0, 40.0], [0, 1, 60.0], [0, 0, 1]])
+    image.rotate = 30
+    w = _widget(viewer)
+    w.region_mode.setCurrentText("Whole slide")
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    cells = w.result.cells
+    points = viewer.layers["cell centroids"].data
+    want = np.array([image.data_to_world(p) for p in cells[["y_px", "x_px"]].to_numpy()[:20]])
+    np.testing.assert_allclose(points[:20], want, atol=1e-6)
+    # region mode: the label image lies under its cells
+    w.region_mode.setCurrentText("Selected annotations")
+    shapes = viewer.add_shapes([np.array([image.data_to_world(p) for p in
+                                          ([30, 40], [30, 339], [259, 339], [259, 40])])], name="roi")
+    viewer.layers.selection.active = shapes
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    labels = viewer.layers["cells"]
+    for _, row in w.result.cells.iloc[::10].iterrows():
+        world = image.data_to_world((row["y_px"], row["x_px"]))
+        yx = np.round(labels.world_to_data(world)).astype(int)
+        assert labels.data[tuple(yx)] == row["label"]
+
+
+def test_preset_box_names_the_preset_in_use(make_napari_viewer, tmp_path):
+    from ihcscore.preset import load_preset
+
+    viewer = make_napari_viewer()
+    w = _widget(viewer)
+    toml = tmp_path / "my.toml"
+    toml.write_text(load_preset("ki67").replace(name="my-ki67", sigma_um=1.25).to_toml(), encoding="utf-8")
+    w._load_preset(str(toml))
+    assert w.preset_combo.currentText() == "my-ki67 (my.toml)"
+    w.preset_combo.setCurrentText("cxcr4")
+    assert w.current_preset().name == "cxcr4"
+    w.preset_combo.setCurrentText("my-ki67 (my.toml)")  # chosen again: the file's preset, not an error
+    assert w.last_error is None and w.current_preset().detection.sigma_um == 1.25
+    # a file named like a packaged preset, with other values, is told apart from it
+    other = tmp_path / "ki67.toml"
+    other.write_text(load_preset("ki67").replace(thresholds=(0.15, 0.35, 0.55)).to_toml(), encoding="utf-8")
+    w._load_preset(str(other))
+    assert w.preset_combo.currentText() == "ki67 (ki67.toml)" and w.thresholds() == (0.15, 0.35, 0.55)
+
+
+def test_a_shape_smaller_than_a_pixel_is_scored_not_called_outside(make_napari_viewer, slide_path):
+    viewer = make_napari_viewer()
+    _open(viewer, slide_path)
+    w = _widget(viewer)
+    _rectangle(viewer, 250.1, 250.1, 250.4, 250.4)  # no pixel centre inside
+    viewer.layers.selection.active = viewer.layers["annotations"]
+    w.run(sync=True)
+    assert w.last_error is None, w.last_error
+    (region,) = w.last_regions
+    assert (region.x, region.y, region.w, region.h) == (250, 250, 1, 1)
 
 
 def test_saving_stains_to_a_missing_folder_is_one_line(make_napari_viewer, tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from ihcscore.scoring import COMPARTMENTS, ScoringScheme, assign_bins, summarize
 
 __all__ = [
     "UNSCORED_RGBA", "bin_rgba", "label_color_dict", "Region", "RegionCells", "ScoredCells",
-    "bbox_from_points", "ellipse_polygon", "find_duplicates", "visible_bbox", "points_in_polygons",
+    "bbox_from_points", "ellipse_polygon", "first_copies", "visible_bbox", "points_in_polygons",
     "placement", "summary_rows", "SCORE_COLUMNS", "nearest_cells", "format_value",
 ]
 
@@ -109,7 +109,7 @@ class ScoredCells:
     slide_summary: dict | None = None
     auto_class: np.ndarray | None = None
     excluded: np.ndarray | None = None
-    duplicate: np.ndarray | None = None
+    first: np.ndarray | None = None  # row of each cell's first copy (itself unless found by an earlier region)
     warnings: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -118,8 +118,18 @@ class ScoredCells:
             self.auto_class = self.cells["class"].to_numpy(dtype=object).copy() if n else np.array([], object)
         if self.excluded is None:
             self.excluded = np.zeros(n, bool)
-        if self.duplicate is None:
-            self.duplicate = np.zeros(n, bool)
+        if self.first is None:
+            self.first = np.arange(n)
+
+    @property
+    def duplicate(self) -> np.ndarray:
+        """Rows that repeat a cell an earlier, overlapping region found."""
+        return self.first != np.arange(len(self.first))
+
+    @property
+    def unique_rows(self) -> np.ndarray:
+        """Row indices of the first copy of every cell."""
+        return np.flatnonzero(~self.duplicate)
 
     @property
     def shown(self) -> np.ndarray:
@@ -166,8 +176,9 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     (x, y, w, h) ints; ``w`` or ``h`` is 0 for an empty intersection.
     """
     xy = np.asarray(xy, dtype=np.float64)
-    lo = np.ceil(xy.min(axis=0) - 1e-6).astype(int)
-    hi = np.floor(xy.max(axis=0) + 1e-6).astype(int) + 1
+    # napari keeps vertices in float32: a corner on a pixel centre comes back ~1e-4 px off it
+    lo = np.ceil(xy.min(axis=0) - 1e-3).astype(int)
+    hi = np.floor(xy.max(axis=0) + 1e-3).astype(int) + 1
     W, H = dimensions
     x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
     x1, y1 = min(int(hi[0]), int(W)), min(int(hi[1]), int(H))
@@ -196,25 +207,28 @@ def ellipse_polygon(corners: np.ndarray, n_vertices: int = 128) -> np.ndarray:
     return centre + np.cos(t) * u + np.sin(t) * v
 
 
-def find_duplicates(xy: np.ndarray, group: np.ndarray, tol: float = 1e-3) -> np.ndarray:
-    """Rows whose point (x, y) equals, within ``tol``, a point of an earlier group.
+def first_copies(xy: np.ndarray, group: np.ndarray, tol: float = 1e-3) -> np.ndarray:
+    """For every row, the row of the same point (x, y within ``tol``) in the earliest group: itself, or an
+    earlier group's copy.
 
     Overlapping regions find the cells they share at the same centroids (the engine reads each region
     on the slide's grid with its context), so a cell in two regions is one cell.
     """
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     group = np.asarray(group)
-    dup = np.zeros(len(xy), bool)
+    first = np.arange(len(xy))
     if not len(xy):
-        return dup
+        return first
     from scipy.spatial import cKDTree
 
     for g in np.unique(group)[1:]:
-        earlier, this = np.flatnonzero(group < g), np.flatnonzero(group == g)
+        earlier = np.flatnonzero((group < g) & (first == np.arange(len(xy))))
+        this = np.flatnonzero(group == g)
         if len(earlier) and len(this):
-            d, _ = cKDTree(xy[earlier]).query(xy[this], distance_upper_bound=tol)
-            dup[this[np.isfinite(d)]] = True
-    return dup
+            d, j = cKDTree(xy[earlier]).query(xy[this], distance_upper_bound=tol)
+            hit = np.isfinite(d)
+            first[this[hit]] = earlier[j[hit]]
+    return first
 
 
 def visible_bbox(center_world, zoom: float, canvas_hw, world_to_level0, dimensions):

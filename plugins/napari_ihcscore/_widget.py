@@ -25,15 +25,16 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpin
 from ihcscore import classify as classify_mod
 from ihcscore import export as export_mod
 from ihcscore.cells import DetectionParams
-from ihcscore.pipeline import analyze_slide, analyze_slide_region
+from ihcscore.pipeline import analyze_slide, analyze_slide_region, slide_stains
 from ihcscore.preset import DETECTION_IMAGES, available_presets, load_preset
 from ihcscore.scoring import COMPARTMENTS, STATISTICS, ScoringScheme
 from ihcscore.stains import StainVectors, deconvolve, estimate_stain_vectors
 
 from ._core import (SCORE_COLUMNS, Region, RegionCells, ScoredCells, bbox_from_points, bin_rgba, ellipse_polygon,
-                    find_duplicates, format_value, label_color_dict, nearest_cells, placement, points_in_polygons,
+                    first_copies, format_value, label_color_dict, nearest_cells, placement, points_in_polygons,
                     summary_rows, visible_bbox)
 from ._slides import layer_slide
+from ._writer import KEPT_LABELS
 
 __all__ = ["IHCScoreWidget", "DETECTION_FIELDS", "REGION_MODES", "Cancelled"]
 
@@ -93,6 +94,20 @@ def _spin(unit: str, lo: float, hi: float, step: float, decimals: int, value: fl
     w.setValue(value)
     w.setKeyboardTracking(False)
     return w
+
+
+def _image_matrix(layer) -> np.ndarray:
+    """3×3 matrix taking a layer's (y, x, 1) data coordinates to world: scale, translate, rotate, shear and
+    affine together."""
+    try:
+        m = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)  # napari's composed transform
+    except AttributeError:  # pragma: no cover - other napari versions: scale and translate only
+        (sy, sx), (ty, tx) = layer.scale[-2:], layer.translate[-2:]
+        return np.array([[sy, 0, ty], [0, sx, tx], [0, 0, 1.0]])
+    out = np.eye(3)
+    out[:2, :2] = m[-3:-1, -3:-1]
+    out[:2, 2] = m[-3:-1, -1]
+    return out
 
 
 def _units(layer):
@@ -161,6 +176,7 @@ class IHCScoreWidget(QWidget):
         self._cancel = threading.Event()
         self._stains: StainVectors | None = None  # None: the preset's stains
         self._stale = False  # detection settings changed since the result was computed
+        self._custom_presets: dict = {}  # preset box entries that are not packaged presets
         self._preset = None
         self._layers: dict = {}
         self._relay = _Relay()
@@ -432,14 +448,30 @@ class IHCScoreWidget(QWidget):
         return lambda p: np.asarray(layer.world_to_data(np.asarray(p, float)))[-2:]
 
     def _level0_to_world(self, layer, yx):
+        """Level-0 (y, x) of ``layer`` -> world (y, x), through its whole transform (a moved or rotated
+        slide too)."""
         yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
-        scale = np.asarray(layer.scale[-2:], float)
-        translate = np.asarray(layer.translate[-2:], float)
-        return yx * scale + translate
+        m = _image_matrix(layer)
+        return yx @ m[:2, :2].T + m[:2, 2]
+
+    def _grid_layer_kwargs(self, image, origin_px, downsample: float) -> dict:
+        """Layer keywords that place a detection-grid image (first pixel at level-0 ``origin_px``,
+        ``downsample`` level-0 px per pixel) over ``image``: scale and translate, or an affine when the
+        slide is rotated or sheared."""
+        m = _image_matrix(image)
+        if np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2]))):
+            translate, scale = placement(origin_px, downsample, np.diag(m[:2, :2]), m[:2, 2])
+            return {"translate": translate, "scale": scale}
+        off = 0.5 * downsample - 0.5
+        grid = np.array([[downsample, 0, origin_px[1] + off], [0, downsample, origin_px[0] + off], [0, 0, 1.0]])
+        return {"affine": m @ grid}
 
     # ------------------------------------------------------------------ preset
     def _load_preset(self, name_or_path):
         if not name_or_path:
+            return
+        if name_or_path in self._custom_presets:  # an entry a file or a script added
+            self.set_preset(self._custom_presets[name_or_path])
             return
         try:
             p = load_preset(name_or_path)
@@ -462,11 +494,18 @@ class IHCScoreWidget(QWidget):
         if self.result is not None:
             self.clear_result(f"Preset {preset.name}: press Run to detect and score with it.")
         self._preset = preset
-        if self.preset_combo.findText(preset.name) < 0 and preset.source:
-            self.preset_combo.blockSignals(True)
-            self.preset_combo.addItem(preset.name)
-            self.preset_combo.setCurrentText(preset.name)
-            self.preset_combo.blockSignals(False)
+        # The box names the preset in use: a packaged one by its name, any other (a TOML file, a script's)
+        # by its name and where it came from, kept so that choosing it again gives it back.
+        label = preset.name
+        if preset.name not in available_presets() or preset != load_preset(preset.name):
+            src = Path(str(preset.source or ""))
+            label = f"{preset.name} ({src.name if src.is_file() else 'custom'})"
+            self._custom_presets[label] = preset
+        self.preset_combo.blockSignals(True)
+        if self.preset_combo.findText(label) < 0:
+            self.preset_combo.addItem(label)
+        self.preset_combo.setCurrentText(label)
+        self.preset_combo.blockSignals(False)
         d = preset.detection
         self.det_image.setCurrentText(d.image)
         self.det_exclude_dab.setChecked(bool(d.exclude_dab))
@@ -649,17 +688,18 @@ class IHCScoreWidget(QWidget):
         rgb = slide.read_scaled(r.x, r.y, r.w, r.h, ds) if ds > 1 else slide.read_region((r.x, r.y), 0, (r.w, r.h))
         ds_eff = r.w / rgb.shape[1]
         od = deconvolve(rgb, self.stains())
-        translate, scale = placement((r.x, r.y), ds_eff, image.scale, image.translate)
+        where = self._grid_layer_kwargs(image, (r.x, r.y), ds_eff)
         out = []
         for c, (name, cmap) in enumerate((("Hematoxylin OD", "I Blue"), ("DAB OD", "I Orange"))):
             data = np.clip(od[..., c], 0, None)
             if name in self.viewer.layers:
                 lay = self.viewer.layers[name]
                 lay.data = data
-                lay.translate, lay.scale = translate, scale
+                for key, value in where.items():
+                    setattr(lay, key, value)
             else:
                 lay = self.viewer.add_image(data, name=name, colormap=cmap, contrast_limits=(0.0, 1.5),
-                                            translate=translate, scale=scale, blending="translucent",
+                                            **where, blending="translucent",
                                             units=_units(image),
                                             metadata={"unit": "OD", RESULT_TAG: "preview"}, visible=True)
             out.append(lay)
@@ -689,7 +729,11 @@ class IHCScoreWidget(QWidget):
                 xy = ellipse_polygon(xy)
             x, y, w, h = bbox_from_points(xy, slide.dimensions)
             if w < 1 or h < 1:
-                continue
+                cx, cy = xy.mean(axis=0)
+                W, H = slide.dimensions
+                if not (-0.5 <= cx < W - 0.5 and -0.5 <= cy < H - 0.5):
+                    continue  # off the slide
+                x, y, w, h = int(round(cx)), int(round(cy)), 1, 1  # smaller than a pixel: read the one it is in
             # cells count when their centroid is inside the shape, as with --tissue ANNOTATIONS.geojson
             out.append(Region(f"{layer.name} #{i + 1}", x, y, w, h, xy))
         if not out and lines:
@@ -717,8 +761,11 @@ class IHCScoreWidget(QWidget):
             return ScoredCells(cells=cells, regions=[Region("whole slide", 0, 0, *slide.dimensions)],
                                mpp=float(slide.mpp), stains=res.stains, preset=preset, kind="slide",
                                slide_summary=res.summary, warnings=list(res.summary.get("warnings", [])))
-        parts, kept, last_stains, warnings = [], [], stains, []
+        parts, kept, warnings = [], [], []
         progress(0, len(regions))
+        if stains is None and preset.stains.estimate:
+            # once per slide, as `ihcscore score` estimates them: every region deconvolved alike
+            stains, warnings = slide_stains(slide, preset)
         for i, r in enumerate(regions):
             if r.w * r.h > MAX_REGION_PIXELS:
                 raise ValueError(f"{r.name} is {r.w}×{r.h} px at full resolution: too large to read at once; "
@@ -731,14 +778,13 @@ class IHCScoreWidget(QWidget):
             seg = res.segmentation
             kept.append(RegionCells(r, seg.nuclei if seg is not None else None, seg.cells if seg is not None else None,
                                     float(res.downsample), float(res.pixel_size_um), tuple(res.origin_px)))
-            last_stains = res.stains  # with per-region estimation each region has its own
+            stains = res.stains
             warnings += [w for w in res.summary.get("warnings", []) if w not in warnings]
             progress(i + 1, len(regions))
         cells = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        duplicate = find_duplicates(cells[["x_px", "y_px"]].to_numpy(), cells["region"].to_numpy()) \
-            if len(cells) else None
-        return ScoredCells(cells=cells, regions=kept, mpp=float(slide.mpp), stains=last_stains, preset=preset,
-                           kind="regions", duplicate=duplicate, warnings=warnings)
+        first = first_copies(cells[["x_px", "y_px"]].to_numpy(), cells["region"].to_numpy()) if len(cells) else None
+        return ScoredCells(cells=cells, regions=kept, mpp=float(slide.mpp), stains=stains, preset=preset,
+                           kind="regions", first=first, warnings=warnings)
 
     def run(self, sync: bool = False):
         """Score the chosen region(s).
@@ -861,9 +907,9 @@ class IHCScoreWidget(QWidget):
             for i, rc in enumerate(res.regions):
                 if rc.cells is None:
                     continue
-                translate, scale = placement(rc.origin, rc.downsample, image.scale, image.translate)
                 name = "cells" if len(res.regions) == 1 else f"cells {rc.region.name}"
-                lay = self.viewer.add_labels(rc.cells, name=name, translate=translate, scale=scale, opacity=0.55,
+                where = self._grid_layer_kwargs(image, rc.origin, rc.downsample)
+                lay = self.viewer.add_labels(rc.cells, name=name, **where, opacity=0.55,
                                              units=_units(image),
                                              colormap=DirectLabelColormap(color_dict={None: np.zeros(4)}),
                                              metadata={RESULT_TAG: "cells", "region": i,
@@ -906,6 +952,8 @@ class IHCScoreWidget(QWidget):
             sub = res.cells[sel]
             lay.colormap = DirectLabelColormap(
                 color_dict=label_color_dict(sub["label"].to_numpy(), bins[sel], nt, shown[sel]))
+            # what File > Save writes: this region's cells that count (not the context's, not excluded ones)
+            lay.metadata[KEPT_LABELS] = sub["label"].to_numpy()[~res.excluded[sel]].tolist()
 
     # ------------------------------------------------------------------ thresholds
     def _single_toggled(self, on: bool):
@@ -1032,25 +1080,28 @@ class IHCScoreWidget(QWidget):
             return None
         image = self._image
         world = self._level0_to_world(image, res.cells[["y_px", "x_px"]].to_numpy())
-        classes = res.auto_class.copy()
+        # Each cell once (overlapping regions repeat the cells they share): clicks, training and
+        # prediction work on the first copies; every copy then takes its first copy's class.
+        uniq = res.unique_rows
+        table = res.cells.iloc[uniq]
+        classes = res.auto_class[uniq].copy()
         tum = self._world_points(TUMOUR_LAYER)
         oth = self._world_points(OTHER_LAYER)
         radius = CLASS_CLICK_RADIUS_UM
-        i_t = nearest_cells(world, tum, radius)
-        i_o = nearest_cells(world, oth, radius)
+        i_t = nearest_cells(world[uniq], tum, radius)
+        i_o = nearest_cells(world[uniq], oth, radius)
         i_t, i_o = i_t[i_t >= 0], i_o[i_o >= 0]
         method = "none"
         if len(i_t) or len(i_o):
             # Every cell goes in (unclicked ones labelled None): neighbourhood features need the whole table.
-            labels = np.full(len(res.cells), None, dtype=object)
+            labels = np.full(len(table), None, dtype=object)
             labels[i_t] = "tumour"
             labels[i_o] = "other"
             done = False
             if len(i_t) and len(i_o):
                 try:
-                    model = classify_mod.train_classifier(res.cells, labels)
-                    pred = model.predict(res.cells)
-                    classes = np.asarray(pred, dtype=object)
+                    model = classify_mod.train_classifier(table, labels)
+                    classes = np.asarray(model.predict(table), dtype=object)
                     method = "classifier"
                     done = True
                 except Exception as e:  # noqa: BLE001 - fall back to overrides
@@ -1061,7 +1112,7 @@ class IHCScoreWidget(QWidget):
                 method = "override"
             classes[i_t] = "tumour"
             classes[i_o] = "other"
-        res.cells["class"] = classes
+        res.cells["class"] = classes[np.searchsorted(uniq, res.first)]
         excl = np.zeros(len(res.cells), bool)
         if EXCLUDE_LAYER in self.viewer.layers:
             lay = self.viewer.layers[EXCLUDE_LAYER]
@@ -1070,10 +1121,11 @@ class IHCScoreWidget(QWidget):
                 excl = points_in_polygons(world[:, 1], world[:, 0], polys)
         res.excluded = excl
         self.rescore()
+        n_excluded = int((excl & ~res.duplicate).sum())
         self.status.setText(f"classes: {len(i_t)} tumour / {len(i_o)} non-tumour clicks ({method}); "
-                            f"{int(excl.sum())} cells excluded")
+                            f"{n_excluded} cells excluded")
         return {"method": method, "n_tumour_clicks": len(i_t), "n_other_clicks": len(i_o),
-                "n_excluded": int(excl.sum())}
+                "n_excluded": n_excluded}
 
     def reset_classes(self):
         """Back to the engine's classes, nothing excluded."""
@@ -1154,8 +1206,8 @@ class IHCScoreWidget(QWidget):
             "measurement": scheme.measurement,
             "scored_cells": scheme.cells,
             "n_cells": int(len(res.included)),
-            "n_excluded": int(res.excluded.sum()),
-            "n_class_overrides": int((res.cells["class"].to_numpy() != res.auto_class).sum()) if len(res.cells) else 0,
+            "n_excluded": int((res.excluded & ~res.duplicate).sum()),
+            "n_class_overrides": int((res.cells["class"].to_numpy() != res.auto_class)[res.unique_rows].sum()),
             "regions": [{"name": (rc.region if hasattr(rc, "region") else rc).name,
                          "x_px": (rc.region if hasattr(rc, "region") else rc).x,
                          "y_px": (rc.region if hasattr(rc, "region") else rc).y,
@@ -1165,8 +1217,7 @@ class IHCScoreWidget(QWidget):
         head = self.summaries.get("all regions") or {}
         doc["tumour"], doc["all"] = head.get("tumour"), head.get("all")
         doc["by_region"] = {k: v for k, v in self.summaries.items() if k != "all regions"}
-        if res.slide_summary:
-            doc["warnings"] = res.slide_summary.get("warnings", [])
+        doc["warnings"] = list(res.warnings)
         from ihcscore import __version__
 
         doc["software_version"] = __version__

@@ -49,6 +49,9 @@ def write_cells(path: str, data, meta: dict) -> list[str]:
 
 #: ImageDescription key that marks a label image written here (the reader opens it as Labels again).
 LABELS_MARK = "ihcscore_labels"
+#: Labels-layer metadata key: the labels that count (the others, e.g. cells of the context around a
+#: region or excluded cells, are not written).
+KEPT_LABELS = "ihcscore_kept_labels"
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
@@ -63,7 +66,8 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     path : str
     data : (M, N) int array
     meta : dict
-        Layer attributes (``scale`` in µm/px, ``translate`` in µm, ``name``).
+        Layer attributes (``scale`` in µm/px, ``translate`` in µm, ``name``; in ``metadata``,
+        :data:`KEPT_LABELS` lists the labels to write, the others become 0).
     """
     import tifffile
 
@@ -73,9 +77,13 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     translate = [float(v) for v in (meta.get("translate") or (0.0, 0.0))][-2:]
     res = 1e4 / scale[-1]  # pixels per cm
     description = json.dumps({LABELS_MARK: 1, "scale_um": scale, "translate_um": translate,
-                              "name": str(meta.get("name") or Path(path).stem)})
+                              "name": str(meta.get("name") or Path(path).stem), "units": "µm"})
+    labels = np.asarray(data).astype(np.int32)
+    kept = (meta.get("metadata") or {}).get(KEPT_LABELS)
+    if kept is not None:
+        labels = np.where(np.isin(labels, np.asarray(kept, dtype=np.int64)), labels, 0).astype(np.int32)
     with atomic_path(path) as tmp:  # a failed write leaves no half TIFF under the name
-        tifffile.imwrite(tmp, np.asarray(data).astype(np.int32), resolution=(res, res),
+        tifffile.imwrite(tmp, labels, resolution=(res, res),
                          resolutionunit="CENTIMETER", compression="zlib", description=description,
                          metadata=None)
     return [str(path)]
@@ -96,4 +104,6 @@ def read_labels_tiff(path) -> tuple | None:
         return None
     kwargs = {"name": info.get("name") or Path(path).stem, "scale": tuple(info.get("scale_um", (1.0, 1.0))),
               "translate": tuple(info.get("translate_um", (0.0, 0.0))), "metadata": {"units": "µm"}}
+    if info.get("units"):
+        kwargs["units"] = (info["units"], info["units"])
     return (data, kwargs, "labels")

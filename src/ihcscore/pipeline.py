@@ -44,8 +44,8 @@ from .stains import (H_DAB_DEFAULT, StainVectors, estimate_background, estimate_
                      rgb_to_od, stain_fit_report, unmix)
 from .tile_tables import TILE_TABLES_PREFIX, TileTables, pack_tile, remove_stale_tile_tables
 
-__all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "analyze_slide_region", "resample_to_grid",
-           "detection_pixel_size", "stain_warnings", "plan_tiles"]
+__all__ = ["RegionResult", "SlideResult", "analyze_region", "analyze_slide", "analyze_slide_region", "slide_stains",
+           "resample_to_grid", "detection_pixel_size", "stain_warnings", "plan_tiles"]
 
 #: Residual share of stained OD above which a slide does not look like H-DAB.
 MAX_RESIDUAL_FRACTION = 0.25
@@ -565,6 +565,82 @@ SAMPLE_WINDOW_PX = 512
 MIN_TILE_PX = 128
 
 
+def _tissue_tests(mask, mask_ds, annotations, ds):
+    """``keep(y0, x0, y1, x1)`` (does a core of the detection grid hold tissue?) and ``in_tissue(y_px, x_px)``
+    (is a centroid in it?), or Nones for everything."""
+    if annotations is not None:
+        # Annotations are exact geometry: which cells count must not depend on how coarsely the tissue
+        # mask (for the report) was rasterised, so tiles and cells are tested against the polygons.
+        import shapely
+
+        area = shapely.union_all([g for _, g in annotations])
+        shapely.prepare(area)
+
+        def keep(y0, x0, y1, x1):
+            # the level-0 box of the centroids this core owns (see analyze_tile)
+            return bool(area.intersects(shapely.box(x0 * ds - 0.5, y0 * ds - 0.5, x1 * ds - 0.5, y1 * ds - 0.5)))
+
+        def in_tissue(y_px, x_px):
+            return shapely.contains_xy(area, x_px, y_px)  # as regions.cells_in_geometry counts them
+
+        return keep, in_tissue
+    if mask is None:
+        return None, None
+    scale = ds / mask_ds  # mask pixels per detection pixel
+
+    def keep(y0, x0, y1, x1):
+        # A cell owned by this core has u = (centroid + 0.5) / ds in [x0, x1) (see analyze_tile) and is
+        # kept below iff mask[floor(u_y * scale), floor(u_x * scale)]: those are the mask pixels to look at.
+        sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
+        return bool(sub.any())
+
+    def in_tissue(y_px, x_px):
+        # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
+        # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
+        # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
+        my = np.clip(np.floor((y_px + 0.5) / ds * scale).astype(int), 0, mask.shape[0] - 1)
+        mx = np.clip(np.floor((x_px + 0.5) / ds * scale).astype(int), 0, mask.shape[1] - 1)
+        return mask[my, mx]
+
+    return keep, in_tissue
+
+
+def _preset_stains(slide, preset, sample) -> tuple[StainVectors, list]:
+    """The preset's stain vectors, or (``preset.stains.estimate``) estimated from a tissue sample, with the
+    glass background from the slide's thumbnail; (vectors, warnings)."""
+    if not preset.stains.estimate:
+        return preset.stains.to_stain_vectors(), []
+    background = estimate_background(slide.thumbnail(1024)) if hasattr(slide, "thumbnail") else None
+    try:
+        return estimate_stain_vectors(sample, background=background), []
+    except ValueError as e:
+        name = getattr(slide, "name", "slide")
+        return preset.stains.to_stain_vectors(), [f"{name}: stain estimation failed ({e}); using the preset's vectors"]
+
+
+def slide_stains(slide, preset, *, tissue="auto") -> tuple[StainVectors, list]:
+    """The stain vectors :func:`analyze_slide` uses for ``slide`` with ``tissue``: the preset's, or, when the
+    preset estimates them, estimated once from tissue windows of a fixed grid (``--stains auto``).
+
+    A viewer scoring several regions of one slide uses this, so every region is deconvolved as
+    ``ihcscore score`` deconvolves the slide.
+
+    Returns
+    -------
+    (StainVectors, list of warning lines)
+    """
+    if not preset.stains.estimate:
+        return preset.stains.to_stain_vectors(), []
+    ds = detection_pixel_size(float(slide.mpp), preset.detection.pixel_size_um) / float(slide.mpp)
+    w0, h0 = slide.dimensions
+    if not hasattr(slide, "thumbnail"):  # an in-memory image: no pyramid to find tissue on
+        tissue = "all"
+    mask, mask_ds = _tissue(slide, tissue)
+    keep, _ = _tissue_tests(mask, mask_ds, _annotations(tissue), ds)
+    sample = _sample_tissue_rgb(slide, plan_tiles((int(h0 / ds), int(w0 / ds)), SAMPLE_WINDOW_PX, 0, keep), ds)
+    return _preset_stains(slide, preset, sample)
+
+
 def _sample_tissue_rgb(slide, tasks, ds, max_tiles: int = 12) -> np.ndarray:
     """A few tissue tiles at detection resolution, for stain estimation and checks."""
     if not tasks:
@@ -658,27 +734,7 @@ def analyze_slide(
 
     mask, mask_ds = _tissue(slide, tissue)
     annotations = _annotations(tissue)
-    keep = None
-    if annotations is not None:
-        # Annotations are exact geometry: which cells count must not depend on how coarsely the tissue
-        # mask (for the report) was rasterised, so tiles and cells are tested against the polygons.
-        import shapely
-
-        area = shapely.union_all([g for _, g in annotations])
-        shapely.prepare(area)
-
-        def keep(y0, x0, y1, x1):
-            # the level-0 box of the centroids this core owns (see analyze_tile)
-            return bool(area.intersects(shapely.box(x0 * ds - 0.5, y0 * ds - 0.5, x1 * ds - 0.5, y1 * ds - 0.5)))
-    elif mask is not None:
-        scale = ds / mask_ds  # mask pixels per detection pixel
-
-        def keep(y0, x0, y1, x1):
-            # A cell owned by this core has u = (centroid + 0.5) / ds in [x0, x1) (see analyze_tile) and is
-            # kept below iff mask[floor(u_y * scale), floor(u_x * scale)]: those are the mask pixels to look at.
-            sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
-            return bool(sub.any())
-
+    keep, in_tissue = _tissue_tests(mask, mask_ds, annotations, ds)
     tasks = plan_tiles(shape_det, int(tile_size), pad, keep)
 
     # Stain estimation and checks read a few tissue windows of a fixed grid: the sample (so the estimated
@@ -686,15 +742,8 @@ def analyze_slide(
     sample = _sample_tissue_rgb(slide, plan_tiles(shape_det, SAMPLE_WINDOW_PX, 0, keep), ds)
     warnings = early_warnings
     if stains is None:
-        if preset.stains.estimate:
-            background = estimate_background(slide.thumbnail(1024)) if hasattr(slide, "thumbnail") else None
-            try:
-                stains = estimate_stain_vectors(sample, background=background)
-            except ValueError as e:
-                warnings.append(f"{slide.name}: stain estimation failed ({e}); using the preset's vectors")
-                stains = preset.stains.to_stain_vectors()
-        else:
-            stains = preset.stains.to_stain_vectors()
+        stains, w = _preset_stains(slide, preset, sample)
+        warnings += w
     if tasks:
         warnings += stain_warnings(sample, stains, slide.name)
     else:
@@ -703,18 +752,6 @@ def analyze_slide(
     # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
     job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
                    params=params, polygons=polygons, gpu=bool(gpu))
-    in_tissue = None
-    if annotations is not None:
-        def in_tissue(y_px, x_px):
-            return shapely.contains_xy(area, x_px, y_px)  # as regions.cells_in_geometry counts them
-    elif mask is not None:
-        def in_tissue(y_px, x_px):
-            # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
-            # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
-            # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
-            my = np.clip(np.floor((y_px + 0.5) / ds * scale).astype(int), 0, mask.shape[0] - 1)
-            mx = np.clip(np.floor((x_px + 0.5) / ds * scale).astype(int), 0, mask.shape[1] - 1)
-            return mask[my, mx]
 
     release_freed_memory()  # the tissue and stain checks' images: the table's arrays need other sizes
     remove_stale_tile_tables()
