@@ -1135,3 +1135,41 @@ def test_bin_mean_uint8_equals_numpy_block_sum():
     assert K.bin_mean_uint8(np.full((16, 16, 3), 255, np.uint8), 16).tolist() == [[[255, 255, 255]]]  # no overflow
     with pytest.raises(ValueError, match="binned"):
         K.bin_mean_uint8(np.zeros((5, 4, 3), np.uint8), 2)
+
+
+def _smooth_ring_reference(ring, step):
+    """QuPath's smoothing in plain numpy: resample every `step`, average every second point with its two
+    neighbours, resample every min(2, 0.1 * points) * step (evenly, from the first vertex)."""
+    def resample(pts, spacing):
+        closed = np.vstack([pts, pts[:1]])
+        seg = np.hypot(*np.diff(closed, axis=0).T)
+        cum = np.concatenate([[0], np.cumsum(seg)])
+        m = max(3, int(np.floor(cum[-1] / spacing + 0.5)))
+        t = np.arange(m) * (cum[-1] / m)
+        return np.column_stack([np.interp(t, cum, closed[:, 0]), np.interp(t, cum, closed[:, 1])])
+
+    a = resample(ring[:-1], step)
+    b = ((np.roll(a, 1, axis=0) + a + np.roll(a, -1, axis=0)) / 3)[::2]
+    c = resample(b, min(2.0, 0.1 * len(b)) * step)
+    return np.vstack([c, c[:1]])
+
+
+@pytest.mark.parametrize("step", [1.0, 2.2017])
+def test_smooth_rings_is_qupaths_smoothing(step):
+    from skimage.draw import disk
+
+    from ihcscore.measure import label_outlines
+
+    labels = np.zeros((120, 160), np.int32)
+    labels[disk((40, 50), 25)] = 1
+    labels[disk((90, 120), 4)] = 2
+    labels[10:14, 130:150] = 3
+    found, offsets, xy = label_outlines(labels, downsample=step)
+    out_offsets, out = K.smooth_rings(xy, offsets, step)
+    assert len(out_offsets) == len(offsets)
+    for k in range(len(found)):
+        ring, got = xy[offsets[k]:offsets[k + 1]], out[out_offsets[k]:out_offsets[k + 1]]
+        np.testing.assert_allclose(got, _smooth_ring_reference(ring, step), atol=1e-9)
+        # smoothing rounds corners off but keeps the object's size
+        from shapely import Polygon
+        assert Polygon(got).area == pytest.approx(Polygon(ring).area, rel=0.12)

@@ -1178,8 +1178,8 @@ class IHCScoreWidget(QWidget):
             if rc.nuclei is None or not len(sel):
                 continue
             ids = inc["label"].to_numpy()[sel]
-            pn = label_polygons(rc.nuclei, ids, origin_px=rc.origin, downsample=rc.downsample)
-            pc = label_polygons(rc.cells, ids, origin_px=rc.origin, downsample=rc.downsample)
+            pn = label_polygons(rc.nuclei, ids, origin_px=rc.origin, downsample=rc.downsample, smooth=True)
+            pc = label_polygons(rc.cells, ids, origin_px=rc.origin, downsample=rc.downsample, smooth=True)
             for k, lab in zip(sel, ids):
                 nuc[k], cel[k] = pn.get(int(lab)), pc.get(int(lab))
         cells = cells.copy()

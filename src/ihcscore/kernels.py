@@ -2932,6 +2932,109 @@ def simplify_rings(xy, offsets, tolerance):
     return kept[:j], out_offsets[:j + 1], out[:m].copy()
 
 
+@njit(**_JIT)
+def _resample_closed(xs, ys, n, step, ox, oy):
+    """Points every ``step`` (evenly, as close to it as a whole number allows) along the closed ring of
+    ``n`` distinct vertices ``xs, ys``, from its first vertex; returns how many (at most ``ox.size``)."""
+    length = 0.0
+    for i in range(n):
+        j = (i + 1) % n
+        length += np.sqrt((xs[j] - xs[i]) ** 2 + (ys[j] - ys[i]) ** 2)
+    m = max(3, int(np.floor(length / step + 0.5)))
+    m = min(m, ox.size)
+    spacing = length / m
+    seg, seg_start = 0, 0.0
+    seg_len = np.sqrt((xs[1 % n] - xs[0]) ** 2 + (ys[1 % n] - ys[0]) ** 2)
+    for k in range(m):
+        target = k * spacing
+        while seg < n - 1 and seg_start + seg_len < target:
+            seg_start += seg_len
+            seg += 1
+            j = (seg + 1) % n
+            seg_len = np.sqrt((xs[j] - xs[seg]) ** 2 + (ys[j] - ys[seg]) ** 2)
+        t = (target - seg_start) / seg_len if seg_len > 0 else 0.0
+        t = min(max(t, 0.0), 1.0)
+        j = (seg + 1) % n
+        ox[k] = xs[seg] + t * (xs[j] - xs[seg])
+        oy[k] = ys[seg] + t * (ys[j] - ys[seg])
+    return m
+
+
+@njit(**_JIT)
+def _smooth_rings(xy, offsets, step, out, out_offsets, ax, ay, bx, by):
+    m_out = 0
+    for k in range(offsets.size - 1):
+        a, b = offsets[k], offsets[k + 1]
+        n = b - a - 1  # closed: the last vertex repeats the first
+        out_offsets[k] = m_out
+        if n < 3:
+            for i in range(a, b):
+                out[m_out, 0] = xy[i, 0]
+                out[m_out, 1] = xy[i, 1]
+                m_out += 1
+            continue
+        m = _resample_closed(xy[a:b - 1, 0], xy[a:b - 1, 1], n, step, ax, ay)
+        # every second point, as the mean of itself and its neighbours
+        h = 0
+        for i in range(0, m, 2):
+            bx[h] = (ax[(i + m - 1) % m] + ax[i] + ax[(i + 1) % m]) / 3.0
+            by[h] = (ay[(i + m - 1) % m] + ay[i] + ay[(i + 1) % m]) / 3.0
+            h += 1
+        m2 = _resample_closed(bx, by, h, min(2.0, 0.1 * h) * step, ax, ay)
+        for i in range(m2):
+            out[m_out, 0] = ax[i]
+            out[m_out, 1] = ay[i]
+            m_out += 1
+        out[m_out, 0] = ax[0]
+        out[m_out, 1] = ay[0]
+        m_out += 1
+    out_offsets[offsets.size - 1] = m_out
+    return m_out
+
+
+def smooth_rings(xy, offsets, step):
+    """Smooth closed rings as QuPath smooths cell outlines ("smooth boundaries").
+
+    Each ring is resampled every ``step`` along its length, every second point is replaced by the mean
+    of itself and its two neighbours, and the result is resampled every ``min(2, 0.1 x points) x step``.
+    Only outlines change: measurements come from the label images.
+
+    Parameters
+    ----------
+    xy : (V, 2) float64
+        Closed rings (first vertex repeated at the end); ring ``k`` is ``xy[offsets[k]:offsets[k + 1]]``.
+    offsets : (K + 1,) int64
+    step : float
+        One pixel of the image the outlines were traced on, in ``xy``'s units.
+
+    Returns
+    -------
+    out_offsets : (K + 1,) int64
+    out : (M, 2) float64
+        Closed smoothed rings, one per input ring.
+    """
+    xy = np.ascontiguousarray(xy, np.float64)
+    offsets = np.asarray(offsets, np.int64)
+    n_rings = offsets.size - 1
+    if n_rings <= 0:
+        return np.zeros(max(n_rings, 0) + 1, np.int64), np.empty((0, 2), np.float64)
+    lengths = np.hypot(*np.diff(xy, axis=0).T)
+    cum = np.concatenate([[0.0], np.cumsum(lengths)])
+    perimeters = cum[offsets[1:] - 1] - cum[offsets[:-1]]  # the closing segment is in each ring
+    # points per ring: at most one per step of its length (+ rounding), and about 20 for a short ring, whose
+    # second spacing is 0.1 x its points
+    per_ring = np.maximum(np.diff(offsets), np.ceil(perimeters / step) + 4).astype(np.int64)
+    per_ring = np.maximum(per_ring, 32)
+    longest = int(per_ring.max())
+    bound = int(per_ring.sum()) + n_rings
+    out = np.empty((bound, 2), np.float64)
+    out_offsets = np.zeros(n_rings + 1, np.int64)
+    ax, ay = np.empty(longest), np.empty(longest)
+    bx, by = np.empty(longest), np.empty(longest)
+    m = _smooth_rings(xy, offsets, float(step), out, out_offsets, ax, ay, bx, by)
+    return out_offsets, out[:m].copy()
+
+
 # --------------------------------------------------------------------------- optical density
 
 @njit(**_JIT)

@@ -279,7 +279,7 @@ def _measure_in_bands(nuclei, cells, images, stain_od, n, px, n_bands) -> dict[s
 
 
 def label_outlines(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
-                   grid_origin=(0, 0)):
+                   grid_origin=(0, 0), smooth: bool = False):
     """:func:`label_polygons`' rings, all in one array.
 
     Returns
@@ -295,12 +295,14 @@ def label_outlines(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
 
     found, offsets, c, origin = kernels.label_contours(labels, ids)
     xy = kernels.contour_points(c, offsets, origin, grid_origin, downsample, origin_px)
+    if smooth:
+        offsets, xy = kernels.smooth_rings(xy, offsets, downsample)
     kept, offsets, coords = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
     return found[kept], offsets, coords
 
 
 def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
-                   grid_origin=(0, 0)) -> dict:
+                   grid_origin=(0, 0), smooth: bool = False) -> dict:
     """Outline of each labelled object as an (K, 2) array of level-0 ``(x, y)`` vertices.
 
     Contours are traced on the pixel-edge grid (marching squares at 0.5 on the
@@ -314,9 +316,13 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     given as ``grid_origin`` (and ``origin_px`` zero), an outline does not depend on the
     tile that traced it, to the last bit. The rings are views of one array
     (:func:`label_outlines`).
+
+    ``smooth``: smooth the traced rings before simplifying them, as QuPath's "smooth boundaries"
+    does (:func:`ihcscore.kernels.smooth_rings`): the outlines written for cells. Measurements
+    never use the outlines.
     """
     return _rings_by_label(*label_outlines(labels, ids, origin_px=origin_px, downsample=downsample,
-                                          grid_origin=grid_origin))
+                                          grid_origin=grid_origin, smooth=smooth))
 
 
 def _rings_by_label(found, offsets, coords) -> dict:

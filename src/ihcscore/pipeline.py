@@ -186,7 +186,7 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
         labs = ids.tolist()
 
         def outlines(labels):
-            found, offsets, coords = label_outlines(labels, ids, **where)
+            found, offsets, coords = label_outlines(labels, ids, **where, smooth=True)  # QuPath's smoothed outlines
             rings = _rings_by_label(found, offsets, coords.astype(outline_dtype, copy=False))
             return [rings.get(i) for i in labs]
 
@@ -452,8 +452,8 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
         x, y = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
         return (x >= xs0) & (x < xs1) & (y >= ys0) & (y < ys1)
 
-    # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them; exact at
-    # integer downsamples (vertices on the half-pixel grid), within 0.01 px at any other below 10^5 px.
+    # A whole slide holds ~10^6 outlines: float32 vertices (QuPath's ROI precision) halve them, within
+    # 0.01 px below 10^5 px; every tile computes a cell's outline from the same grid coordinates.
     core = (cy0 - py0, cx0 - px0, cy1 - py0, cx1 - px0)
     cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
                                grid_origin=(py0, px0), outline_dtype=np.float32, core=core, gpu=gpu)
