@@ -84,14 +84,15 @@ def test_skimage_ihc_scores_finite_and_deterministic():
 
 
 def test_region_pixels_of_other_types_score_as_their_uint8_equivalent():
-    """uint16, float 0-1 and RGBA arrays are converted as the slide reader converts them (before, a cast
-    wrapped or truncated them: 0 cells for float and full-range uint16)."""
+    """uint16 (full range, or 8-bit values in a wider type), float 0-1 and RGBA arrays are converted as the
+    slide reader converts them (before, a cast wrapped or truncated them: 0 cells for float and full-range
+    uint16)."""
     rgb = data.immunohistochemistry()[:256, :256]
     preset = load_preset("cxcr4")
     ref = analyze_region(rgb, 0.5, preset)
     assert len(ref.cells) > 20
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
-    for other in (rgb.astype(np.uint16) * 257, rgb.astype(np.float32) / 255, rgba):
+    for other in (rgb.astype(np.uint16) * 257, rgb.astype(np.uint16), rgb.astype(np.float32) / 255, rgba):
         got = analyze_region(other, 0.5, preset)
         pd.testing.assert_frame_equal(got.cells, ref.cells)
 

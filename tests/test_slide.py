@@ -562,3 +562,21 @@ def test_tiled_tiff_with_samples_openslide_cannot_decode_reads_through_tifffile(
         got = s.read_region((0, 0), 0, (500, 600))
         assert s.vendor == "tiff" and s.mpp == pytest.approx(0.5)
     assert np.abs(got.astype(int) - rgb).max() <= 1
+
+
+@pytest.mark.parametrize("tile", [None, (256, 256)])
+def test_a_window_of_a_float_image_reads_as_the_whole_image_maps_it(tmp_path, tile):
+    """How samples map to 0-255 is decided once per image: one pixel above 1.0 in a 0-1 float image used to
+    turn every window holding it black (and the same pixels read differently in another window)."""
+    import tifffile
+
+    rgb = _gradient(600, 500)
+    data = (rgb / 255.0).astype(np.float32)
+    data[590, 490] = 1.0001  # far from the window read below
+    path = tmp_path / "f.tif"
+    tifffile.imwrite(path, data, photometric="rgb", tile=tile, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        alone = s.read_region((100, 100), 0, (128, 128))
+        inside = s.read_region((0, 0), 0, (500, 600))[100:228, 100:228]
+    np.testing.assert_array_equal(alone, inside)
+    assert np.abs(alone.astype(int) - rgb[100:228, 100:228]).max() <= 1

@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from ihcscore.slide import Slide, SlideError, _to_rgb_uint8, open_slide
+from ihcscore.slide import Slide, SlideError, _to_rgb_uint8, image_sample_scale, open_slide
 
 __all__ = ["DEFAULT_MPP", "get_slide", "open_for_viewer", "layer_slide", "ArraySource"]
 
@@ -74,11 +74,16 @@ class ArraySource:
     mpp : float
         µm per pixel.
     name : str
+    smallest : array-like, optional
+        The layer's smallest pyramid level, to decide how its samples map to 0-255
+        (:func:`ihcscore.slide.sample_scale`) without reading all of ``data``.
     """
 
-    def __init__(self, data, mpp: float, name: str = "image"):
+    def __init__(self, data, mpp: float, name: str = "image", smallest=None):
         self.data = data
         self.mpp = float(mpp)
+        # one mapping to 0-255 for the whole image: a window read must not decide it for itself
+        self._scale = image_sample_scale(data if smallest is None else smallest)
         self.name = name
         self.path = None
         h, w = data.shape[:2]
@@ -100,7 +105,7 @@ class ArraySource:
         if x1 > x0 and y1 > y0:
             # uint16 / float / RGBA layers converted as the slide reader converts such files (a plain
             # cast into uint8 wrapped or truncated them)
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(self.data[y0:y1, x0:x1]))
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = _to_rgb_uint8(np.asarray(self.data[y0:y1, x0:x1]), self._scale)
         return out
 
     def read_scaled(self, x0, y0, w0, h0, downsample):
@@ -148,7 +153,8 @@ def layer_slide(layer):
         else:
             mpp = _default_mpp()
             _warn(f"{layer.name}: pixel size unknown (layer scale 1, no metadata['mpp']); assuming {mpp:g} µm/px")
-    return ArraySource(data, mpp, name=layer.name)
+    return ArraySource(data, mpp, name=layer.name,
+                       smallest=layer.data[-1] if getattr(layer, "multiscale", False) else None)
 
 
 def _warn(msg: str) -> None:

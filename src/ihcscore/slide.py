@@ -246,21 +246,50 @@ def _ome_is_fluorescence(ome_xml: str) -> bool:
 # Backends: each reads level pixels inside the level bounds into a new (h, w, 3) uint8 array
 # --------------------------------------------------------------------------
 
-def _to_rgb_uint8(a: np.ndarray) -> np.ndarray:
-    """Last axis = channels (1, 3 or 4) or none; any dtype -> (h, w, 3) uint8."""
+def sample_scale(dtype, max_value) -> float:
+    """Factor from an image's samples to 0-255, decided once per image from its type and largest value.
+
+    8-bit: 1. Wider integers: 1 when every value fits in 8 bits (8-bit data in a wider type), else the
+    top 8 bits (``>> (bits - 8)``). Floats: 255 for 0-1 data (largest value at most 2: resampling can
+    overshoot 1 a little, and 0-255 data of any tissue goes far higher), else 1 (0-255 data). A reader applies the
+    factor of the whole image to every window it reads, so a window's pixels never depend on what else
+    the window holds (one bright pixel turned a float window's 0-1 data into black).
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8 or dtype == np.bool_:
+        return 1.0
+    if np.issubdtype(dtype, np.integer):
+        return 1.0 if max_value <= 255 else 2.0 ** -(np.iinfo(dtype).bits - 8)
+    return 255.0 if max_value <= 2.0 else 1.0
+
+
+def image_sample_scale(a) -> float:
+    """:func:`sample_scale` of a whole image (a numpy or dask array, any shape)."""
+    dtype = np.dtype(a.dtype)
+    if dtype == np.uint8 or dtype == np.bool_ or 0 in a.shape:
+        return 1.0
+    top = np.nanmax(a) if isinstance(a, np.ndarray) else np.nanmax(np.asarray(a.max()))
+    return sample_scale(dtype, float(np.nan_to_num(top)))
+
+
+def _to_rgb_uint8(a: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Last axis = channels (1, 3 or 4) or none; any dtype -> (h, w, 3) uint8.
+
+    ``scale``: the image's :func:`sample_scale`; None when ``a`` is the whole image (decided from it).
+    """
     a = np.asarray(a)
     if a.ndim == 2:
         a = a[..., None]
     if a.dtype != np.uint8:
         if a.dtype == np.bool_:
             a = a.astype(np.uint8) * 255
-        elif np.issubdtype(a.dtype, np.integer):
-            bits = np.iinfo(a.dtype).bits
-            a = (np.clip(a, 0, None).astype(np.uint64) >> max(bits - 8, 0)).astype(np.uint8)
         else:
-            a = np.nan_to_num(a.astype(np.float32))
-            scale = 255.0 if np.nanmax(a, initial=0) <= 1.0 else 1.0
-            a = np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
+            if scale is None:
+                scale = image_sample_scale(a)
+            values = np.nan_to_num(a.astype(np.float64)) * scale
+            # integers keep their top bits (floor), floats round to the nearest level
+            values = np.floor(values) if np.issubdtype(a.dtype, np.integer) else np.round(values)
+            a = np.clip(values, 0, 255).astype(np.uint8)
     c = a.shape[-1]
     if c == 1:
         return np.repeat(a, 3, axis=-1)
@@ -485,6 +514,7 @@ class _TiffBackend:
                     v = getattr(v, "name", v)
                 self.properties[f"tiff.{tag}"] = str(v)
         self.fluorescence = bool(tf.is_ome and _ome_is_fluorescence(tf.ome_metadata or ""))
+        self._scale = None  # see _sample_scale
 
     @staticmethod
     def _channel_layout(path, axes, shape):
@@ -554,7 +584,18 @@ class _TiffBackend:
         order = [kept.index("Y"), kept.index("X")] + ([kept.index(self._layout[0])]
                                                        if self._layout[0] else [])
         a = np.transpose(a, order)
-        return _to_rgb_uint8(a)
+        return _to_rgb_uint8(a, self._sample_scale())
+
+    def _sample_scale(self) -> float:
+        """The image's :func:`sample_scale`, from its smallest level, once (every window the same)."""
+        if self._scale is None:
+            if np.dtype(self.dtype) == np.uint8:
+                self._scale = 1.0
+            else:
+                with self._lock:
+                    smallest = np.asarray(self._arrays[-1][...])
+                self._scale = image_sample_scale(smallest)
+        return self._scale
 
     def associated_images(self):
         out = {}
