@@ -1173,3 +1173,15 @@ def test_smooth_rings_is_qupaths_smoothing(step):
         # smoothing rounds corners off but keeps the object's size
         from shapely import Polygon
         assert Polygon(got).area == pytest.approx(Polygon(ring).area, rel=0.12)
+
+
+def test_smoothed_outlines_keep_objects_of_a_few_pixels():
+    from ihcscore.measure import label_polygons
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[5, 5:7] = 2  # two pixels: its smoothed ring collapses, its traced ring is kept
+    labels[10:15, 10:15] = 1
+    plain, smooth = label_polygons(labels), label_polygons(labels, smooth=True)
+    assert set(smooth) == set(plain) == {1, 2}
+    np.testing.assert_array_equal(smooth[2], plain[2])
+    assert not np.array_equal(smooth[1], plain[1])

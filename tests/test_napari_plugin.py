@@ -408,7 +408,7 @@ def test_a_region_drawn_twice_counts_each_cell_once_in_classes_and_exclusions(ma
         assert doc2[key] == doc1[key], key
 
 
-def test_estimating_preset_deconvolves_every_region_with_the_slides_vectors(make_napari_viewer, slide_path):
+def test_estimating_preset_deconvolves_every_region_with_the_slides_vectors(make_napari_viewer, slide_path, tmp_path):
     from ihcscore.pipeline import slide_stains
     from ihcscore.preset import load_preset
 
@@ -422,14 +422,21 @@ def test_estimating_preset_deconvolves_every_region_with_the_slides_vectors(make
     viewer.layers.selection.active = shapes
     w.run(sync=True)
     assert w.last_error is None, w.last_error
+    import shapely
+
+    gj = tmp_path / "shapes.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(shapely.Polygon(r.polygon))}
+        for r in w.last_regions]}))
     with open_slide(slide_path) as s:
-        want, _ = slide_stains(s, w.current_preset())
-        cli = analyze_slide(s, w.current_preset(), tissue="auto")
-    assert w.result.stains == want == cli.stains  # once per slide, as `ihcscore score` does
-    assert w.summary_document()["stain_vectors"] == want.to_dict()
+        cli = analyze_slide(s, w.current_preset(), tissue=str(gj))
+        assert slide_stains(s, w.current_preset(), tissue=str(gj))[0] == cli.stains
+    # once for the slide, from the windows the shapes meet, as `ihcscore score --tissue SHAPES.geojson` does
+    assert w.result.stains == cli.stains
+    assert w.summary_document()["stain_vectors"] == cli.stains.to_dict()
 
 
-def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path):
+def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path, tmp_path):
     viewer = make_napari_viewer()
     image = _open(viewer, slide_path)
     image.affine = np.array([[1, 0, 40.0], [0, 1, 60.0], [0, 0, 1]])
@@ -454,6 +461,17 @@ def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path):
         world = image.data_to_world((row["y_px"], row["x_px"]))
         yx = np.round(labels.world_to_data(world)).astype(int)
         assert labels.data[tuple(yx)] == row["label"]
+    # saved and opened again, the labels lie where they were
+    saved = labels.save(str(tmp_path / "cells.tif"), plugin=PLUGIN)
+    (reopened,) = viewer.open(saved[0], plugin=PLUGIN)
+    row = w.result.cells.iloc[len(w.result.cells) // 2]
+    world = image.data_to_world((row["y_px"], row["x_px"]))
+    assert reopened.data[tuple(np.round(reopened.world_to_data(world)).astype(int))] == row["label"]
+    # the preview placed over a rotated slide, then over the same slide unrotated: no stale part remains
+    w.preview()
+    image.rotate, image.affine = 0, np.eye(3)
+    (h_layer, _) = w.preview()
+    np.testing.assert_allclose(h_layer.affine.affine_matrix, np.eye(3))
 
 
 def test_preset_box_names_the_preset_in_use(make_napari_viewer, tmp_path):
@@ -486,6 +504,13 @@ def test_a_shape_smaller_than_a_pixel_is_scored_not_called_outside(make_napari_v
     assert w.last_error is None, w.last_error
     (region,) = w.last_regions
     assert (region.x, region.y, region.w, region.h) == (250, 250, 1, 1)
+    # thinner than a pixel one way, long the other: only the thin axis collapses
+    viewer.layers.remove("annotations")
+    _rectangle(viewer, 250.1, 100, 250.4, 400)
+    viewer.layers.selection.active = viewer.layers["annotations"]
+    w.run(sync=True)
+    (region,) = w.last_regions
+    assert (region.x, region.y, region.w, region.h) == (250, 100, 1, 301)
 
 
 def test_saving_stains_to_a_missing_folder_is_one_line(make_napari_viewer, tmp_path, monkeypatch):

@@ -253,6 +253,21 @@ def test_slide_region_is_what_the_slide_run_finds_in_it(tmp_path):
             oy, ox = (v / got.downsample for v in got.origin_px[::-1])
             assert ox < x0 / got.downsample and oy < y0 / got.downsample
             assert got.summary["warnings"] == []
+        # a region smaller than its polygon: the cells in both
+        part = analyze_slide_region(s, (700, 600, 200, 150), p, polygon=geom)
+        inside = got.cells[(got.cells["x_px"] >= 699.5) & (got.cells["x_px"] < 899.5)
+                           & (got.cells["y_px"] >= 599.5) & (got.cells["y_px"] < 749.5)]
+        assert 0 < len(part.cells) == len(inside) < len(got.cells)
+        # an estimating preset: the vectors of the windows the annotation meets, as the slide run takes them
+        from ihcscore.pipeline import slide_stains
+
+        est = p.replace(estimate_stains=True)
+        small = box(100, 100, 400, 400)
+        gj.write_text(json.dumps({"type": "Feature", "geometry": shapely.geometry.mapping(small)}))
+        from_file = analyze_slide(s, est, tissue=str(gj)).stains
+        assert slide_stains(s, est, annotations=[("roi", small)])[0] == from_file != slide_stains(s, est)[0]
+        with pytest.raises(ValueError, match="lies outside the slide"):
+            analyze_slide_region(s, (-20, -20, 20, 20), p)
         # without a polygon: centroids within the rectangle's pixels
         rect = analyze_slide_region(s, (300, 200, 1001, 900), p)
         xs, ys = rect.cells["x_px"], rect.cells["y_px"]

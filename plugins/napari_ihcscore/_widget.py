@@ -459,12 +459,13 @@ class IHCScoreWidget(QWidget):
         ``downsample`` level-0 px per pixel) over ``image``: scale and translate, or an affine when the
         slide is rotated or sheared."""
         m = _image_matrix(image)
+        # all three keys every time: a layer placed again (preview) must lose the other placement's parts
         if np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2]))):
             translate, scale = placement(origin_px, downsample, np.diag(m[:2, :2]), m[:2, 2])
-            return {"translate": translate, "scale": scale}
+            return {"translate": translate, "scale": scale, "affine": np.eye(3)}
         off = 0.5 * downsample - 0.5
         grid = np.array([[downsample, 0, origin_px[1] + off], [0, downsample, origin_px[0] + off], [0, 0, 1.0]])
-        return {"affine": m @ grid}
+        return {"translate": (0.0, 0.0), "scale": (1.0, 1.0), "affine": m @ grid}
 
     # ------------------------------------------------------------------ preset
     def _load_preset(self, name_or_path):
@@ -729,11 +730,15 @@ class IHCScoreWidget(QWidget):
                 xy = ellipse_polygon(xy)
             x, y, w, h = bbox_from_points(xy, slide.dimensions)
             if w < 1 or h < 1:
-                cx, cy = xy.mean(axis=0)
+                # thinner than a pixel along an axis: read the pixels it lies in along that axis
+                (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
                 W, H = slide.dimensions
-                if not (-0.5 <= cx < W - 0.5 and -0.5 <= cy < H - 0.5):
+                if x1 < -0.5 or x0 >= W - 0.5 or y1 < -0.5 or y0 >= H - 0.5:
                     continue  # off the slide
-                x, y, w, h = int(round(cx)), int(round(cy)), 1, 1  # smaller than a pixel: read the one it is in
+                if w < 1:
+                    x, w = int(np.clip(round((x0 + x1) / 2), 0, W - 1)), 1
+                if h < 1:
+                    y, h = int(np.clip(round((y0 + y1) / 2), 0, H - 1)), 1
             # cells count when their centroid is inside the shape, as with --tissue ANNOTATIONS.geojson
             out.append(Region(f"{layer.name} #{i + 1}", x, y, w, h, xy))
         if not out and lines:
@@ -764,8 +769,13 @@ class IHCScoreWidget(QWidget):
         parts, kept, warnings = [], [], []
         progress(0, len(regions))
         if stains is None and preset.stains.estimate:
-            # once per slide, as `ihcscore score` estimates them: every region deconvolved alike
-            stains, warnings = slide_stains(slide, preset)
+            # once for the slide, from tissue windows meeting the regions, as `ihcscore score --tissue
+            # ANNOTATIONS.geojson` estimates them: every region deconvolved alike
+            import shapely
+
+            shapes = [(r.name, shapely.Polygon(r.polygon) if r.polygon is not None else
+                       shapely.box(r.x - 0.5, r.y - 0.5, r.x + r.w - 0.5, r.y + r.h - 0.5)) for r in regions]
+            stains, warnings = slide_stains(slide, preset, annotations=shapes)
         for i, r in enumerate(regions):
             if r.w * r.h > MAX_REGION_PIXELS:
                 raise ValueError(f"{r.name} is {r.w}×{r.h} px at full resolution: too large to read at once; "

@@ -76,8 +76,12 @@ def write_labels(path: str, data, meta: dict) -> list[str]:
     scale = [float(v) for v in (meta.get("scale") or (1.0, 1.0))][-2:]
     translate = [float(v) for v in (meta.get("translate") or (0.0, 0.0))][-2:]
     res = 1e4 / scale[-1]  # pixels per cm
-    description = json.dumps({LABELS_MARK: 1, "scale_um": scale, "translate_um": translate,
-                              "name": str(meta.get("name") or Path(path).stem), "units": "µm"})
+    info = {LABELS_MARK: 1, "scale_um": scale, "translate_um": translate,
+            "name": str(meta.get("name") or Path(path).stem), "units": "µm"}
+    affine = meta.get("affine")
+    if affine is not None and not np.allclose(np.asarray(affine, dtype=float), np.eye(len(affine))):
+        info["affine"] = np.asarray(affine, dtype=float).tolist()  # a rotated slide's labels
+    description = json.dumps(info)
     labels = np.asarray(data).astype(np.int32)
     kept = (meta.get("metadata") or {}).get(KEPT_LABELS)
     if kept is not None:
@@ -106,4 +110,6 @@ def read_labels_tiff(path) -> tuple | None:
               "translate": tuple(info.get("translate_um", (0.0, 0.0))), "metadata": {"units": "µm"}}
     if info.get("units"):
         kwargs["units"] = (info["units"], info["units"])
+    if info.get("affine"):
+        kwargs["affine"] = np.asarray(info["affine"], dtype=float)
     return (data, kwargs, "labels")

@@ -295,10 +295,24 @@ def label_outlines(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
 
     found, offsets, c, origin = kernels.label_contours(labels, ids)
     xy = kernels.contour_points(c, offsets, origin, grid_origin, downsample, origin_px)
-    if smooth:
-        offsets, xy = kernels.smooth_rings(xy, offsets, downsample)
-    kept, offsets, coords = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
-    return found[kept], offsets, coords
+    traced = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
+    if not smooth:
+        kept, offsets, coords = traced
+        return found[kept], offsets, coords
+    # smoothed, then simplified with QuPath's tolerance for smoothed outlines (half the root of the downsample)
+    smooth_offsets, smoothed = kernels.smooth_rings(xy, offsets, downsample)
+    kept, s_offsets, s_coords = kernels.simplify_rings(smoothed, smooth_offsets, 0.5 * np.sqrt(downsample))
+    lost = np.setdiff1d(traced[0], kept)
+    if not len(lost):
+        return found[kept], s_offsets, s_coords
+    # an object of a few pixels whose smoothed ring collapses keeps its traced ring
+    rings = {int(k): s_coords[a:b] for k, a, b in zip(kept, s_offsets[:-1], s_offsets[1:])}
+    t_kept, t_offsets, t_coords = traced
+    for j in np.flatnonzero(np.isin(t_kept, lost)):
+        rings[int(t_kept[j])] = t_coords[t_offsets[j]:t_offsets[j + 1]]
+    order = sorted(rings)
+    sizes = np.array([len(rings[k]) for k in order], np.int64)
+    return found[order], np.concatenate([[0], np.cumsum(sizes)]), np.concatenate([rings[k] for k in order])
 
 
 def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsample: float = 1.0,
@@ -317,9 +331,10 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     tile that traced it, to the last bit. The rings are views of one array
     (:func:`label_outlines`).
 
-    ``smooth``: smooth the traced rings before simplifying them, as QuPath's "smooth boundaries"
-    does (:func:`ihcscore.kernels.smooth_rings`): the outlines written for cells. Measurements
-    never use the outlines.
+    ``smooth``: smooth the traced rings, then simplify them by half the root of the downsample, as
+    QuPath's "smooth boundaries" does (:func:`ihcscore.kernels.smooth_rings`): the outlines written
+    for cells; an object whose smoothed ring collapses (a few pixels) keeps its traced ring.
+    Measurements never use the outlines.
     """
     return _rings_by_label(*label_outlines(labels, ids, origin_px=origin_px, downsample=downsample,
                                           grid_origin=grid_origin, smooth=smooth))

@@ -296,8 +296,9 @@ def analyze_slide_region(
     preset : ihcscore.preset.Preset
     polygon : shapely geometry or (K, 2) array of level-0 (x, y), optional
         Cells count when their nucleus centroid lies inside it (``shapely.contains_xy``, as
-        ``--tissue ANNOTATIONS.geojson`` counts them); default: inside the rectangle (centroid in
-        ``[x - 0.5, x + w - 0.5)`` and likewise in y, the pixels' extent).
+        ``--tissue ANNOTATIONS.geojson`` counts them) and inside the rectangle (centroid in
+        ``[x - 0.5, x + w - 0.5)`` and likewise in y, the pixels' extent; give the polygon's
+        bounding box to score all of it), and on the slide's detection grid as its tiles are.
     stains, polygons, classifier, threads, gpu
         As for :func:`analyze_region`; with ``preset.stains.estimate`` and no ``stains`` the
         vectors are estimated from the region.
@@ -334,7 +335,7 @@ def analyze_slide_region(
     # the grid pixels whose centroids (grid coordinate g, level-0 grid_to_level0(g)) can lie in the region
     cy0, cx0 = max(0, math.floor(y / ds) - 1), max(0, math.floor(x / ds) - 1)
     cy1, cx1 = min(rows, math.ceil((y + h) / ds) + 1), min(cols, math.ceil((x + w) / ds) + 1)
-    if cy1 <= cy0 or cx1 <= cx0:
+    if cy1 <= cy0 or cx1 <= cx0 or x + w <= 0 or y + h <= 0 or x >= w0 or y >= h0:
         raise ValueError(f"region {x},{y} {w}x{h} px lies outside the slide ({w0}x{h0} px)")
     pad = params.context_px()
     py0, px0 = cy0 - pad, cx0 - pad
@@ -347,11 +348,16 @@ def analyze_slide_region(
     if polygon is not None:
         shapely.prepare(polygon)
 
+    # centroids the slide's tiles can own (grid coordinates [-0.5, cols - 0.5)) inside the region's pixels
+    x_lo, y_lo = max(x - 0.5, grid_to_level0(-0.5, ds)), max(y - 0.5, grid_to_level0(-0.5, ds))
+    x_hi, y_hi = min(x + w - 0.5, grid_to_level0(cols - 0.5, ds)), min(y + h - 0.5, grid_to_level0(rows - 0.5, ds))
+
     def keep(cells):
         xs, ys = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
-        if polygon is not None:
-            return shapely.contains_xy(polygon, xs, ys)
-        return (xs >= x - 0.5) & (xs < x + w - 0.5) & (ys >= y - 0.5) & (ys < y + h - 0.5)
+        inside = (xs >= x_lo) & (xs < x_hi) & (ys >= y_lo) & (ys < y_hi)
+        if polygon is not None:  # and in the polygon: a region smaller than the polygon reads only part of it
+            inside &= shapely.contains_xy(polygon, xs, ys)
+        return inside
 
     threads = default_threads() if threads is None else max(1, int(threads))
     cells, seg = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, threads,
@@ -618,12 +624,13 @@ def _preset_stains(slide, preset, sample) -> tuple[StainVectors, list]:
         return preset.stains.to_stain_vectors(), [f"{name}: stain estimation failed ({e}); using the preset's vectors"]
 
 
-def slide_stains(slide, preset, *, tissue="auto") -> tuple[StainVectors, list]:
+def slide_stains(slide, preset, *, tissue="auto", annotations=None) -> tuple[StainVectors, list]:
     """The stain vectors :func:`analyze_slide` uses for ``slide`` with ``tissue``: the preset's, or, when the
     preset estimates them, estimated once from tissue windows of a fixed grid (``--stains auto``).
 
-    A viewer scoring several regions of one slide uses this, so every region is deconvolved as
-    ``ihcscore score`` deconvolves the slide.
+    A viewer scoring several regions of one slide uses this, with its regions as ``annotations``
+    (``[(name, shapely geometry in level-0 px)]``, as ``tissue=ANNOTATIONS.geojson`` reads them), so every
+    region is deconvolved as ``ihcscore score --tissue ANNOTATIONS.geojson`` deconvolves the slide.
 
     Returns
     -------
@@ -633,10 +640,14 @@ def slide_stains(slide, preset, *, tissue="auto") -> tuple[StainVectors, list]:
         return preset.stains.to_stain_vectors(), []
     ds = detection_pixel_size(float(slide.mpp), preset.detection.pixel_size_um) / float(slide.mpp)
     w0, h0 = slide.dimensions
-    if not hasattr(slide, "thumbnail"):  # an in-memory image: no pyramid to find tissue on
-        tissue = "all"
-    mask, mask_ds = _tissue(slide, tissue)
-    keep, _ = _tissue_tests(mask, mask_ds, _annotations(tissue), ds)
+    if annotations is not None:
+        mask, mask_ds = None, 1.0
+    else:
+        if not hasattr(slide, "thumbnail"):  # an in-memory image: no pyramid to find tissue on
+            tissue = "all"
+        mask, mask_ds = _tissue(slide, tissue)
+        annotations = _annotations(tissue)
+    keep, _ = _tissue_tests(mask, mask_ds, annotations, ds)
     sample = _sample_tissue_rgb(slide, plan_tiles((int(h0 / ds), int(w0 / ds)), SAMPLE_WINDOW_PX, 0, keep), ds)
     return _preset_stains(slide, preset, sample)
 
