@@ -74,7 +74,7 @@ def make_summary():
         "n_cells": 6,
         "tumour": dict(grp, by_compartment={c: dict(grp) for c in ("nucleus", "cytoplasm", "membrane", "cell")}),
         "all": dict(grp, n=6, h_score=float("nan"), by_compartment={}),
-        "software_version": "0.1.0", "runtime_s": 1.5, "warnings": ["few cells"],
+        "software_version": "0.2.0", "runtime_s": 1.5, "warnings": ["few cells"],
     }
 
 

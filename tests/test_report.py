@@ -75,7 +75,7 @@ def _example_summary(cells, slide="CXCR4-demo-01"):
         "n_cells": int(len(cells)),
         "tumour": dict(_group(t), by_compartment={c: _group(t) for c in comps}),
         "all": dict(_group(a), by_compartment={c: _group(a) for c in comps}),
-        "software_version": "0.1.0", "runtime_s": 12.34,
+        "software_version": "0.2.0", "runtime_s": 12.34,
         "warnings": ["Stain vectors estimated from a small region (3 % of tissue): check the DAB vector."],
         "regions": [
             {"name": "Tumour core", "area_mm2": 1.25, "tumour": _group(t[: len(t) // 2])},
@@ -135,7 +135,7 @@ def test_slide_report_contents(example):
     # regions, parameters
     assert 'id="regions-table"' in page and "Invasive margin" in page and "area (mm²)" in page
     assert "0.200 / 0.400 / 0.600 OD" in page and "(0.6511, 0.7012, 0.2905)" in page
-    assert "0.5000 µm/px" in page and "ihcscore 0.1.0" in page and "12.3 s" in page
+    assert "0.5000 µm/px" in page and "ihcscore 0.2.0" in page and "12.3 s" in page
     # self-contained: images embedded, nothing fetched
     imgs = re.findall(r'<img src="([^"]+)"', page)
     assert len(imgs) == 5  # thumbnail, histogram, 3 fields
