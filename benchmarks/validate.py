@@ -500,7 +500,7 @@ def write_report(path, notes, os2, endo, cls, scan, vendor, diag, runtime_s, com
 
 
 OS2_NOTES = """
-### Where ihcscore and QuPath still differ (QUPATH_DETECTION.md steps)
+### Where ihcscore and QuPath still differ ([QUPATH_DETECTION.md](QUPATH_DETECTION.md) steps)
 
 - **Binary watershed (step 9)** — the largest difference, now mostly closed. ImageJ finds the ultimate eroded
   points with its maxima finder in EDM mode: maximum heights are corrected to sub-pixel and a sorting error of
@@ -544,8 +544,9 @@ OS2_NOTES = """
 ENDO_NOTES = """
 ### What limited detection, and what changed (looked at as overlays, tile by tile)
 
-With QuPath's default settings on the OD-sum image (threshold 0.1, sigma 1.5 µm) ihcscore scored F1 0.75:
-- **False nuclei in DAB-stained cytoplasm and red-cell texture** (precision 0.72): 0.1 OD above the local
+With QuPath's default settings on the OD-sum image (threshold 0.1, sigma 1.5 µm) ihcscore scores F1 0.73 (table
+above):
+- **False nuclei in DAB-stained cytoplasm and red-cell texture** (precision 0.69): 0.1 OD above the local
   background is far below the OD sum of a real nucleus (dark DAB nuclei reach 2–5). Threshold 0.7 removes them.
 - **Pale hematoxylin-only (negative) nuclei beside dark DAB nuclei were lost** once the threshold was high
   enough for the first point; one OD-sum threshold cannot serve both. New optional step
