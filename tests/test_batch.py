@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -142,7 +143,8 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")} == {"x": "True", "b_x": "True"}
     # outputs written before markers named their slide: the file name in summary.json's path decides
     marker = json.loads((one / "x" / COMPLETE_MARKER).read_text())
-    assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "a.tif").stat().st_size}
+    assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "a.tif").stat().st_size,
+                                    "path": str(Path(a_x).resolve())}
     (one / "x" / COMPLETE_MARKER).write_text(json.dumps(marker))
     assert main(["score", a_x, "--out", str(one), *SCORE_ARGS]) == 0
     assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")}["x"] == "True"
@@ -151,6 +153,76 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     assert main(["score", str(tmp_path / "y.tif"), "--out", str(one), *SCORE_ARGS]) == 0
     rows = {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")}
     assert rows[f"{tmp_path.name}_y"] == "False" and (one / f"{tmp_path.name}_y" / COMPLETE_MARKER).is_file()
+
+
+def test_a_slide_replaced_in_place_is_rescored_in_its_folder(good_slides, tmp_path):
+    """The same path, another file (a rescan): its folder is scored again, not a second folder beside the
+    stale one, and summary.csv keeps one row, the new one."""
+    slide = tmp_path / "in" / "x.tif"
+    slide.parent.mkdir()
+    shutil.copy(good_slides / "a.tif", slide)
+    out = tmp_path / "out"
+    assert main(["score", str(slide), "--out", str(out), *SCORE_ARGS]) == 0
+    first = _summary(out / "x")
+    slide.unlink()
+    shutil.copy(good_slides / "b.tif", slide)
+    assert main(["score", str(slide), "--out", str(out), *SCORE_ARGS]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["x"]
+    (row,) = _read_csv(out / "summary.csv")
+    assert row["slide"] == "x" and row["resumed"] == "False" and int(row["n_cells"]) != first["n_cells"]
+
+
+def test_resume_rescores_when_the_tissue_file_or_the_outputs_asked_for_change(good_slides, tmp_path):
+    """Resuming checks what decides and what makes the result: an edited --tissue file (its content, not its
+    name), and outputs this run asks for that the earlier one did not write (--csv, the report)."""
+    slide = good_slides / "a.tif"
+    out = tmp_path / "out"
+    gj = tmp_path / "roi.geojson"
+    args = ["--tile-size", "256", "--no-report", "--quiet"]  # SCORE_ARGS without its --tissue all
+
+    def roi(x1):
+        gj.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [
+            [[0, 0], [x1, 0], [x1, 400], [0, 400], [0, 0]]]}}))
+
+    def run(*extra):
+        assert main(["score", str(slide), "--out", str(out), "--tissue", str(gj), *args, *extra]) == 0
+        (row,) = _read_csv(out / "summary.csv")
+        return row
+
+    roi(400)
+    first = run()
+    assert run()["resumed"] == "True"
+    roi(200)  # the same file name, a smaller region
+    again = run()
+    assert again["resumed"] == "False" and int(again["n_cells"]) < int(first["n_cells"])
+    assert run("--csv")["resumed"] == "False" and (out / "a" / "cells.csv").is_file()
+    no_report = [a for a in args if a != "--no-report"]
+    assert main(["score", str(slide), "--out", str(out), "--tissue", str(gj), *no_report]) == 0
+    assert (out / "a" / "report.html").is_file()
+    assert 'href="a/report.html"' in (out / "index.html").read_text(encoding="utf-8")
+    # the report dropped by a rescore without it: index.html no longer links it
+    assert main(["score", str(slide), "--out", str(out), "--tissue", str(gj), "--no-resume", *args]) == 0
+    assert not (out / "a" / "report.html").exists()
+    assert 'href="a/report.html"' not in (out / "index.html").read_text(encoding="utf-8")
+
+
+def test_a_rescore_that_dies_leaves_no_ok_row_for_the_slide(good_slides, tmp_path, monkeypatch):
+    """Scored, then scored again with other parameters and killed mid-slide: summary.csv must not still say
+    "ok" with the earlier numbers for outputs that are no longer complete."""
+    from ihcscore import batch
+
+    out = tmp_path / "out"
+    assert main(["score", str(good_slides / "a.tif"), "--out", str(out), *SCORE_ARGS]) == 0
+    assert [r["slide"] for r in _read_csv(out / "summary.csv")] == ["a"]
+
+    def killed(*args, **kwargs):
+        (out / "a" / COMPLETE_MARKER).unlink()  # what write_slide_outputs does first
+        raise SystemExit(137)
+
+    monkeypatch.setattr(batch, "score_slide", killed)
+    with pytest.raises(SystemExit):
+        main(["score", str(good_slides / "a.tif"), "--out", str(out), *SCORE_ARGS, "--thresholds", "0.3"])
+    assert [r["slide"] for r in _read_csv(out / "summary.csv")] == []
 
 
 def test_ome_tiff_outputs_are_named_without_ome_and_resume(good_slides, tmp_path):

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import (hash_params, is_complete, recorded_source, same_source, slide_source, summary_row,
-                     update_folder_tables, write_slide_outputs)
+from .export import (COMPLETE_MARKER, hash_params, is_complete, recorded_source, same_place, same_source,
+                     slide_source, summary_row, update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -59,7 +59,7 @@ def output_names(paths, out_root=None) -> list[str]:
         qualified = f"{p.resolve().parent.name}_{n}"
         source = slide_source(p) if out_root is not None and p.is_file() else None
         held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)} if source else {}
-        if source and same_source(held[n], source):
+        if source and (same_source(held[n], source) or same_place(held[n], source)):
             chosen.append(n)
         elif (source and same_source(held[qualified], source)) or n in repeated or held.get(n) is not None:
             chosen.append(qualified)
@@ -78,7 +78,10 @@ def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=Non
 
     ``gpu`` enters only when set, so CPU outputs made before it existed still count as complete.
     """
-    params = {"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": str(tissue),
+    # a mask or annotation file by its content: an edited file changes the cells, a moved one does not
+    tissue_key = str(tissue) if tissue is None or str(tissue).lower() in ("auto", "all") or \
+        not Path(tissue).is_file() else _file_digest(tissue)
+    params = {"preset": preset.to_dict(), "stains": str(stains_spec), "tissue": tissue_key,
               "mpp": mpp, "classifier": _file_digest(classifier), "version": __version__}
     if gpu:  # the GPU's smoothing rounds differently: a pixel at a threshold may fall the other way
         params["device"] = "gpu"
@@ -237,12 +240,16 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
         out_dir = out_root / name
         h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu)
         try:
-            if resume and is_complete(out_dir, h, slide_source(path)):
+            wanted = [f for f, on in (("cells.csv", csv), ("report.html", report)) if on]
+            if resume and is_complete(out_dir, h, slide_source(path), required=wanted):
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
             else:
                 _remove_stale_temporaries(out_dir)
+                if (out_dir / COMPLETE_MARKER).exists():
+                    # scored again: its old row must not stand as "ok" if this run dies half-way
+                    update_folder_tables(out_root, [], dropped=[name])
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
                                       report=report, progress=on_tile, classifier=classifier, gpu=gpu,

@@ -87,6 +87,7 @@ __all__ = [
     "slide_source",
     "recorded_source",
     "same_source",
+    "same_place",
     "atomic_write",
     "atomic_open",
     "atomic_path",
@@ -862,13 +863,15 @@ def write_slide_outputs(
 
 
 def slide_source(path) -> dict:
-    """What identifies a slide file for resuming: its name and size in bytes.
+    """What identifies a slide file for resuming: its name and size in bytes (and where it was).
 
-    Not its folder (a moved cohort still resumes) nor its time stamp (a copy still resumes); two
-    different slides of one name practically never have the same size.
+    Resuming compares name and size (:func:`same_source`), not the folder (a moved cohort still
+    resumes) nor the time stamp (a copy still resumes); two different slides of one name practically
+    never have the same size. ``path`` tells a file replaced in place (same path, another size) from
+    another slide of that name (:func:`same_place`).
     """
     path = Path(path)
-    return {"file": path.name, "bytes": path.stat().st_size}
+    return {"file": path.name, "bytes": path.stat().st_size, "path": str(path.resolve())}
 
 
 def _marker(out_dir) -> dict | None:
@@ -900,26 +903,35 @@ def _source_in(out_dir, info: dict) -> dict | None:
 
 
 def same_source(recorded: Mapping | None, source: Mapping) -> bool:
-    """Whether :func:`recorded_source` names the file of ``source`` (by name alone for old outputs)."""
+    """Whether :func:`recorded_source` names the file of ``source``: same name and size (by name alone for
+    old outputs)."""
     if recorded is None:
         return False
     if "bytes" in recorded:
-        return dict(recorded) == dict(source)
+        return (recorded.get("file"), recorded.get("bytes")) == (source.get("file"), source.get("bytes"))
     return recorded.get("file") == source.get("file")
 
 
-def is_complete(out_dir, params_hash: str | None, source: Mapping | None = None) -> bool:
+def same_place(recorded: Mapping | None, source: Mapping) -> bool:
+    """Whether the recorded outputs came from the path ``source`` is at (the slide file may have been
+    replaced since: its outputs are then rescored in the same folder, not beside it)."""
+    return recorded is not None and recorded.get("path") is not None and recorded.get("path") == source.get("path")
+
+
+def is_complete(out_dir, params_hash: str | None, source: Mapping | None = None, required=()) -> bool:
     """True when ``out_dir`` holds complete outputs written with ``params_hash`` (of ``source``).
 
     False when the ``_COMPLETE`` marker is missing or unreadable, was written
-    with another hash, or a file it lists is missing; with ``source``
+    with another hash, or a file it lists is missing, or a file in ``required`` (what this run
+    asks for, e.g. ``cells.csv`` with ``--csv``) is not among them; with ``source``
     (:func:`slide_source`), also when the outputs are of another slide file.
     """
     out = Path(out_dir)
     info = _marker(out)
     if info is None or info.get("params_hash") != params_hash:
         return False
-    if not all((out / name).is_file() for name in info.get("files", [])):
+    files = info.get("files", [])
+    if not all((out / name).is_file() for name in [*files, *required]) or not set(required) <= set(files):
         return False
     return source is None or same_source(_source_in(out, info), source)
 
@@ -1050,13 +1062,15 @@ def folder_lock(out_dir):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Mapping] = (), index: bool = False):
+def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Mapping] = (), index: bool = False,
+                         dropped: Iterable[str] = ()):
     """Merge slides' rows into ``out_dir/summary.csv`` and their failures into ``failures.csv``.
 
     A row replaces the row of the same ``slide``; rows of other slides (earlier runs, other jobs) are kept,
-    in their order, before the new ones. A slide named in ``rows`` keeps only the failures given here.
-    Both files (and with ``index``, ``index.html``: :func:`ihcscore.report.write_cohort_index`) are
-    rewritten atomically under :func:`folder_lock`.
+    in their order, before the new ones. A slide named in ``rows`` keeps only the failures given here;
+    a slide in ``dropped`` (being scored again) loses its rows. Both files (and ``index.html``,
+    :func:`ihcscore.report.write_cohort_index`, with ``index`` or when the folder has one: it links the
+    reports that exist) are rewritten atomically under :func:`folder_lock`.
 
     Returns
     -------
@@ -1065,15 +1079,19 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
     """
     out = Path(out_dir)
     rows, failures = [dict(r) for r in rows], [dict(f) for f in failures]
-    names = {str(r.get("slide")) for r in rows}
+    names = {str(r.get("slide")) for r in rows} | {str(n) for n in dropped}
     with folder_lock(out):
         merged = _merged_rows(out / "summary.csv", rows, names)
         write_summary_csv(out / "summary.csv", merged)
         write_failures(out, _merged_rows(out / "failures.csv", failures, names))
-        if index:
+        if index or (out / "index.html").exists():
+            from urllib.parse import quote
+
             from .report import write_cohort_index
 
-            write_cohort_index(out / "index.html", merged)
+            links = {r.get("slide"): f"{quote(str(r.get('slide')))}/report.html" for r in merged
+                     if (out / str(r.get("slide")) / "report.html").is_file()}
+            write_cohort_index(out / "index.html", merged, links)
     return merged
 
 
