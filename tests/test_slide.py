@@ -532,6 +532,8 @@ def test_implausible_or_unreadable_mpp_in_the_file_is_one_line_error(tmp_path, t
     with open_slide(_aperio_tiff(tmp_path / "ok.tif", "0.25", tiled)) as s:
         assert s.mpp == pytest.approx(0.25)
         assert s.vendor == ("aperio" if tiled else "aperio-svs")
+    with open_slide(_aperio_tiff(tmp_path / "comma.tif", "0,25", tiled)) as s:  # a decimal comma, either way
+        assert s.mpp == pytest.approx(0.25)
 
 
 def test_mpp_argument_outside_the_plausible_range_is_one_line_error(tmp_path):
@@ -580,3 +582,25 @@ def test_a_window_of_a_float_image_reads_as_the_whole_image_maps_it(tmp_path, ti
         inside = s.read_region((0, 0), 0, (500, 600))[100:228, 100:228]
     np.testing.assert_array_equal(alone, inside)
     assert np.abs(alone.astype(int) - rgb[100:228, 100:228]).max() <= 1
+
+
+@pytest.mark.parametrize("tile", [None, (256, 256)])
+@pytest.mark.parametrize("kind", ["8-bit in uint16", "12-bit in uint16", "full uint16", "float with a hot pixel"])
+def test_wider_samples_read_as_their_8_bit_image(tmp_path, tile, kind):
+    """16-bit slides (tiled ones too: OpenSlide's decoder kept only their high byte, so 8- or 12-bit data
+    turned black) and float slides map to 0-255 by the bits the data uses, decided once, robust to a hot
+    pixel."""
+    import tifffile
+
+    rgb = _gradient(600, 500)
+    data = {"8-bit in uint16": rgb.astype(np.uint16), "12-bit in uint16": rgb.astype(np.uint16) << 4,
+            "full uint16": rgb.astype(np.uint16) * 257, "float with a hot pixel": rgb / 255.0}[kind]
+    if kind.startswith("float"):
+        data[5, 5] = 40.0
+    path = tmp_path / "w.tif"
+    tifffile.imwrite(path, data, photometric="rgb", tile=tile, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        got = s.read_region((0, 0), 0, (500, 600))
+    diff = np.abs(got.astype(int) - rgb)
+    diff[5, 5] = 0
+    assert diff.max() <= 1

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from ihcscore.slide import open_slide, write_pyramidal_tiff
@@ -181,3 +182,25 @@ def test_pale_tissue_with_resolved_nuclei_is_all_tissue():
     assert mask[rows, cols].mean() > 0.97
     glass = ~labels["tissue"]
     assert mask[glass].mean() < 0.1
+
+
+def test_annotation_collections_and_the_slides_part_of_a_region(tmp_path):
+    """A GeometryCollection's polygons are an annotation (they were refused as 'no Polygon'); a region's
+    area is its part on the slide."""
+    import shapely
+
+    from ihcscore.regions import region_summaries
+    from ihcscore.scoring import ScoringScheme
+    from ihcscore.tissue import read_annotations
+
+    p = tmp_path / "gc.geojson"
+    square = {"type": "Polygon", "coordinates": [[[-50, -50], [50, -50], [50, 50], [-50, 50], [-50, -50]]]}
+    p.write_text(json.dumps({"type": "Feature", "properties": {"name": "corner"}, "geometry": {
+        "type": "GeometryCollection", "geometries": [square, {"type": "Point", "coordinates": [5, 5]}]}}))
+    ((name, geom),) = read_annotations(p)
+    assert name == "corner" and geom.area == 100 * 100
+    cells = pd.DataFrame({"x_px": [10.0], "y_px": [10.0], "class": ["tumour"], "Cell: DAB OD mean": [0.5],
+                          **{f"{c}: DAB OD mean": [0.5] for c in ("Nucleus", "Cytoplasm", "Membrane")}})
+    (region,) = region_summaries(cells, [(name, geom)], ScoringScheme(), mpp=1.0, dimensions=(1000, 1000))
+    assert region["area_mm2"] == pytest.approx(50 * 50 / 1e6)
+    assert region["n_cells"] == 1

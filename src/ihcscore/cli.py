@@ -339,7 +339,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)  # their errors reach the user as ours, once
     if getattr(args, "workers", 1) <= 1 and not getattr(args, "dask", None):
         from .runtime import retain_freed_memory
 

@@ -784,7 +784,7 @@ def analyze_slide(
     summary["hotspots"] = {"grid_um": float(hotspot_grid_um), "min_cells": int(hotspot_min_cells),
                            "top": top_hotspots(grid, 3)}
     if annotations is not None:
-        summary["regions"] = region_summaries(cells, annotations, preset.scoring, mpp0)
+        summary["regions"] = region_summaries(cells, annotations, preset.scoring, mpp0, slide.dimensions)
     summary["n_tiles"] = len(tasks)
     summary["tile_size_px"] = int(tile_size)
     summary["detection_pixel_size_um"] = px

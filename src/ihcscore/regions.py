@@ -24,7 +24,7 @@ def cells_in_geometry(cells: pd.DataFrame, geometry) -> np.ndarray:
     return shapely.contains_xy(geometry, cells["x_px"].to_numpy(), cells["y_px"].to_numpy())
 
 
-def region_summaries(cells: pd.DataFrame, regions, scheme: ScoringScheme, mpp: float) -> list[dict]:
+def region_summaries(cells: pd.DataFrame, regions, scheme: ScoringScheme, mpp: float, dimensions=None) -> list[dict]:
     """Scores per annotated region.
 
     Parameters
@@ -34,6 +34,8 @@ def region_summaries(cells: pd.DataFrame, regions, scheme: ScoringScheme, mpp: f
     scheme : ScoringScheme
     mpp : float
         Level-0 µm per pixel (for the region area in mm²).
+    dimensions : (width, height), optional
+        The slide's level-0 size: a region's area counts only its part on the slide.
 
     Returns
     -------
@@ -45,12 +47,14 @@ def region_summaries(cells: pd.DataFrame, regions, scheme: ScoringScheme, mpp: f
     used = dict.fromkeys(["class", scheme.measurement, *(scheme.measurement_for(c) for c in COMPARTMENTS)])
     scored = cells[[c for c in used if c in cells.columns]]
     out = []
+    slide = None if dimensions is None else shapely.box(0, 0, dimensions[0], dimensions[1])  # as annotations see it
     for i, (name, geom) in enumerate(regions):
         inside = cells_in_geometry(cells, geom)
+        area = geom if slide is None else geom.intersection(slide)
         scores = summarize(scored[inside], scheme)
         out.append({
             "name": name or f"region {i + 1}",
-            "area_mm2": float(geom.area * mpp * mpp / 1e6),
+            "area_mm2": float(area.area * mpp * mpp / 1e6),
             "n_cells": int(inside.sum()),
             "tumour": scores["tumour"],
             "all": scores["all"],

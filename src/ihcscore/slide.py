@@ -163,7 +163,8 @@ def _checked_mpp(path, value, source, height=None) -> float:
     sizes = []
     for v in (value, height):
         try:
-            sizes.append(None if v is None else float(v))
+            # a decimal comma (some scanners' locales) is read as OpenSlide reads it
+            sizes.append(None if v is None else float(str(v).strip().replace(",", ".") if isinstance(v, str) else v))
         except (TypeError, ValueError, OverflowError):
             raise SlideError(f"{path}: unreadable pixel size {str(v)!r} in the file ({source}); "
                              "pass --mpp UM") from None
@@ -246,30 +247,38 @@ def _ome_is_fluorescence(ome_xml: str) -> bool:
 # Backends: each reads level pixels inside the level bounds into a new (h, w, 3) uint8 array
 # --------------------------------------------------------------------------
 
-def sample_scale(dtype, max_value) -> float:
-    """Factor from an image's samples to 0-255, decided once per image from its type and largest value.
+def sample_scale(dtype, top) -> float:
+    """Factor from an image's samples to 0-255, decided once per image from its type and its top value.
 
-    8-bit: 1. Wider integers: 1 when every value fits in 8 bits (8-bit data in a wider type), else the
-    top 8 bits (``>> (bits - 8)``). Floats: 255 for 0-1 data (largest value at most 2: resampling can
-    overshoot 1 a little, and 0-255 data of any tissue goes far higher), else 1 (0-255 data). A reader applies the
-    factor of the whole image to every window it reads, so a window's pixels never depend on what else
-    the window holds (one bright pixel turned a float window's 0-1 data into black).
+    ``top``: the image's 99.9th percentile (one hot pixel must not decide). 8-bit: 1. Wider integers:
+    the top 8 of the bits the data uses (``>> (bits - 8)``, bits from ``top``: 8-bit data in 16 bits
+    stays as it is, 12-bit data keeps its top 8 bits, full-range 16-bit its high byte). Floats: 255 for
+    0-1 data (top at most 2: resampling overshoots 1 a little, 0-255 tissue goes far higher), else 1.
+    A reader applies the whole image's factor to every window it reads, so a window's pixels never
+    depend on what else the window holds (one bright pixel turned a float window's 0-1 data into black).
     """
     dtype = np.dtype(dtype)
     if dtype == np.uint8 or dtype == np.bool_:
         return 1.0
     if np.issubdtype(dtype, np.integer):
-        return 1.0 if max_value <= 255 else 2.0 ** -(np.iinfo(dtype).bits - 8)
-    return 255.0 if max_value <= 2.0 else 1.0
+        bits = max(8, int(np.ceil(np.log2(max(float(top), 1.0) + 1))))
+        return 2.0 ** -(min(bits, np.iinfo(dtype).bits) - 8)
+    return 255.0 if top <= 2.0 else 1.0
+
+
+#: Samples of an image :func:`image_sample_scale` looks at, at most (a strided subsample beyond).
+SCALE_SAMPLE_PIXELS = 4_000_000
 
 
 def image_sample_scale(a) -> float:
-    """:func:`sample_scale` of a whole image (a numpy or dask array, any shape)."""
+    """:func:`sample_scale` of a whole image (a numpy or dask array, any shape), from its 99.9th percentile."""
     dtype = np.dtype(a.dtype)
     if dtype == np.uint8 or dtype == np.bool_ or 0 in a.shape:
         return 1.0
-    top = np.nanmax(a) if isinstance(a, np.ndarray) else np.nanmax(np.asarray(a.max()))
-    return sample_scale(dtype, float(np.nan_to_num(top)))
+    step = max(1, int(np.ceil(np.sqrt(np.prod(a.shape[:2]) / SCALE_SAMPLE_PIXELS))))
+    sample = np.asarray(a[::step, ::step] if a.ndim >= 2 else a, dtype=np.float64)
+    sample = sample[np.isfinite(sample)]
+    return sample_scale(dtype, float(np.percentile(sample, 99.9)) if sample.size else 0.0)
 
 
 def _to_rgb_uint8(a: np.ndarray, scale: float | None = None) -> np.ndarray:
@@ -935,11 +944,15 @@ def _rgba_cannot_decode(page) -> str | None:
     """Why libtiff's RGBA interface (OpenSlide's decoder for non-JPEG tiles) cannot decode a tiled page, or None.
 
     It takes 1, 2, 4, 8 and 16-bit integer samples only: float samples ("can not handle images with IEEE
-    floating-point samples") and 32/64-bit ones ("... with 32-bit samples") fail on the first read.
+    floating-point samples") and 32/64-bit ones ("... with 32-bit samples") fail on the first read, and
+    16-bit ones lose their low byte (8-bit or 12-bit data in 16 bits turns black): tifffile reads those,
+    with the image's own mapping to 0-255 (:func:`sample_scale`).
     """
     if not getattr(page, "is_tiled", False):
         return None  # OpenSlide reads tiled images only
     bits, fmt = int(getattr(page, "bitspersample", 8)), int(getattr(page, "sampleformat", 1))
+    if bits == 16 and fmt in (1, 2, 4):
+        return "libtiff's RGBA decoding keeps the high byte of 16-bit samples"
     if fmt not in (1, 2, 4) or bits not in (1, 2, 4, 8, 16):
         kind = {1: "integer", 2: "signed integer", 3: "floating-point"}.get(fmt, f"format {fmt}")
         return f"libtiff cannot decode {bits}-bit {kind} samples"

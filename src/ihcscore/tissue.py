@@ -265,7 +265,7 @@ def read_annotations(path):
         if str(props.get("objectType", "annotation")).lower() in ("detection", "cell", "tile"):
             continue
         geom = feat.get("geometry") if feat.get("type") == "Feature" else feat
-        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon"):
+        if not geom or geom.get("type") not in ("Polygon", "MultiPolygon", "GeometryCollection"):
             continue
         try:
             g = shape(geom)
@@ -274,6 +274,10 @@ def read_annotations(path):
                             f"({' '.join(str(exc).split())})") from exc
         if not g.is_valid:
             g = make_valid(g)
+        if g.geom_type != "Polygon" and g.geom_type != "MultiPolygon":  # a collection: its polygons only
+            import shapely
+
+            g = shapely.MultiPolygon(_polygons(g)) if _polygons(g) else shapely.Polygon()
         if g.is_empty:
             continue
         out.append((_feature_name(props), g))
