@@ -224,6 +224,24 @@ def test_fractional_downsample_slide_is_identical_across_tile_sizes(preset_name)
             assert got.summary["tumour"]["h_score"] == pytest.approx(ref.summary["tumour"]["h_score"], abs=1e-9)
 
 
+def test_cells_end_at_the_slides_edge():
+    """A tile at the slide's edge reads white beyond it; cells used to grow into it (their outlines past the
+    edge, their DAB means diluted by white). They end at the edge of the slide's detection grid."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "sample_slides" / "OS-2-ndpi.ome.tif"
+    with open_slide(path) as s:
+        res = analyze_slide(s, load_preset("cxcr4"), tissue="all", polygons=True, tile_size=256)
+        ds = 0.5 / s.mpp
+        w0, h0 = s.dimensions
+    hi = np.array([int(w0 / ds) * ds - 0.5, int(h0 / ds) * ds - 0.5]) + 1e-3
+    rings = [r for r in res.cells["cell_polygon"] if r is not None]
+    assert len(rings) > 1000
+    assert all((r.min(axis=0) >= -0.5 - 1e-3).all() and (r.max(axis=0) <= hi).all() for r in rings)
+    near_edge = (res.cells["x_px"] < 10) | (res.cells["y_px"] < 10)
+    assert near_edge.sum() > 5  # there are cells at the edge to test
+
+
 def test_slide_region_is_what_the_slide_run_finds_in_it(tmp_path):
     """analyze_slide_region (a viewer's region of interest) reads the region on the slide's grid with the
     tile context: its cells, edges included, are those analyze_slide keeps for the same annotation."""

@@ -432,7 +432,7 @@ def compartments(nuclei: np.ndarray, cells: np.ndarray, membrane_width_px: float
 
 
 def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams, *,
-                  threads: int = 1, core=None, gpu: bool = False) -> Segmentation:
+                  threads: int = 1, core=None, gpu: bool = False, valid=None) -> Segmentation:
     """Detect nuclei, expand them to cells and derive the compartments.
 
     Parameters
@@ -454,6 +454,9 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
         ``core``, ``threads`` is ignored.
     gpu : bool
         Run nucleus detection's Gaussian smoothing on the GPU (:mod:`ihcscore.gpu`).
+    valid : (y0, x0, y1, x1), optional
+        The part of the input that is image (a tile at a slide's edge is read with white beyond it):
+        cells do not grow past it, as they end at the image's edge in QuPath (with ``core``).
 
     Returns
     -------
@@ -466,7 +469,7 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
     n_bands = 1 if core is not None else min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
     if n_bands > 1:
         return segment_in_bands(od, stain_od, params, n_bands, gpu=gpu)
-    seg = _segment_whole(od, stain_od, params, core, gpu)
+    seg = _segment_whole(od, stain_od, params, core, gpu, valid)
     # Connected-component labels already run in raster order; nuclei of the hematoxylin pass come last.
     return _in_raster_order(seg) if _adds_hematoxylin_nuclei(params) else seg
 
@@ -475,7 +478,7 @@ def _adds_hematoxylin_nuclei(params: DetectionParams) -> bool:
     return params.hematoxylin_threshold > 0 and params.image == "od_sum"
 
 
-def _segment_whole(od, stain_od, params: DetectionParams, core=None, gpu: bool = False) -> Segmentation:
+def _segment_whole(od, stain_od, params: DetectionParams, core=None, gpu: bool = False, valid=None) -> Segmentation:
     px = params.pixel_size_um
     passes = [params] + ([_hematoxylin_params(params)] if _adds_hematoxylin_nuclei(params) else [])
     images = [detection_image(od, stain_od, p) for p in passes]
@@ -494,6 +497,12 @@ def _segment_whole(od, stain_od, params: DetectionParams, core=None, gpu: bool =
         extra = detect_nuclei(images[1], passes[1], background=backgrounds[1], gpu=gpu)
         nuclei = _add_hematoxylin_nuclei(nuclei, extra, params)
     cells = expand_cells(nuclei, params.cell_expansion_um / px)
+    if valid is not None:  # no cell pixels in the white read beyond the slide: their DAB would be 0
+        inside = np.zeros(cells.shape, bool)
+        vy0, vx0 = max(0, valid[0] - offset[0]), max(0, valid[1] - offset[1])
+        inside[vy0:max(vy0, valid[2] - offset[0]), vx0:max(vx0, valid[3] - offset[1])] = True
+        if not inside.all():
+            cells = np.where(inside, cells, cells.dtype.type(0))
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
                         pixel_size_um=px, extra={"measure_image": measure}, offset=offset)

@@ -150,7 +150,7 @@ def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) ->
 
 
 def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample, mpp0, polygons, threads=1,
-                    keep=None, grid_origin=None, outline_dtype=np.float64, core=None, gpu=False):
+                    keep=None, grid_origin=None, outline_dtype=np.float64, core=None, gpu=False, valid=None):
     """Deconvolve, segment and measure one detection-resolution tile.
 
     ``core``: the tile's core (rows, cols of ``rgb``) when the rest is context (see
@@ -159,6 +159,7 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
     ``grid_origin``: the tile's (row, col) on the slide's detection grid, for tile-independent outlines.
     ``outline_dtype``: of the outlines' vertices (cast from :func:`~ihcscore.measure.label_polygons`' float64).
     ``gpu``: deconvolve and smooth on the GPU (:mod:`ihcscore.gpu`).
+    ``valid``: the rows and columns of ``rgb`` that are image (see :func:`~ihcscore.cells.segment_cells`).
     """
     if gpu:
         from . import gpu as _gpu
@@ -167,7 +168,7 @@ def _cells_from_rgb(rgb, stains, params: DetectionParams, origin_px, downsample,
     else:
         od = rgb_to_od(rgb, stains.background)  # uint8: the compiled one-pass lookup
         stain_od = unmix(od, stains)
-    seg = segment_cells(od, stain_od, params, threads=threads, core=core, gpu=gpu)
+    seg = segment_cells(od, stain_od, params, threads=threads, core=core, gpu=gpu, valid=valid)
     oy, ox = seg.offset
     if oy or ox:
         h, w = seg.nuclei.shape
@@ -361,7 +362,8 @@ def analyze_slide_region(
 
     threads = default_threads() if threads is None else max(1, int(threads))
     cells, seg = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, threads,
-                                 keep=keep, grid_origin=(py0, px0), core=core, gpu=gpu)
+                                 keep=keep, grid_origin=(py0, px0), core=core, gpu=gpu,
+                                 valid=_on_slide(slide, ds, (py0, px0, cy1 + pad, cx1 + pad)))
     cells = _score_table(cells, preset.scoring, classifier)
     summary = summarize(cells, preset.scoring)
     warnings = [f"{name}: grayscale image (no colour): DAB cannot be told from hematoxylin"] \
@@ -397,6 +399,13 @@ def plan_tiles(shape_det, tile_size: int, pad: int, keep=None) -> list[TileTask]
                 continue
             tasks.append(TileTask(len(tasks), (y0, x0, y1, x1), (y0 - pad, x0 - pad, y1 + pad, x1 + pad)))
     return tasks
+
+
+def _on_slide(slide, ds: float, padded):
+    """The rows and columns of a tile read at ``padded`` (detection grid) that lie on the slide's grid."""
+    w0, h0 = slide.dimensions
+    y0, x0, y1, x1 = padded
+    return (max(0, -y0), max(0, -x0), min(y1, int(h0 / ds)) - y0, min(x1, int(w0 / ds)) - x0)
 
 
 def read_detection_tile(slide, padded, ds: float) -> np.ndarray:
@@ -462,7 +471,8 @@ def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: floa
     # 0.01 px below 10^5 px; every tile computes a cell's outline from the same grid coordinates.
     core = (cy0 - py0, cx0 - px0, cy1 - py0, cx1 - px0)
     cells, _ = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, keep=in_core,
-                               grid_origin=(py0, px0), outline_dtype=np.float32, core=core, gpu=gpu)
+                               grid_origin=(py0, px0), outline_dtype=np.float32, core=core, gpu=gpu,
+                               valid=_on_slide(slide, ds, task.padded))
     return cells
 
 
