@@ -312,6 +312,7 @@ def test_summary_csv_columns_and_values(tmp_path):
     assert df.loc[0, "runtime_s"] == 2.5
     assert df.loc[0, "warnings"] == "few cells"
     assert df.loc[1, "slide"] == "S2" and df.loc[1, "error"] == "cannot open"
+    assert df.loc[0, "preset"] == s["preset"] and df.loc[0, "software_version"] == s["software_version"]
 
 
 def test_append_summary_row_replaces_same_slide(tmp_path):

@@ -161,6 +161,8 @@ SUMMARY_CSV_COLUMNS = (
     "error",
     "warnings",
     "resumed",  # True: the slide's complete outputs were found and kept (not rescored) by this run
+    "preset",  # what scored it: rows of several runs (other presets, other versions) can be told apart
+    "software_version",
 )
 #: Columns of ``DIR/failures.csv``.
 FAILURES_CSV_COLUMNS = ("slide", "path", "error")
@@ -980,6 +982,8 @@ def summary_row(
             row[f"{group}_h_score_{comp}"] = (counts or {}).get("h_score")
     row["runtime_s"] = runtime_s if runtime_s is not None else summary.get("runtime_s")
     row["error"] = error
+    row["preset"] = summary.get("preset")
+    row["software_version"] = summary.get("software_version")
     w = summary.get("warnings")
     if w:
         row["warnings"] = "; ".join(str(x) for x in w) if not isinstance(w, str) else w
