@@ -604,3 +604,21 @@ def test_wider_samples_read_as_their_8_bit_image(tmp_path, tile, kind):
     diff = np.abs(got.astype(int) - rgb)
     diff[5, 5] = 0
     assert diff.max() <= 1
+
+
+def test_associated_alpha_is_composited_over_white(tmp_path):
+    """A stripped RGBA TIFF with associated (premultiplied) alpha: over white it reads as the scanner saw it
+    (a half-transparent band read 181 where 235.5 is right)."""
+    import tifffile
+
+    rgb = np.full((64, 64, 3), 216, np.uint8)
+    alpha = np.full((64, 64, 1), 255, np.uint8)
+    alpha[20:40] = 128
+    premult = (rgb.astype(np.uint16) * alpha // 255).astype(np.uint8)
+    path = tmp_path / "assoc.tif"
+    tifffile.imwrite(path, np.concatenate([premult, alpha], axis=-1), photometric="rgb", extrasamples=[1],
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as s:
+        got = s.read_region((0, 0), 0, (64, 64)).astype(int)
+    want = np.round(216 * 128 / 255 + 255 * (1 - 128 / 255))  # composite over white
+    assert abs(got[30, 30, 0] - want) <= 1 and got[5, 5, 0] == 216

@@ -281,10 +281,12 @@ def image_sample_scale(a) -> float:
     return sample_scale(dtype, float(np.percentile(sample, 99.9)) if sample.size else 0.0)
 
 
-def _to_rgb_uint8(a: np.ndarray, scale: float | None = None) -> np.ndarray:
+def _to_rgb_uint8(a: np.ndarray, scale: float | None = None, premultiplied: bool = False) -> np.ndarray:
     """Last axis = channels (1, 3 or 4) or none; any dtype -> (h, w, 3) uint8.
 
     ``scale``: the image's :func:`sample_scale`; None when ``a`` is the whole image (decided from it).
+    ``premultiplied``: RGBA whose colour is already multiplied by alpha (TIFF "associated alpha").
+    Transparent pixels are composited over white, the colour of glass.
     """
     a = np.asarray(a)
     if a.ndim == 2:
@@ -307,7 +309,8 @@ def _to_rgb_uint8(a: np.ndarray, scale: float | None = None) -> np.ndarray:
             return np.ascontiguousarray(a[..., :3])
         alpha = a[..., 3:4].astype(np.uint16)
         rgb = a[..., :3].astype(np.uint16)
-        # transparent pixels become white, the colour of glass
+        if premultiplied:  # colour x alpha is stored: over white add what the alpha lets through
+            return np.minimum(rgb + (255 - alpha), 255).astype(np.uint8)
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
     return np.ascontiguousarray(a[..., :3])
 
@@ -524,6 +527,8 @@ class _TiffBackend:
                 self.properties[f"tiff.{tag}"] = str(v)
         self.fluorescence = bool(tf.is_ome and _ome_is_fluorescence(tf.ome_metadata or ""))
         self._scale = None  # see _sample_scale
+        extra = getattr(page0, "extrasamples", None) or ()
+        self._premultiplied = 1 in [int(x) for x in extra]  # TIFF ExtraSamples 1: associated alpha
 
     @staticmethod
     def _channel_layout(path, axes, shape):
@@ -593,7 +598,7 @@ class _TiffBackend:
         order = [kept.index("Y"), kept.index("X")] + ([kept.index(self._layout[0])]
                                                        if self._layout[0] else [])
         a = np.transpose(a, order)
-        return _to_rgb_uint8(a, self._sample_scale())
+        return _to_rgb_uint8(a, self._sample_scale(), self._premultiplied)
 
     def _sample_scale(self) -> float:
         """The image's :func:`sample_scale`, from its smallest level, once (every window the same)."""

@@ -67,7 +67,8 @@ def nonnegative_od_vector(values, key: str) -> tuple[float, float, float]:
 
 def _unit(v) -> tuple[float, float, float]:
     a = np.asarray(v, dtype=float).reshape(3)
-    n = np.linalg.norm(a)
+    with np.errstate(over="ignore", invalid="ignore"):  # a huge value is reported below, not as a warning
+        n = np.linalg.norm(a)
     if not np.isfinite(n) or n == 0:
         raise ValueError(f"stain vector {a.tolist()} has zero or non-finite length")
     return tuple(float(x) for x in a / n)
