@@ -172,6 +172,34 @@ def test_a_slide_replaced_in_place_is_rescored_in_its_folder(good_slides, tmp_pa
     assert row["slide"] == "x" and row["resumed"] == "False" and int(row["n_cells"]) != first["n_cells"]
 
 
+def test_replaced_or_moved_slides_keep_the_right_folders(good_slides, tmp_path):
+    """A slide moved away while another file takes its old path: the moved one resumes in its folder, the
+    newcomer gets its own. A slide in a qualified folder (a_x) replaced in place is rescored there."""
+    from ihcscore.batch import output_names
+
+    out = tmp_path / "out"
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    old, moved = tmp_path / "x" / "s.tif", tmp_path / "y" / "s.tif"
+    shutil.copy(good_slides / "a.tif", old)
+    assert main(["score", str(old), "--out", str(out), *SCORE_ARGS]) == 0
+    old.rename(moved)
+    shutil.copy(good_slides / "b.tif", old)  # another file where the scored one was
+    assert output_names([old, moved], out) == ["x_s", "s"]
+    # a_x / b_x, then b/x.tif replaced in place: rescored in b_x, not beside it in x
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a_x, b_x = tmp_path / "a" / "x.tif", tmp_path / "b" / "x.tif"
+    shutil.copy(good_slides / "a.tif", a_x)
+    shutil.copy(good_slides / "b.tif", b_x)
+    two = tmp_path / "two"
+    assert main(["score", str(a_x), str(b_x), "--out", str(two), *SCORE_ARGS]) == 0
+    b_x.unlink()
+    shutil.copy(good_slides / "a.tif", b_x)  # another file (another size) at b/x.tif
+    assert (good_slides / "a.tif").stat().st_size != (good_slides / "b.tif").stat().st_size
+    assert output_names([b_x], two) == ["b_x"]
+
+
 def test_resume_rescores_when_the_tissue_file_or_the_outputs_asked_for_change(good_slides, tmp_path):
     """Resuming checks what decides and what makes the result: an edited --tissue file (its content, not its
     name), and outputs this run asks for that the earlier one did not write (--csv, the report)."""

@@ -251,3 +251,20 @@ def test_refinement_erosion_repeats_the_image_edge():
     eroded = _erode_3x3_repeating_edge(mask)
     np.testing.assert_array_equal(np.flatnonzero(eroded.any(axis=1)), [0, 1])
     assert eroded[0, 2:4].all() and not eroded[0, 1] and not eroded[2].any()
+
+
+def test_valid_part_bounds_cells_whatever_the_threads():
+    """segment_cells(valid=...) keeps nuclei and cells to the part that is image, also when threads would
+    segment bands (the banded path dropped `valid`)."""
+    from ihcscore.cells import segment_cells
+    from ihcscore.stains import H_DAB_DEFAULT, rgb_to_od, unmix
+
+    rgb, _, _ = make_synthetic_region((1400, 300), 0.5, seed=3, dab_location="cell")
+    od = rgb_to_od(rgb, H_DAB_DEFAULT.background)
+    stain_od = unmix(od, H_DAB_DEFAULT)
+    params = load_preset("cxcr4").detection
+    valid = (0, 0, 1400, 140)
+    for threads in (1, 3):
+        seg = segment_cells(od, stain_od, params, threads=threads, valid=valid)
+        assert seg.cells[:, 140:].max() == 0 and seg.nuclei[:, 140:].max() == 0
+        assert seg.cells[:, :140].max() > 50

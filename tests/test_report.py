@@ -299,3 +299,18 @@ def test_hotspot_heat_map_in_report():
     html = slide_report_html(summary, hotspot_grid=grid)
     assert 'alt="H-score heat map"' in html and "hotspots-table" in html
     assert 'alt="H-score heat map"' not in slide_report_html(summary)
+
+
+def test_index_links_reports_of_slides_scored_ok_only(tmp_path):
+    """A slide whose rescore failed keeps an old report.html on disk: the index must not link it."""
+    from ihcscore.export import update_folder_tables
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "report.html").write_text("old")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "report.html").write_text("new")
+    rows = [summary_row(None, "failed", 0.1, error="boom", slide="s"),
+            summary_row({"slide": "t", "n_cells": 1, "tumour": {"n": 1}}, "ok", 1.0)]
+    update_folder_tables(tmp_path, rows, index=True)
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert 'href="t/report.html"' in page and 'href="s/report.html"' not in page

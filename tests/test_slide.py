@@ -585,7 +585,8 @@ def test_a_window_of_a_float_image_reads_as_the_whole_image_maps_it(tmp_path, ti
 
 
 @pytest.mark.parametrize("tile", [None, (256, 256)])
-@pytest.mark.parametrize("kind", ["8-bit in uint16", "12-bit in uint16", "full uint16", "float with a hot pixel"])
+@pytest.mark.parametrize("kind", ["8-bit in uint16", "12-bit in uint16", "full uint16", "float with a hot pixel",
+                                  "8-bit in uint16 with opaque alpha"])
 def test_wider_samples_read_as_their_8_bit_image(tmp_path, tile, kind):
     """16-bit slides (tiled ones too: OpenSlide's decoder kept only their high byte, so 8- or 12-bit data
     turned black) and float slides map to 0-255 by the bits the data uses, decided once, robust to a hot
@@ -594,11 +595,14 @@ def test_wider_samples_read_as_their_8_bit_image(tmp_path, tile, kind):
 
     rgb = _gradient(600, 500)
     data = {"8-bit in uint16": rgb.astype(np.uint16), "12-bit in uint16": rgb.astype(np.uint16) << 4,
-            "full uint16": rgb.astype(np.uint16) * 257, "float with a hot pixel": rgb / 255.0}[kind]
+            "full uint16": rgb.astype(np.uint16) * 257, "float with a hot pixel": rgb / 255.0,
+            "8-bit in uint16 with opaque alpha": np.dstack([rgb.astype(np.uint16),
+                                                             np.full(rgb.shape[:2], 65535, np.uint16)])}[kind]
     if kind.startswith("float"):
         data[5, 5] = 40.0
     path = tmp_path / "w.tif"
-    tifffile.imwrite(path, data, photometric="rgb", tile=tile, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(path, data, photometric="rgb", tile=tile, resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+                     **({"extrasamples": ["unassalpha"]} if data.shape[-1] == 4 else {}))
     with open_slide(path) as s:
         got = s.read_region((0, 0), 0, (500, 600))
     diff = np.abs(got.astype(int) - rgb)

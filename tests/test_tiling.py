@@ -235,9 +235,13 @@ def test_cells_end_at_the_slides_edge():
         ds = 0.5 / s.mpp
         w0, h0 = s.dimensions
     hi = np.array([int(w0 / ds) * ds - 0.5, int(h0 / ds) * ds - 0.5]) + 1e-3
-    rings = [r for r in res.cells["cell_polygon"] if r is not None]
-    assert len(rings) > 1000
-    assert all((r.min(axis=0) >= -0.5 - 1e-3).all() and (r.max(axis=0) <= hi).all() for r in rings)
+    for col in ("cell_polygon", "nucleus_polygon"):  # nuclei too: smoothing spread them past the edge
+        rings = [r for r in res.cells[col] if r is not None]
+        assert len(rings) > 1000
+        assert all((r.min(axis=0) >= -0.5 - 1e-3).all() and (r.max(axis=0) <= hi).all() for r in rings), col
+    # every cell is its nucleus and its cytoplasm
+    area = res.cells["Nucleus: Area µm^2"] + res.cells["Cytoplasm: Area µm^2"].fillna(0)
+    np.testing.assert_allclose(area, res.cells["Cell: Area µm^2"])
     near_edge = (res.cells["x_px"] < 10) | (res.cells["y_px"] < 10)
     assert near_edge.sum() > 5  # there are cells at the edge to test
 

@@ -204,3 +204,11 @@ def test_annotation_collections_and_the_slides_part_of_a_region(tmp_path):
     (region,) = region_summaries(cells, [(name, geom)], ScoringScheme(), mpp=1.0, dimensions=(1000, 1000))
     assert region["area_mm2"] == pytest.approx(50 * 50 / 1e6)
     assert region["n_cells"] == 1
+    # overlapping polygons of one collection are one area (their MultiPolygon was invalid: the slide failed)
+    other = {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]]]}
+    p.write_text(json.dumps({"type": "Feature", "geometry": {"type": "GeometryCollection",
+                                                            "geometries": [square, other]}}))
+    ((_, merged),) = read_annotations(p)
+    assert merged.is_valid and merged.area == 100 * 100 + 100 * 100 - 50 * 50
+    (region,) = region_summaries(cells, [("both", merged)], ScoringScheme(), mpp=1.0, dimensions=(1000, 1000))
+    assert region["area_mm2"] == pytest.approx(100 * 100 / 1e6)  # the square on the slide lies inside the other

@@ -59,9 +59,14 @@ def output_names(paths, out_root=None) -> list[str]:
         qualified = f"{p.resolve().parent.name}_{n}"
         source = slide_source(p) if out_root is not None and p.is_file() else None
         held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)} if source else {}
-        if source and (same_source(held[n], source) or same_place(held[n], source)):
+        # the folder's outputs came from this path but from another file: this slide's, replaced in place,
+        # unless another slide of the batch is the very file they were made of (moved there)
+        others = [slide_source(q) for q in paths if q != p and q.is_file() and slide_name(q) == n] if source else []
+        replaced = source and same_place(held[n], source) and not any(same_source(held[n], o) for o in others)
+        if source and (same_source(held[n], source) or replaced):
             chosen.append(n)
-        elif (source and same_source(held[qualified], source)) or n in repeated or held.get(n) is not None:
+        elif (source and (same_source(held[qualified], source) or same_place(held[qualified], source))) \
+                or n in repeated or held.get(n) is not None:
             chosen.append(qualified)
         else:
             chosen.append(n)
@@ -263,6 +268,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
             result.failures.append({"slide": name, "path": str(path), "error": msg})
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
                               slide=name)
+            row.update(preset=preset.name, software_version=__version__)
             row["resumed"] = False
         result.rows.append(row)
         update_folder_tables(out_root, result.rows, result.failures, index=report)

@@ -466,12 +466,25 @@ def segment_cells(od: np.ndarray, stain_od: np.ndarray, params: DetectionParams,
         top-left pixel is ``od[offset]`` (``Segmentation.offset``).
     """
     pad = params.context_px()
-    n_bands = 1 if core is not None else min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
+    n_bands = 1 if core is not None or valid is not None else \
+        min(int(threads), od.shape[0] // (MIN_BAND_CONTEXTS * pad))
     if n_bands > 1:
         return segment_in_bands(od, stain_od, params, n_bands, gpu=gpu)
     seg = _segment_whole(od, stain_od, params, core, gpu, valid)
-    # Connected-component labels already run in raster order; nuclei of the hematoxylin pass come last.
-    return _in_raster_order(seg) if _adds_hematoxylin_nuclei(params) else seg
+    # Connected-component labels already run in raster order; nuclei of the hematoxylin pass come last, and a
+    # nucleus clipped at the slide's edge may have lost its first pixels.
+    return _in_raster_order(seg) if _adds_hematoxylin_nuclei(params) or valid is not None else seg
+
+
+def _relabel_present(labels: np.ndarray) -> np.ndarray:
+    """Labels ``1..n`` again, in the same order, after some vanished (a nucleus wholly off the slide)."""
+    present = np.unique(labels)
+    present = present[present > 0]
+    if len(present) == 0 or present[-1] == len(present):
+        return labels
+    lut = np.zeros(int(labels.max()) + 1, dtype=labels.dtype)
+    lut[present] = np.arange(1, len(present) + 1, dtype=labels.dtype)
+    return lut[labels]
 
 
 def _adds_hematoxylin_nuclei(params: DetectionParams) -> bool:
@@ -497,12 +510,13 @@ def _segment_whole(od, stain_od, params: DetectionParams, core=None, gpu: bool =
         extra = detect_nuclei(images[1], passes[1], background=backgrounds[1], gpu=gpu)
         nuclei = _add_hematoxylin_nuclei(nuclei, extra, params)
     cells = expand_cells(nuclei, params.cell_expansion_um / px)
-    if valid is not None:  # no cell pixels in the white read beyond the slide: their DAB would be 0
+    if valid is not None:  # no nucleus or cell pixels in the white read beyond the slide: their DAB would be 0
         inside = np.zeros(cells.shape, bool)
         vy0, vx0 = max(0, valid[0] - offset[0]), max(0, valid[1] - offset[1])
         inside[vy0:max(vy0, valid[2] - offset[0]), vx0:max(vx0, valid[3] - offset[1])] = True
         if not inside.all():
-            cells = np.where(inside, cells, cells.dtype.type(0))
+            nuclei = _relabel_present(np.where(inside, nuclei, nuclei.dtype.type(0)))
+            cells = np.where(inside, expand_cells(nuclei, params.cell_expansion_um / px), cells.dtype.type(0))
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
                         pixel_size_um=px, extra={"measure_image": measure}, offset=offset)

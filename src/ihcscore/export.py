@@ -1094,7 +1094,7 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
             from .report import write_cohort_index
 
             links = {r.get("slide"): f"{quote(str(r.get('slide')))}/report.html" for r in merged
-                     if (out / str(r.get("slide")) / "report.html").is_file()}
+                     if str(r.get("status")) == "ok" and (out / str(r.get("slide")) / "report.html").is_file()}
             write_cohort_index(out / "index.html", merged, links)
     return merged
 

@@ -275,8 +275,15 @@ def image_sample_scale(a) -> float:
     dtype = np.dtype(a.dtype)
     if dtype == np.uint8 or dtype == np.bool_ or 0 in a.shape:
         return 1.0
-    step = max(1, int(np.ceil(np.sqrt(np.prod(a.shape[:2]) / SCALE_SAMPLE_PIXELS))))
-    sample = np.asarray(a[::step, ::step] if a.ndim >= 2 else a, dtype=np.float64)
+    if a.ndim == 3 and a.shape[-1] == 4:  # alpha is opaque at the type's maximum, whatever the colour's bits
+        a = a[..., :3]
+    elif a.ndim == 3 and a.shape[0] == 4:  # planar RGBA
+        a = a[:3]
+    # every axis longer than a few channels strided alike: at most about SCALE_SAMPLE_PIXELS samples
+    long_axes = [d for d in a.shape if d > 4]
+    step = max(1, int(np.ceil((np.prod(long_axes) / SCALE_SAMPLE_PIXELS) ** (1 / max(1, len(long_axes))))))
+    sample = np.asarray(a[tuple(slice(None, None, step) if d > 4 else slice(None) for d in a.shape)],
+                        dtype=np.float64)
     sample = sample[np.isfinite(sample)]
     return sample_scale(dtype, float(np.percentile(sample, 99.9)) if sample.size else 0.0)
 

@@ -274,10 +274,10 @@ def read_annotations(path):
                             f"({' '.join(str(exc).split())})") from exc
         if not g.is_valid:
             g = make_valid(g)
-        if g.geom_type != "Polygon" and g.geom_type != "MultiPolygon":  # a collection: its polygons only
+        if g.geom_type != "Polygon" and g.geom_type != "MultiPolygon":  # a collection: its polygons, merged
             import shapely
 
-            g = shapely.MultiPolygon(_polygons(g)) if _polygons(g) else shapely.Polygon()
+            g = make_valid(shapely.union_all(_polygons(g))) if _polygons(g) else shapely.Polygon()
         if g.is_empty:
             continue
         out.append((_feature_name(props), g))
