@@ -513,6 +513,75 @@ def test_a_shape_smaller_than_a_pixel_is_scored_not_called_outside(make_napari_v
     assert (region.x, region.y, region.w, region.h) == (250, 100, 1, 301)
 
 
+def test_widget_state_stays_consistent_across_runs_edits_and_interruptions(make_napari_viewer, slide_path, qtbot,
+                                                                           tmp_path, monkeypatch):
+    from skimage.data import immunohistochemistry
+
+    from ihcscore.preset import load_preset
+    from napari_ihcscore import _widget as widget_mod
+    from napari_ihcscore._core import ellipse_polygon, points_in_polygons
+
+    viewer = make_napari_viewer()
+    image = _open(viewer, slide_path)
+    w = _widget(viewer)
+    w.region_mode.setCurrentText("Whole slide")
+    w.run(sync=True)
+    first = w.result
+    assert w.last_error is None and len(first.cells) > 50
+
+    # exclusions drawn (an ellipse: its inside, not its box) survive a re-run
+    w.add_annotation_layers()
+    assert [str(u) for u in viewer.layers[widget_mod.EXCLUDE_LAYER].units] == ["micrometer", "micrometer"]
+    box = np.array([[50, 50], [50, 150], [150, 150], [150, 50]], float)  # (y, x) µm
+    viewer.layers[widget_mod.EXCLUDE_LAYER].add_ellipses([box])
+    info = w.apply_annotations()
+    ring = ellipse_polygon(box[:, ::-1])
+    want = points_in_polygons(first.cells["x_um"], first.cells["y_um"], [ring])
+    assert info["n_excluded"] == int(want.sum()) > 0
+    w.run(sync=True)
+    assert int(w.result.excluded.sum()) == int(want.sum())
+
+    # points deleted by hand: re-binning puts the cells back instead of failing
+    pts = viewer.layers["cell centroids"]
+    pts.selected_data = {0, 1, 2}
+    pts.remove_selected()
+    w.set_thresholds((0.1, 0.3, 0.5))
+    assert len(viewer.layers["cell centroids"].data) == len(w.result.cells)
+
+    # a slider pushed to the top keeps the thresholds increasing
+    w.sliders[1].setValue(w.sliders[1].maximum())
+    t1, t2, t3 = w.thresholds()
+    assert t1 < t2 < t3 and w.rescore() is not None
+
+    # another slide chosen, its run cancelled: the result stays the first slide's
+    other = viewer.add_image(immunohistochemistry(), rgb=True, scale=(MPP, MPP), name="other",
+                             metadata={"mpp": MPP})
+    w.image_combo.setCurrentText(other.name)
+    w.run()
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+    assert w._image is image and w.summary_document()["slide"] == image.name
+
+    # a preset chosen during a run cancels it: no cells of one marker shown with another's thresholds
+    w.image_combo.setCurrentText(image.name)
+    w.run()
+    w.preset_combo.setCurrentText("ki67")
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60000)
+    assert w.result is None and w.last_error == "cancelled"
+
+    # an estimating preset: Save JSON writes the vectors the run used
+    w.set_preset(load_preset("cxcr4").replace(name="est", estimate_stains=True))
+    w.run(sync=True)
+    target = tmp_path / "used.json"
+    monkeypatch.setattr(widget_mod.QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), ""))
+    w._save_stains()
+    assert json.loads(target.read_text())["dab"] == pytest.approx(list(w.result.stains.dab))
+
+    # a preset value with more than 6 decimals is kept
+    w.set_preset(load_preset("cxcr4").replace(name="fine", pixel_size_um=0.2270972430394695))
+    assert w.current_preset().detection.pixel_size_um == 0.2270972430394695
+
+
 def test_saving_stains_to_a_missing_folder_is_one_line(make_napari_viewer, tmp_path, monkeypatch):
     from napari_ihcscore import _widget as widget_mod
 

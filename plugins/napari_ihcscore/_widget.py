@@ -77,7 +77,7 @@ class _Relay(QObject):
     progress = Signal(int, int)
 
 
-def _decimals(value: float, most: int = 6) -> int:
+def _decimals(value: float, most: int = 17) -> int:
     """Fewest decimals (at most ``most``) that show ``value`` exactly."""
     for k in range(most + 1):
         if abs(round(value, k) - value) <= 1e-12 * max(1.0, abs(value)):
@@ -177,6 +177,7 @@ class IHCScoreWidget(QWidget):
         self._stains: StainVectors | None = None  # None: the preset's stains
         self._stale = False  # detection settings changed since the result was computed
         self._custom_presets: dict = {}  # preset box entries that are not packaged presets
+        self._exact_values: dict = {}  # the preset's detection values, beyond what the spin boxes keep
         self._preset = None
         self._layers: dict = {}
         self._relay = _Relay()
@@ -492,6 +493,8 @@ class IHCScoreWidget(QWidget):
         Cells detected with another preset are cleared: re-binning them with this preset's
         thresholds and compartment would mix two markers' settings.
         """
+        if self.worker is not None:  # its cells would be shown with this preset's thresholds
+            self.cancel()
         if self.result is not None:
             self.clear_result(f"Preset {preset.name}: press Run to detect and score with it.")
         self._preset = preset
@@ -511,6 +514,7 @@ class IHCScoreWidget(QWidget):
         self.det_image.setCurrentText(d.image)
         self.det_exclude_dab.setChecked(bool(d.exclude_dab))
         self.det_split.setChecked(bool(d.split_by_shape))
+        self._exact_values = {name: float(getattr(d, name)) for name in self.det_spins}
         for name, w in self.det_spins.items():
             v = float(getattr(d, name))
             w.setDecimals(max(w.decimals(), _decimals(v)))  # a preset's value is shown and used as written
@@ -560,7 +564,10 @@ class IHCScoreWidget(QWidget):
 
     def current_preset(self):
         """The selected preset with every control's value applied (engine ``Preset.replace``)."""
-        det = {name: float(w.value()) for name, w in self.det_spins.items()}
+        # a control still showing the preset's value gives the value itself (a spin box keeps ~10 decimals)
+        exact = dict(self._exact_values)
+        det = {name: exact[name] if name in exact and abs(float(w.value()) - exact[name]) <= 10.0 ** -w.decimals()
+               else float(w.value()) for name, w in self.det_spins.items()}
         det.update(image=self.det_image.currentText(), exclude_dab=self.det_exclude_dab.isChecked(),
                    split_by_shape=self.det_split.isChecked())
         s = self.scheme()
@@ -603,7 +610,7 @@ class IHCScoreWidget(QWidget):
 
     def _show_stains(self):
         sv = self.stains()
-        est = " (estimated per region at run time)" if self._stains is None and self._preset.stains.estimate else ""
+        est = " (estimated from the slide at run time)" if self._stains is None and self._preset.stains.estimate else ""
 
         def v(x):
             return " ".join(f"{c:.3f}" for c in x)
@@ -665,7 +672,8 @@ class IHCScoreWidget(QWidget):
         path, _ = QFileDialog.getSaveFileName(self, "Save stain vectors", "stains.json", "Stain vectors (*.json)")
         if path:
             try:
-                self.stains().to_json(path)
+                used = self.result.stains if self._stains is None and self.result is not None else None
+                (used or self.stains()).to_json(path)  # an estimating preset: the vectors the run used
                 self._info(f"wrote {path}")
             except (ValueError, OSError) as e:
                 self._error(f"{path}: cannot write ({e.strerror or e})" if isinstance(e, OSError) else str(e))
@@ -678,7 +686,15 @@ class IHCScoreWidget(QWidget):
                                   self._world_to_level0(image), slide.dimensions)
         if w < 1 or h < 1:
             raise ValueError("the slide is not on screen")
-        return Region("visible field", x, y, w, h)
+        m = _image_matrix(image)
+        polygon = None
+        if not np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2]))):  # rotated: the screen is not a slide box
+            cy, cx = float(cam.center[-2]), float(cam.center[-1])
+            hh, hw = canvas_hw[0] / (2.0 * cam.zoom), canvas_hw[1] / (2.0 * cam.zoom)
+            to0 = self._world_to_level0(image)
+            polygon = np.array([to0((cy + dy, cx + dx)) for dy, dx in
+                                ((-hh, -hw), (-hh, hw), (hh, hw), (hh, -hw))])[:, ::-1]
+        return Region("visible field", x, y, w, h, polygon)
 
     def preview(self, max_side: int = 2048):
         """Add hematoxylin and DAB OD images (engine deconvolution) of the field on screen."""
@@ -704,7 +720,8 @@ class IHCScoreWidget(QWidget):
                                             units=_units(image),
                                             metadata={"unit": "OD", RESULT_TAG: "preview"}, visible=True)
             out.append(lay)
-        self.viewer.layers.selection.active = image
+        if image in self.viewer.layers:  # it may have been closed meanwhile
+            self.viewer.layers.selection.active = image
         return out
 
     # ------------------------------------------------------------------ run
@@ -823,7 +840,8 @@ class IHCScoreWidget(QWidget):
             self._error(str(e))
             return None
         self.last_regions = regions
-        self._image = image
+        self._run_image = image  # the result's slide once it arrives (the box may change meanwhile)
+        self._run_settings = (preset.detection, self._stains)
         self._cancel.clear()
         self.progress.setRange(0, 0)  # busy until the first progress report
         self.status.setText(f"Scoring {len(regions)} region(s) of {image.name}…" if not whole
@@ -885,9 +903,13 @@ class IHCScoreWidget(QWidget):
         self.progress.setRange(0, 1)
         self.progress.setValue(1)
         self.result = result
-        self._stale = False
+        self._image = self._run_image
+        # detection settings changed while it ran: the cells shown were found with the earlier ones
+        self._stale = (self.current_preset().detection, self._stains) != self._run_settings
         self._show_layers()
         self.rescore()
+        if self._has_annotations():  # drawn classes and exclusions apply to the new cells too
+            self.apply_annotations()
         dt = time.perf_counter() - self._t0
         n = int(result.shown.sum() + result.excluded.sum())
         text = f"{n} cells in {len(result.regions)} region(s), {dt:.1f} s"
@@ -897,7 +919,13 @@ class IHCScoreWidget(QWidget):
             for w in result.warnings:  # e.g. an H&E slide: its DAB scores would be meaningless
                 show_warning(w)
             text += "\nWarning: " + "\nWarning: ".join(result.warnings)
+        if self._stale:
+            text += "\nDetection settings changed during the run: press Run to apply them."
         self.status.setText(text)
+
+    def _has_annotations(self) -> bool:
+        return any(name in self.viewer.layers and len(self.viewer.layers[name].data)
+                   for name in (TUMOUR_LAYER, OTHER_LAYER, EXCLUDE_LAYER))
 
     # ------------------------------------------------------------------ result layers
     def _remove_result_layers(self):
@@ -933,7 +961,8 @@ class IHCScoreWidget(QWidget):
                                      border_width=0.15, border_width_is_relative=True,
                                      metadata={RESULT_TAG: "points", "units": "µm"})
         self._layers = {"labels": labels_layers, "points": pts}
-        self.viewer.layers.selection.active = image
+        if image in self.viewer.layers:  # it may have been closed meanwhile
+            self.viewer.layers.selection.active = image
 
     def _recolour(self):
         res = self.result
@@ -943,6 +972,9 @@ class IHCScoreWidget(QWidget):
         bins = res.cells["bin"].to_numpy() if len(res.cells) else np.zeros(0, int)
         shown = res.shown
         pts = self._layers.get("points")
+        if pts is not None and pts in self.viewer.layers and len(pts.data) != len(res.cells):
+            self._show_layers()  # points deleted or added by hand: put the cells back as they are
+            pts = self._layers.get("points")
         if pts is not None and pts in self.viewer.layers:
             if len(res.cells):
                 pts.features = res.cells.drop(
@@ -975,6 +1007,12 @@ class IHCScoreWidget(QWidget):
         """Keep t1 < t2 < t3 by pushing the neighbours, then re-score."""
         vals = [float(s.value()) for s in self.sliders]
         step = 0.01
+        if not self.single_threshold.isChecked():  # leave room for the thresholds above and below it
+            vals[i] = min(max(vals[i], THRESHOLD_RANGE[0] + step * i), self.sliders[i].maximum() - step * (2 - i))
+            if abs(float(self.sliders[i].value()) - vals[i]) > 1e-9:
+                self.sliders[i].blockSignals(True)
+                self.sliders[i].setValue(vals[i])
+                self.sliders[i].blockSignals(False)
         for j in range(i + 1, 3):
             if vals[j] <= vals[j - 1]:
                 vals[j] = min(self.sliders[j].maximum(), vals[j - 1] + step)
@@ -1061,13 +1099,17 @@ class IHCScoreWidget(QWidget):
     def add_annotation_layers(self):
         """Add the 'tumour' and 'non-tumour' Points layers and the 'exclude' Shapes layer (µm)."""
         made = []
+        try:
+            units = {"units": _units(self.image_layer())}  # the slide's (µm): one unit across the layers
+        except ValueError:
+            units = {}
         if TUMOUR_LAYER not in self.viewer.layers:
-            made.append(self.viewer.add_points(name=TUMOUR_LAYER, face_color="red", size=6.0, ndim=2))
+            made.append(self.viewer.add_points(name=TUMOUR_LAYER, face_color="red", size=6.0, ndim=2, **units))
         if OTHER_LAYER not in self.viewer.layers:
-            made.append(self.viewer.add_points(name=OTHER_LAYER, face_color="lime", size=6.0, ndim=2))
+            made.append(self.viewer.add_points(name=OTHER_LAYER, face_color="lime", size=6.0, ndim=2, **units))
         if EXCLUDE_LAYER not in self.viewer.layers:
             made.append(self.viewer.add_shapes(name=EXCLUDE_LAYER, face_color=[0, 0, 0, 0.25], edge_color="black",
-                                               ndim=2))
+                                               ndim=2, **units))
         for lay in made:
             lay.events.data.connect(lambda *_: self._annot_timer.start())
         return made
@@ -1126,7 +1168,12 @@ class IHCScoreWidget(QWidget):
         excl = np.zeros(len(res.cells), bool)
         if EXCLUDE_LAYER in self.viewer.layers:
             lay = self.viewer.layers[EXCLUDE_LAYER]
-            polys = [np.array([lay.data_to_world(v) for v in np.asarray(p)])[:, -2:][:, ::-1] for p in lay.data]
+            polys = []
+            for p, kind in zip(lay.data, lay.shape_type):
+                if kind in ("line", "path"):
+                    continue  # no area
+                xy = np.array([lay.data_to_world(v) for v in np.asarray(p)])[:, -2:][:, ::-1]
+                polys.append(ellipse_polygon(xy) if kind == "ellipse" else xy)
             if polys:
                 excl = points_in_polygons(world[:, 1], world[:, 0], polys)
         res.excluded = excl
