@@ -565,3 +565,17 @@ def test_slide_outlines_are_float32_and_tile_independent(tmp_path, preset, mpp):
     assert not (ring * 2 == np.round(ring * 2)).all()
     area = shapely.Polygon(ring).area * (mpp ** 2)  # µm²
     assert area == pytest.approx(a["Nucleus: Area µm^2"].iloc[len(a) // 2], rel=0.15)
+
+
+def test_workers_after_an_inline_run_in_one_process():
+    """An inline run keeps the slide open for its tiles; a process pool forked after it shared that file's
+    position ('Not a JPEG file', 'corrupted strip'). The pool's workers now open their own."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "sample_slides" / "OS-2-ndpi.ome.tif"
+    p = load_preset("ki67")
+    with open_slide(path) as s:
+        inline = analyze_slide(s, p, tile_size=256, workers=1, tissue="all")
+        pooled = analyze_slide(s, p, tile_size=128, workers=2, tissue="all")
+    pd.testing.assert_frame_equal(inline.cells[["x_px", "y_px", "bin"]], pooled.cells[["x_px", "y_px", "bin"]],
+                                  check_exact=False, atol=1e-6)

@@ -450,6 +450,15 @@ def _worker_slide(path, mpp):
     return slide
 
 
+def _close_worker_slides():
+    """Close the slides this process keeps open for inline tiles (before a process pool forks)."""
+    while _WORKER_SLIDES:
+        try:
+            _WORKER_SLIDES.pop(next(iter(_WORKER_SLIDES))).close()
+        except Exception:  # noqa: BLE001 - a stale handle must not stop the slide
+            pass
+
+
 def analyze_tile(slide_path, mpp_override, task: TileTask, ds: float, mpp0: float, stains: StainVectors,
                  params: DetectionParams, polygons: bool, gpu: bool = False) -> pd.DataFrame:
     """Cells whose nucleus centroid lies in the tile's core (a picklable unit of work)."""
@@ -493,6 +502,7 @@ def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
             yield fn(t)
         return
     # after a failed tile (or an early close) the tiles not started are dropped, not run first
+    _close_worker_slides()  # forked workers must not share this process's open files (one file position)
     with worker_pool(workers, start_method) as pool:
         # Finished futures go through a queue and are dropped once their result is taken: a list of all
         # the futures (as_completed keeps one) would hold every tile's table until the slide ends.
