@@ -579,3 +579,19 @@ def test_workers_after_an_inline_run_in_one_process():
         pooled = analyze_slide(s, p, tile_size=128, workers=2, tissue="all")
     pd.testing.assert_frame_equal(inline.cells[["x_px", "y_px", "bin"]], pooled.cells[["x_px", "y_px", "bin"]],
                                   check_exact=False, atol=1e-6)
+
+
+def test_odd_sized_pyramid_is_identical_across_tile_sizes(tmp_path, preset):
+    """An odd-sized scan's level 1 is 1.999x, not 2x: a tile's level read went through level-0 coordinates
+    and landed a pixel off, so cells moved by up to 2 px and came and went with the tile size."""
+    path = tmp_path / "odd.tif"
+    make_synthetic_slide(path, shape=(1999, 2001), mpp=0.25, seed=3, compression="zlib")
+    with open_slide(path) as s:
+        assert s.level_count > 1 and s.level_downsamples[1] != 2.0
+        runs = [analyze_slide(s, preset, tile_size=t, tissue="all").cells for t in (1024, 128, 333)]
+    assert len(runs[0]) > 300
+    for other in runs[1:]:
+        assert len(other) == len(runs[0])
+        d, _ = cKDTree(runs[0][["x_px", "y_px"]].to_numpy()).query(other[["x_px", "y_px"]].to_numpy())
+        assert d.max() < 1e-6
+        assert (other["bin"].to_numpy() == runs[0]["bin"].to_numpy()).all()

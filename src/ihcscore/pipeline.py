@@ -412,13 +412,18 @@ def read_detection_tile(slide, padded, ds: float) -> np.ndarray:
     """Read detection-grid pixels ``padded = (y0, x0, y1, x1)`` from a slide as uint8 RGB."""
     y0, x0, y1, x1 = padded
     downs = list(slide.level_downsamples)
-    level = max((i for i, d in enumerate(downs) if d <= ds * (1 + 1e-6)), key=lambda i: downs[i], default=0)
+    exact = getattr(slide, "level_reads_exactly", lambda i: True)
+    level = max((i for i, d in enumerate(downs) if d <= ds * (1 + 1e-6) and (i == 0 or exact(i))),
+                key=lambda i: downs[i], default=0)
     d_l = downs[level]
     f = ds / d_l  # level pixels per detection pixel
     margin = int(math.ceil(3 * max(0.0, (f - 1) / 2) + 2))
     ly0, lx0 = int(math.floor(y0 * f)) - margin, int(math.floor(x0 * f)) - margin
     ly1, lx1 = int(math.ceil(y1 * f)) + margin, int(math.ceil(x1 * f)) + margin
-    src = slide.read_region((int(round(lx0 * d_l)), int(round(ly0 * d_l))), level, (lx1 - lx0, ly1 - ly0))
+    if hasattr(slide, "read_level_region"):  # level pixels as they are, one grid for every tile
+        src = slide.read_level_region(level, (lx0, ly0), (lx1 - lx0, ly1 - ly0))
+    else:
+        src = slide.read_region((int(round(lx0 * d_l)), int(round(ly0 * d_l))), level, (lx1 - lx0, ly1 - ly0))
     if abs(f - 1) < 1e-9:
         return np.ascontiguousarray(src[margin:margin + (y1 - y0), margin:margin + (x1 - x0), :3])
     return _to_uint8(resample_to_grid(src[..., :3], (ly0, lx0), f, (y0, x0), (y1 - y0, x1 - x0)))

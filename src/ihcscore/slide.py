@@ -406,6 +406,11 @@ class _OpenSlideBackend:
             return m, _resolution_um(p.get("tiff.YResolution"), unit), "tiff.XResolution"
         return None, None, None
 
+    def reads_exactly(self, level) -> bool:
+        """Tiles read by position, or a whole-number downsample OpenSlide maps to whole pixels."""
+        ds = self.level_downsamples[level]
+        return self._pages[level] is not None or abs(ds - round(ds)) < 1e-9
+
     def read_level(self, level, x, y, w, h):
         page = self._pages[level]
         if page is not None:
@@ -823,6 +828,21 @@ class Slide:
         x = int(np.floor(location[0] / ds + 1e-9))
         y = int(np.floor(location[1] / ds + 1e-9))
         return self._read_level_padded(level, x, y, size[0], size[1])
+
+    def read_level_region(self, level, location, size) -> np.ndarray:
+        """Read ``size`` (w, h) pixels of ``level`` at ``location`` (x, y) given in that level's own pixels.
+
+        No round trip through level-0 coordinates: at a fractional level downsample (a level of an
+        odd-sized scan is 1.9995x, not 2x) that round trip can land one pixel off, so a tile would
+        read its pixels shifted. White outside the level.
+        """
+        return self._read_level_padded(level, int(location[0]), int(location[1]), int(size[0]), int(size[1]))
+
+    def level_reads_exactly(self, level: int) -> bool:
+        """Whether ``level``'s pixels are read as stored. False where OpenSlide would be asked for a
+        position between its pixels (a fractional downsample, not read tile by tile) and resample."""
+        check = getattr(self._backend, "reads_exactly", None)
+        return True if check is None else bool(check(level))
 
     def best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest level whose downsample is <= ``downsample`` (nearest finer)."""
