@@ -536,7 +536,8 @@ OS2_NOTES = """
   cells before the watershed change, positive % within 0.15 points: a small effect.
 - **Refinement (step 10)** is done as documented (sigma-1 LoG of the detection image AND mask, OR the 1-px
   erosion). **Holes**: QuPath measures filled 4-connected polygon ROIs; ihcscore fills holes before splitting
-  and labels 4-connected components afterwards.
+  (only holes up to the largest nucleus's area: a larger one is a lumen, and filling it loses the ring of
+  nuclei around it, differently per tile) and labels 4-connected components afterwards.
 - **Counting**: QuPath's reference is one full-image annotation; `analyze_region` scores the crop in one
   piece, so there is no tiling difference here.
 """

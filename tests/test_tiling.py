@@ -595,3 +595,28 @@ def test_odd_sized_pyramid_is_identical_across_tile_sizes(tmp_path, preset):
         d, _ = cKDTree(runs[0][["x_px", "y_px"]].to_numpy()).query(other[["x_px", "y_px"]].to_numpy())
         assert d.max() < 1e-6
         assert (other["bin"].to_numpy() == runs[0]["bin"].to_numpy()).all()
+
+
+def test_glands_ringed_by_nuclei_keep_their_nuclei_whatever_the_tiles(tmp_path, preset):
+    """A lumen ringed by touching nuclei is not a hole in a nucleus: filled, the ring became one blob above
+    the largest nucleus and all its nuclei were lost, in the tiles that held the whole ring only."""
+    from ihcscore.stains import H_DAB_DEFAULT
+
+    mpp, side = 0.5, 600
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32)
+    hem = np.zeros((side, side), np.float32)
+    n_ring = 0
+    for cy, cx, r_um in ((150, 150, 30), (420, 380, 45)):
+        r_px, n = r_um / mpp, int(2 * np.pi * r_um / 6.5)
+        for k in range(n):
+            a = 2 * np.pi * k / n
+            d2 = ((yy - cy - r_px * np.sin(a)) ** 2 + (xx - cx - r_px * np.cos(a)) ** 2) / (4.0 / mpp) ** 2
+            np.maximum(hem, 0.6 * np.clip(1.2 - d2, 0, 1), out=hem)
+        n_ring += n
+    od = hem[..., None] * np.array(H_DAB_DEFAULT.hematoxylin, np.float32)
+    rgb = np.clip(np.rint(255 * 10 ** (-od)), 0, 255).astype(np.uint8)
+    path = tmp_path / "glands.tif"
+    write_pyramidal_tiff(path, rgb, mpp, compression="zlib")
+    with open_slide(path) as s:
+        counts = [len(analyze_slide(s, preset, tile_size=t, tissue="all").cells) for t in (1024, 128, 200)]
+    assert counts[0] >= 0.8 * n_ring and len(set(counts)) == 1, (counts, n_ring)

@@ -277,6 +277,24 @@ def _erode_3x3_repeating_edge(mask: np.ndarray) -> np.ndarray:
     return eroded[1:-1, 1:-1]
 
 
+def _fill_nuclear_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
+    """Fill the holes no larger than the largest nucleus (QuPath fills every hole).
+
+    A larger hole is a lumen ringed by nuclei, not a hole in one: filled, it merges the ring into one
+    blob above the largest nucleus area and every nucleus of it is lost. And whether such a ring closes
+    depends on how much of it a tile holds, so tiles would disagree; a hole up to a nucleus's size is
+    decided within the tile context.
+    """
+    filled = _k.fill_holes(mask) if _k else ndi.binary_fill_holes(mask)
+    holes = filled & ~mask
+    if not holes.any():
+        return filled
+    labels, n = _k.label(holes, 1) if _k else ndi.label(holes)  # 4-connected, as the fill floods
+    small = np.bincount(labels.ravel(), minlength=n + 1) <= max_area_px
+    small[0] = False
+    return mask | small[labels]
+
+
 def _laplacian(image: np.ndarray) -> np.ndarray:
     """``ndi.convolve(image, LAPLACIAN, mode="nearest")`` (the kernel is bit-identical)."""
     if _k:
@@ -348,7 +366,7 @@ def detect_nuclei(
     # Merge neighbouring regions of one nucleus, then split touching nuclei by shape.
     mask = (_k.binary_dilation_3x3(mask) if _k else ndi.binary_dilation(mask, structure=np.ones((3, 3)))) \
         & foreground
-    mask = _k.fill_holes(mask) if _k else ndi.binary_fill_holes(mask)
+    mask = _fill_nuclear_holes(mask, params.max_area_um2 / (px * px))
     if params.split_by_shape:
         mask = _split_touching(mask)
 
