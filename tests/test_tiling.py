@@ -310,8 +310,9 @@ def test_annotations_keep_exactly_the_cells_inside_them(runs, slide_path, preset
     gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
         {"type": "Feature", "geometry": shapely.geometry.mapping(g), "properties": {"name": n}}
         for n, g in (("circle", circle), ("triangle", triangle))]}))
-    coarse = tissue_mod.mask_from_file
-    monkeypatch.setattr(tissue_mod, "mask_from_file", lambda path, slide: coarse(path, slide, max_side=48))
+    coarse = tissue_mod.annotations_mask
+    monkeypatch.setattr(tissue_mod, "annotations_mask",
+                        lambda annotations, slide, path: coarse(annotations, slide, path, max_side=48))
     with open_slide(slide_path) as s:
         res = analyze_slide(s, preset, tile_size=256, tissue=str(gj))
     assert res.tissue_downsample == 32.0

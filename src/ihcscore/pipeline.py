@@ -142,6 +142,28 @@ def _stains_for(preset, stains: StainVectors | None, rgb: np.ndarray | None) -> 
     return preset.stains.to_stain_vectors()
 
 
+def _require_gpu() -> str:
+    """The GPU's name; ``RuntimeError`` with a one-line reason without one (``ihcscore.gpu``)."""
+    from . import gpu as _gpu
+
+    _gpu.require()
+    return _gpu.device_name()
+
+
+def _modality_warnings(slide) -> list[str]:
+    """Refuse a fluorescence slide (``SlideError``); warn that a grayscale one has no colour."""
+    modality = getattr(slide, "modality", "brightfield")
+    name = getattr(slide, "name", "region")
+    if modality == "fluorescence":
+        from .slide import SlideError
+
+        raise SlideError(f"{getattr(slide, 'path', None) or name}: looks like a fluorescence image (dark "
+                         "background), not brightfield: IHC scoring needs brightfield H-DAB")
+    if modality == "grayscale":
+        return [f"{name}: grayscale image (no colour): DAB cannot be told from hematoxylin"]
+    return []
+
+
 def _score_table(cells: pd.DataFrame, scheme: ScoringScheme, classifier=None) -> pd.DataFrame:
     """Add ``class`` (the morphology rule, or a trained :class:`~ihcscore.classify.CellClassifier`) and ``bin``."""
     cells["class"] = classifier.predict(cells) if classifier is not None else classify_cells(cells)
@@ -251,9 +273,7 @@ def analyze_region(
     # uint16 / float / RGBA pixels as the slide reader converts them (cast as is, they wrapped or truncated)
     rgb = rgb[..., :3] if rgb.dtype == np.uint8 else _to_rgb_uint8(rgb)
     if gpu:
-        from . import gpu as _gpu
-
-        _gpu.require()
+        _require_gpu()
     stains = _stains_for(preset, stains, rgb)
     px = detection_pixel_size(mpp, preset.detection.pixel_size_um)
     params = replace(preset.detection, pixel_size_um=px)
@@ -316,17 +336,10 @@ def analyze_slide_region(
     x, y, w, h = (int(v) for v in region)
     if w < 1 or h < 1:
         raise ValueError(f"empty region {w}x{h} px")
-    modality = getattr(slide, "modality", "brightfield")
+    warnings = _modality_warnings(slide)
     name = getattr(slide, "name", "region")
-    if modality == "fluorescence":
-        from .slide import SlideError
-
-        raise SlideError(f"{name}: looks like a fluorescence image (dark background), not brightfield: "
-                         "IHC scoring needs brightfield H-DAB")
     if gpu:
-        from . import gpu as _gpu
-
-        _gpu.require()
+        _require_gpu()
     mpp0 = float(slide.mpp)
     px = detection_pixel_size(mpp0, preset.detection.pixel_size_um)
     ds = px / mpp0
@@ -340,7 +353,8 @@ def analyze_slide_region(
         raise ValueError(f"region {x},{y} {w}x{h} px lies outside the slide ({w0}x{h0} px)")
     pad = params.context_px()
     py0, px0 = cy0 - pad, cx0 - pad
-    rgb = read_detection_tile(slide, (py0, px0, cy1 + pad, cx1 + pad), ds)
+    padded = (py0, px0, cy1 + pad, cx1 + pad)
+    rgb = read_detection_tile(slide, padded, ds)
     core = (pad, pad, pad + cy1 - cy0, pad + cx1 - cx0)
     rgb_core = rgb[core[0]:core[2], core[1]:core[3]]
     stains = _stains_for(preset, stains, rgb_core)
@@ -363,11 +377,9 @@ def analyze_slide_region(
     threads = default_threads() if threads is None else max(1, int(threads))
     cells, seg = _cells_from_rgb(rgb, stains, params, (px0 * ds, py0 * ds), ds, mpp0, polygons, threads,
                                  keep=keep, grid_origin=(py0, px0), core=core, gpu=gpu,
-                                 valid=_on_slide(slide, ds, (py0, px0, cy1 + pad, cx1 + pad)))
+                                 valid=_on_slide(slide, ds, padded))
     cells = _score_table(cells, preset.scoring, classifier)
     summary = summarize(cells, preset.scoring)
-    warnings = [f"{name}: grayscale image (no colour): DAB cannot be told from hematoxylin"] \
-        if modality == "grayscale" else []
     summary["warnings"] = warnings + stain_warnings(rgb_core, stains, name)
     oy, ox = seg.offset
     return RegionResult(cells=cells, summary=summary, stains=stains, segmentation=seg, pixel_size_um=px,
@@ -571,13 +583,16 @@ def stain_warnings(rgb_sample: np.ndarray, stains: StainVectors, name: str) -> l
     return out
 
 
-def _tissue(slide, tissue):
+def _tissue(slide, tissue, annotations=None):
+    """The tissue mask and its downsample (None for everything); ``annotations``: ``tissue``'s, already read."""
     from . import tissue as tissue_mod
 
     if tissue in (None, "all"):
         return None, 1.0
     if tissue == "auto":
         return tissue_mod.tissue_mask(slide)
+    if annotations is not None:
+        return tissue_mod.annotations_mask(annotations, slide, tissue)
     return tissue_mod.mask_from_file(tissue, slide)
 
 
@@ -670,8 +685,8 @@ def slide_stains(slide, preset, *, tissue="auto", annotations=None) -> tuple[Sta
     else:
         if not hasattr(slide, "thumbnail"):  # an in-memory image: no pyramid to find tissue on
             tissue = "all"
-        mask, mask_ds = _tissue(slide, tissue)
         annotations = _annotations(tissue)
+        mask, mask_ds = _tissue(slide, tissue, annotations)
     keep, _ = _tissue_tests(mask, mask_ds, annotations, ds)
     sample = _sample_tissue_rgb(slide, plan_tiles((int(h0 / ds), int(w0 / ds)), SAMPLE_WINDOW_PX, 0, keep), ds)
     return _preset_stains(slide, preset, sample)
@@ -745,21 +760,10 @@ def analyze_slide(
     t0 = time.perf_counter()
     device = "cpu"
     if gpu and client is None:  # on a cluster the workers' devices count, not this machine's
-        from . import gpu as _gpu
-
-        _gpu.require()
-        device = f"gpu: {_gpu.device_name()}"
+        device = f"gpu: {_require_gpu()}"
     elif gpu:
         device = "gpu"
-    modality = getattr(slide, "modality", "brightfield")
-    if modality == "fluorescence":
-        from .slide import SlideError
-
-        raise SlideError(f"{slide.path}: looks like a fluorescence image (dark background), not brightfield: "
-                         "IHC scoring needs brightfield H-DAB")
-    early_warnings = []
-    if modality == "grayscale":
-        early_warnings.append(f"{slide.name}: grayscale image (no colour): DAB cannot be told from hematoxylin")
+    early_warnings = _modality_warnings(slide)
     mpp0 = float(slide.mpp)
     px = detection_pixel_size(mpp0, preset.detection.pixel_size_um)
     ds = px / mpp0
@@ -768,8 +772,8 @@ def analyze_slide(
     shape_det = (int(h0 / ds), int(w0 / ds))
     pad = params.context_px()
 
-    mask, mask_ds = _tissue(slide, tissue)
-    annotations = _annotations(tissue)
+    annotations = _annotations(tissue)  # read once: the mask, the tiles, the cells and the regions use them
+    mask, mask_ds = _tissue(slide, tissue, annotations)
     keep, in_tissue = _tissue_tests(mask, mask_ds, annotations, ds)
     tasks = plan_tiles(shape_det, int(tile_size), pad, keep)
 

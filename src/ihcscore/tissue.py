@@ -25,6 +25,7 @@ __all__ = [
     "MaskError",
     "tissue_mask",
     "mask_from_file",
+    "annotations_mask",
     "read_annotations",
     "geojson_features",
     "json_excerpt",
@@ -334,6 +335,26 @@ def rasterize_geometries(geometries, shape, downsample=1.0):
     return mask
 
 
+def annotations_mask(annotations, slide, path, max_side=2048):
+    """The tissue mask of annotations already read (:func:`read_annotations` of ``path``), as
+    :func:`mask_from_file` makes it.
+
+    Raises
+    ------
+    MaskError
+        The annotations do not overlap the slide (asked of the geometry: an annotation smaller than a
+        pixel of the mask still counts, its cells do).
+    """
+    import shapely
+
+    w, h = slide.dimensions
+    if not any(g.intersects(shapely.box(0, 0, w, h)) for _, g in annotations):
+        raise MaskError(f"{path}: the annotations do not overlap the slide "
+                        f"({w}x{h} px); coordinates must be level-0 pixels")
+    ds = max(1.0, max(w, h) / float(max_side))
+    return rasterize_geometries([g for _, g in annotations], _thumb_shape((w, h), ds), ds), float(ds)
+
+
 def mask_from_file(path, slide, max_side=2048):
     """A tissue mask from a PNG/TIFF mask image or a GeoJSON annotation file.
 
@@ -367,15 +388,7 @@ def mask_from_file(path, slide, max_side=2048):
     w, h = slide.dimensions
     ext = path.suffix.lower()
     if ext in _GEOJSON_EXT:
-        import shapely
-
-        geoms = read_annotations(path)
-        # asked of the geometry: an annotation smaller than a pixel of the mask still counts (its cells do)
-        if not any(g.intersects(shapely.box(0, 0, w, h)) for _, g in geoms):
-            raise MaskError(f"{path}: the annotations do not overlap the slide "
-                            f"({w}x{h} px); coordinates must be level-0 pixels")
-        ds = max(1.0, max(w, h) / float(max_side))
-        return rasterize_geometries([g for _, g in geoms], _thumb_shape((w, h), ds), ds), float(ds)
+        return annotations_mask(read_annotations(path), slide, path, max_side)
     if ext not in _IMAGE_MASK_EXT:
         raise MaskError(f"{path}: unsupported mask file type {ext or '(none)'}; "
                         "use a PNG/TIFF mask or a GeoJSON of annotations")
