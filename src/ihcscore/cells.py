@@ -527,14 +527,18 @@ def _segment_whole(od, stain_od, params: DetectionParams, core=None, gpu: bool =
     if len(passes) > 1:
         extra = detect_nuclei(images[1], passes[1], background=backgrounds[1], gpu=gpu)
         nuclei = _add_hematoxylin_nuclei(nuclei, extra, params)
-    cells = expand_cells(nuclei, params.cell_expansion_um / px)
+    inside = None
     if valid is not None:  # no nucleus or cell pixels in the white read beyond the slide: their DAB would be 0
-        inside = np.zeros(cells.shape, bool)
+        inside = np.zeros(nuclei.shape, bool)
         vy0, vx0 = max(0, valid[0] - offset[0]), max(0, valid[1] - offset[1])
         inside[vy0:max(vy0, valid[2] - offset[0]), vx0:max(vx0, valid[3] - offset[1])] = True
-        if not inside.all():
+        if inside.all():
+            inside = None
+        else:
             nuclei = _relabel_present(np.where(inside, nuclei, nuclei.dtype.type(0)))
-            cells = np.where(inside, expand_cells(nuclei, params.cell_expansion_um / px), cells.dtype.type(0))
+    cells = expand_cells(nuclei, params.cell_expansion_um / px)
+    if inside is not None:
+        cells = np.where(inside, cells, cells.dtype.type(0))
     cytoplasm, membrane = compartments(nuclei, cells, params.membrane_width_um / px)
     return Segmentation(nuclei=nuclei, cells=cells, cytoplasm=cytoplasm, membrane=membrane,
                         pixel_size_um=px, extra={"measure_image": measure}, offset=offset)

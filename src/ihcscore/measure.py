@@ -295,19 +295,20 @@ def label_outlines(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
 
     found, offsets, c, origin = kernels.label_contours(labels, ids)
     xy = kernels.contour_points(c, offsets, origin, grid_origin, downsample, origin_px)
-    traced = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
     if not smooth:
-        kept, offsets, coords = traced
+        kept, offsets, coords = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
         return found[kept], offsets, coords
     # smoothed, then simplified with QuPath's tolerance for smoothed outlines (half the root of the downsample)
     smooth_offsets, smoothed = kernels.smooth_rings(xy, offsets, downsample)
     kept, s_offsets, s_coords = kernels.simplify_rings(smoothed, smooth_offsets, 0.5 * np.sqrt(downsample))
-    lost = np.setdiff1d(traced[0], kept)
+    if len(kept) == len(found):  # the usual case: no smoothed ring collapsed
+        return found[kept], s_offsets, s_coords
+    t_kept, t_offsets, t_coords = kernels.simplify_rings(xy, offsets, 0.5 * downsample)
+    lost = np.setdiff1d(t_kept, kept)
     if not len(lost):
         return found[kept], s_offsets, s_coords
     # an object of a few pixels whose smoothed ring collapses keeps its traced ring
     rings = {int(k): s_coords[a:b] for k, a, b in zip(kept, s_offsets[:-1], s_offsets[1:])}
-    t_kept, t_offsets, t_coords = traced
     for j in np.flatnonzero(np.isin(t_kept, lost)):
         rings[int(t_kept[j])] = t_coords[t_offsets[j]:t_offsets[j + 1]]
     order = sorted(rings)
