@@ -54,14 +54,15 @@ def output_names(paths, out_root=None) -> list[str]:
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
     repeated = {n for n in names if names.count(n) > 1}
+    sources = [slide_source(p) if out_root is not None and p.is_file() else None for p in paths]
     chosen = []
-    for p, n in zip(paths, names):
+    for i, (p, n, source) in enumerate(zip(paths, names, sources)):
         qualified = f"{p.resolve().parent.name}_{n}"
-        source = slide_source(p) if out_root is not None and p.is_file() else None
         held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)} if source else {}
         # the folder's outputs came from this path but from another file: this slide's, replaced in place,
         # unless another slide of the batch is the very file they were made of (moved there)
-        others = [slide_source(q) for q in paths if q != p and q.is_file() and slide_name(q) == n] if source else []
+        others = [o for k, o in enumerate(sources) if o is not None and k != i and names[k] == n] \
+            if source and n in repeated else []
         replaced = source and same_place(held[n], source) and not any(same_source(held[n], o) for o in others)
         if source and (same_source(held[n], source) or replaced):
             chosen.append(n)

@@ -1089,11 +1089,9 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
         write_summary_csv(out / "summary.csv", merged)
         write_failures(out, _merged_rows(out / "failures.csv", failures, names))
         if index or (out / "index.html").exists():
-            from urllib.parse import quote
+            from .report import report_href, write_cohort_index
 
-            from .report import write_cohort_index
-
-            links = {r.get("slide"): f"{quote(str(r.get('slide')))}/report.html" for r in merged
+            links = {r.get("slide"): report_href(r.get("slide")) for r in merged
                      if str(r.get("status")) == "ok" and (out / str(r.get("slide")) / "report.html").is_file()}
             write_cohort_index(out / "index.html", merged, links)
     return merged

@@ -34,6 +34,7 @@ __all__ = [
     "bin_color",
     "slide_report_html",
     "cohort_index_html",
+    "report_href",
     "write_slide_report",
     "write_cohort_index",
 ]
@@ -812,6 +813,12 @@ _COHORT_COLS = (
 )
 
 
+def report_href(slide) -> str:
+    """The relative link from a folder's ``index.html`` to a slide's ``report.html``: the slide name
+    percent-encoded (a ``#`` or ``?`` in it would otherwise end the path)."""
+    return f"{quote(str(slide))}/report.html"
+
+
 def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscore cohort") -> str:
     """HTML index of a scored folder: a sortable table and the H-score distribution.
 
@@ -823,8 +830,7 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
     links : dict or sequence, optional
         Slide -> href of its report (relative, e.g. ``"S1/report.html"``), or
         a list aligned with ``rows``, used as given (already URL-encoded). Default
-        ``"<slide>/report.html"`` for rows with status ``ok``, the slide name percent-encoded
-        (a ``#`` or ``?`` in it would otherwise end the path).
+        :func:`report_href` for rows with status ``ok``.
     title : str
 
     Returns
@@ -833,7 +839,7 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
     """
     rows = [dict(r) for r in rows]
     if links is None:
-        links = {r.get("slide"): f"{quote(str(r.get('slide')))}/report.html" for r in rows
+        links = {r.get("slide"): report_href(r.get("slide")) for r in rows
                  if str(r.get("status", "ok")) == "ok"}
     if not isinstance(links, Mapping):
         links = {r.get("slide"): l for r, l in zip(rows, links)}
