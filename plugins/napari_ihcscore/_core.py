@@ -17,7 +17,7 @@ from ihcscore.scoring import COMPARTMENTS, ScoringScheme, assign_bins, summarize
 
 __all__ = [
     "UNSCORED_RGBA", "bin_rgba", "label_color_dict", "Region", "RegionCells", "ScoredCells",
-    "bbox_from_points", "ellipse_polygon", "first_copies", "visible_bbox", "points_in_polygons",
+    "bbox_from_points", "ellipse_polygon", "shape_area", "first_copies", "visible_corners", "points_in_polygons",
     "placement", "summary_rows", "SCORE_COLUMNS", "nearest_cells", "format_value",
 ]
 
@@ -231,8 +231,8 @@ def first_copies(xy: np.ndarray, group: np.ndarray, tol: float = 1e-3) -> np.nda
     return first
 
 
-def visible_bbox(center_world, zoom: float, canvas_hw, world_to_level0, dimensions):
-    """Level-0 rectangle (x, y, w, h) of the field on screen.
+def visible_corners(center_world, zoom: float, canvas_hw, world_to_level0) -> np.ndarray:
+    """Level-0 (x, y) of the screen's four corners, in order around it.
 
     Parameters
     ----------
@@ -244,12 +244,21 @@ def visible_bbox(center_world, zoom: float, canvas_hw, world_to_level0, dimensio
         Canvas size in screen pixels.
     world_to_level0 : callable((y, x)) -> (y, x)
         World to level-0 pixel coordinates.
-    dimensions : (W, H)
     """
     cy, cx = float(center_world[-2]), float(center_world[-1])
     hh, hw = canvas_hw[0] / (2.0 * zoom), canvas_hw[1] / (2.0 * zoom)
-    corners = np.array([world_to_level0((cy + dy, cx + dx)) for dy in (-hh, hh) for dx in (-hw, hw)])
-    return bbox_from_points(corners[:, ::-1], dimensions)
+    corners = [world_to_level0((cy + dy, cx + dx)) for dy, dx in ((-hh, -hw), (-hh, hw), (hh, hw), (hh, -hw))]
+    return np.array(corners, dtype=np.float64)[:, ::-1]
+
+
+def shape_area(kind: str, xy: np.ndarray):
+    """The polygon (K, 2) a napari shape of type ``kind`` covers, or None for a line or path (no area).
+
+    napari keeps an ellipse as the corners of its box: it becomes the inscribed ellipse.
+    """
+    if kind in ("line", "path"):
+        return None
+    return ellipse_polygon(xy) if kind == "ellipse" else np.asarray(xy, dtype=np.float64)
 
 
 def points_in_polygons(x, y, polygons) -> np.ndarray:

@@ -30,9 +30,9 @@ from ihcscore.preset import DETECTION_IMAGES, available_presets, load_preset
 from ihcscore.scoring import COMPARTMENTS, STATISTICS, ScoringScheme
 from ihcscore.stains import StainVectors, deconvolve, estimate_stain_vectors
 
-from ._core import (SCORE_COLUMNS, Region, RegionCells, ScoredCells, bbox_from_points, bin_rgba, ellipse_polygon,
-                    first_copies, format_value, label_color_dict, nearest_cells, placement, points_in_polygons,
-                    summary_rows, visible_bbox)
+from ._core import (SCORE_COLUMNS, Region, RegionCells, ScoredCells, bbox_from_points, bin_rgba, first_copies,
+                    format_value, label_color_dict, nearest_cells, placement, points_in_polygons, shape_area,
+                    summary_rows, visible_corners)
 from ._slides import layer_slide
 from ._writer import KEPT_LABELS
 
@@ -108,6 +108,11 @@ def _image_matrix(layer) -> np.ndarray:
     out[:2, :2] = m[-3:-1, -3:-1]
     out[:2, 2] = m[-3:-1, -1]
     return out
+
+
+def _rotated(m: np.ndarray) -> bool:
+    """Whether an :func:`_image_matrix` rotates or shears (slide axes not along the screen's)."""
+    return not np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2])))
 
 
 def _units(layer):
@@ -461,7 +466,7 @@ class IHCScoreWidget(QWidget):
         slide is rotated or sheared."""
         m = _image_matrix(image)
         # all three keys every time: a layer placed again (preview) must lose the other placement's parts
-        if np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2]))):
+        if not _rotated(m):
             translate, scale = placement(origin_px, downsample, np.diag(m[:2, :2]), m[:2, 2])
             return {"translate": translate, "scale": scale, "affine": np.eye(3)}
         off = 0.5 * downsample - 0.5
@@ -682,19 +687,12 @@ class IHCScoreWidget(QWidget):
         """Level-0 rectangle of the field on screen."""
         slide = layer_slide(image)
         cam, canvas_hw = _camera_and_canvas(self.viewer)
-        x, y, w, h = visible_bbox(cam.center, cam.zoom, canvas_hw,
-                                  self._world_to_level0(image), slide.dimensions)
+        corners = visible_corners(cam.center, cam.zoom, canvas_hw, self._world_to_level0(image))
+        x, y, w, h = bbox_from_points(corners, slide.dimensions)
         if w < 1 or h < 1:
             raise ValueError("the slide is not on screen")
-        m = _image_matrix(image)
-        polygon = None
-        if not np.allclose(m[:2, :2], np.diag(np.diag(m[:2, :2]))):  # rotated: the screen is not a slide box
-            cy, cx = float(cam.center[-2]), float(cam.center[-1])
-            hh, hw = canvas_hw[0] / (2.0 * cam.zoom), canvas_hw[1] / (2.0 * cam.zoom)
-            to0 = self._world_to_level0(image)
-            polygon = np.array([to0((cy + dy, cx + dx)) for dy, dx in
-                                ((-hh, -hw), (-hh, hw), (hh, hw), (hh, -hw))])[:, ::-1]
-        return Region("visible field", x, y, w, h, polygon)
+        # a rotated slide: the screen is not a box of the slide, its cells are those inside the screen
+        return Region("visible field", x, y, w, h, corners if _rotated(_image_matrix(image)) else None)
 
     def preview(self, max_side: int = 2048):
         """Add hematoxylin and DAB OD images (engine deconvolution) of the field on screen."""
@@ -738,13 +736,10 @@ class IHCScoreWidget(QWidget):
         layer, idx = self._selected_shapes()
         out, lines = [], []
         for i in idx:
-            kind = layer.shape_type[i]
-            if kind in ("line", "path"):  # no area to score
+            xy = shape_area(layer.shape_type[i], self._shape_level0(layer, image, i))
+            if xy is None:  # no area to score
                 lines.append(f"{layer.name} #{i + 1}")
                 continue
-            xy = self._shape_level0(layer, image, i)
-            if kind == "ellipse":  # napari keeps an ellipse as the corners of its box
-                xy = ellipse_polygon(xy)
             x, y, w, h = bbox_from_points(xy, slide.dimensions)
             if w < 1 or h < 1:
                 # thinner than a pixel along an axis: read the pixels it lies in along that axis
@@ -1168,12 +1163,9 @@ class IHCScoreWidget(QWidget):
         excl = np.zeros(len(res.cells), bool)
         if EXCLUDE_LAYER in self.viewer.layers:
             lay = self.viewer.layers[EXCLUDE_LAYER]
-            polys = []
-            for p, kind in zip(lay.data, lay.shape_type):
-                if kind in ("line", "path"):
-                    continue  # no area
-                xy = np.array([lay.data_to_world(v) for v in np.asarray(p)])[:, -2:][:, ::-1]
-                polys.append(ellipse_polygon(xy) if kind == "ellipse" else xy)
+            polys = [shape_area(kind, np.array([lay.data_to_world(v) for v in np.asarray(p)])[:, -2:][:, ::-1])
+                     for p, kind in zip(lay.data, lay.shape_type)]
+            polys = [p for p in polys if p is not None]  # lines have no area
             if polys:
                 excl = points_in_polygons(world[:, 1], world[:, 0], polys)
         res.excluded = excl
