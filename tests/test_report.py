@@ -171,6 +171,24 @@ def test_cohort_index_contents(tmp_path):
     assert 'href="x/S1.html"' in p.read_text(encoding="utf-8")
 
 
+def test_headline_follows_the_presets_scored_cells():
+    """A preset scoring all cells (``scoring.cells = "all"``) heads its report and the index with all cells."""
+    by_comp = {c: {"n": 10, "h_score": h} for c, h in (("nucleus", 11.0), ("cell", 22.0))}
+    s = {"slide": "s", "thresholds": [0.2, 0.4, 0.6], "compartment": "nucleus", "n_cells": 40,
+         "tumour": {"n": 10, "h_score": 55.5, "percent_positive": 12.5, "by_compartment": by_comp},
+         "all": {"n": 40, "h_score": 77.7, "percent_positive": 33.3, "by_compartment": by_comp}}
+    for cells, head, other in (("tumour", "55.5", "77.7"), ("all", "77.7", "55.5")):
+        page = slide_report_html({**s, "scored_cells": cells}, None)
+        kpis = page.split('class="headline"', 1)[1].split("<h2>", 1)[0]
+        assert head in kpis and other not in kpis
+        scoring_rows = re.findall(r'<tr class="scoring">(.*?)</tr>', page)
+        assert len(scoring_rows) == 1 and f">{cells}<" in scoring_rows[0] and "nucleus" in scoring_rows[0]
+    rows = [summary_row({"slide": f"S{i}", "scored_cells": "all", "tumour": {"h_score": 1.0},
+                         "all": {"h_score": 10.0 * i}}, "ok", 1.0) for i in (1, 2, 3)]
+    assert rows[0]["scored_cells"] == "all"
+    assert "median all-cell H-score 20.0" in cohort_index_html(rows)
+
+
 # ----------------------------------------------------------------------------- browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -163,6 +163,7 @@ SUMMARY_CSV_COLUMNS = (
     "resumed",  # True: the slide's complete outputs were found and kept (not rescored) by this run
     "preset",  # what scored it: rows of several runs (other presets, other versions) can be told apart
     "software_version",
+    "scored_cells",  # tumour | all: the group of the slide's headline score (the preset's scoring.cells)
 )
 #: Columns of ``DIR/failures.csv``.
 FAILURES_CSV_COLUMNS = ("slide", "path", "error")
@@ -984,6 +985,7 @@ def summary_row(
     row["error"] = error
     row["preset"] = summary.get("preset")
     row["software_version"] = summary.get("software_version")
+    row["scored_cells"] = summary.get("scored_cells")
     w = summary.get("warnings")
     if w:
         row["warnings"] = "; ".join(str(x) for x in w) if not isinstance(w, str) else w

@@ -418,13 +418,13 @@ def _heatmap_figure(grid) -> str | None:
     return _fig_uri(fig)
 
 
-def _hscore_hist_figure(values) -> str:
+def _hscore_hist_figure(values, what: str = "tumour") -> str:
     fig = Figure(figsize=(6.0, 3.0))
     ax = fig.add_axes((0.1, 0.18, 0.86, 0.74))
     v = np.asarray([x for x in values if x is not None], float)
     ax.hist(v, bins=np.arange(0, 310, 10), color="#3558a8", edgecolor="white")
     ax.set_xlim(0, 300)
-    ax.set_xlabel("tumour H-score (0–300)")
+    ax.set_xlabel(f"{what} H-score (0–300)")
     ax.set_ylabel("slides")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"H-score distribution (n = {v.size} slides)", fontsize=10)
@@ -454,8 +454,15 @@ def _score_row(group: str, comp: str, g: Mapping, scoring: bool) -> str:
     )
 
 
+def headline_group(summary: Mapping) -> str:
+    """The cell group the headline score uses: ``"all"`` when the preset scores all cells
+    (``scoring.cells``, ``summary["scored_cells"]``), else ``"tumour"``."""
+    return "all" if str(summary.get("scored_cells") or "tumour") == "all" else "tumour"
+
+
 def _score_table(summary: Mapping) -> str:
     comp0 = str(summary.get("compartment") or "cell")
+    head = headline_group(summary)
     rows = []
     for group in ("tumour", "all"):
         g = summary.get(group)
@@ -465,9 +472,9 @@ def _score_table(summary: Mapping) -> str:
         if byc:
             names = [c for c in COMPARTMENTS if c in byc] + [c for c in byc if c not in COMPARTMENTS]
             for comp in names:
-                rows.append(_score_row(group, comp, byc[comp] or {}, comp == comp0))
+                rows.append(_score_row(group, comp, byc[comp] or {}, group == head and comp == comp0))
         else:
-            rows.append(_score_row(group, comp0, g, True))
+            rows.append(_score_row(group, comp0, g, group == head))
     return (
         f'<div class="scroll"><table id="score-table" class="sortable"><thead><tr>{_SCORE_HEAD}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table></div>"
@@ -646,14 +653,17 @@ def _warnings_html(warnings) -> str:
 
 
 def _kpis(summary: Mapping) -> str:
-    g = summary.get("tumour") if isinstance(summary.get("tumour"), Mapping) else {}
-    a = summary.get("all") if isinstance(summary.get("all"), Mapping) else {}
+    def group(name):
+        return summary.get(name) if isinstance(summary.get(name), Mapping) else {}
+
+    t, a = group("tumour"), group("all")
+    g, who = (a, "all-cell") if headline_group(summary) == "all" else (t, "tumour")
     items = [
-        (_fmt(g.get("h_score"), 1), "tumour H-score (0–300)"),
-        (_fmt(g.get("percent_positive"), 1, " %"), "tumour cells positive (%)"),
+        (_fmt(g.get("h_score"), 1), f"{who} H-score (0–300)"),
+        (_fmt(g.get("percent_positive"), 1, " %"), f"{'all' if who == 'all-cell' else who} cells positive (%)"),
         (_fmt(g.get("allred"), 0), "Allred score (0–8)"),
         (_fmt(g.get("irs"), 0), "IRS (0–12)"),
-        (_fmt(g.get("n"), 0), "tumour cells (n)"),
+        (_fmt(t.get("n"), 0), "tumour cells (n)"),
         (_fmt(a.get("n", summary.get("n_cells")), 0), "all cells (n)"),
     ]
     return '<div class="headline">' + "".join(
@@ -845,12 +855,15 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
         links = {r.get("slide"): l for r, l in zip(rows, links)}
     ok = [r for r in rows if str(r.get("status", "ok")) == "ok"]
     failed = [r for r in rows if str(r.get("status", "ok")) not in ("ok",)]
-    hs = [_num(r.get("tumour_h_score")) for r in ok]
+    # Each slide's headline H-score: of its tumour cells, or of all cells where its preset scores all cells.
+    groups = {headline_group(r) for r in ok}
+    hs = [_num(r.get(f"{headline_group(r)}_h_score")) for r in ok]
     hs_ok = [h for h in hs if h is not None]
+    what = {frozenset({"tumour"}): "tumour", frozenset({"all"}): "all-cell"}.get(frozenset(groups), "headline")
     parts = [f"<h1>{_e(title)}</h1>"]
     med = f"{float(np.median(hs_ok)):.1f}" if hs_ok else _MISSING
     parts.append(f'<p class="sub">{len(rows)} slides: {len(ok)} scored, {len(failed)} not scored · '
-                 f"median tumour H-score {_e(med)} (0–300)</p>")
+                 f"median {what} H-score {_e(med)} (0–300)</p>")
     if failed:
         parts.append(_warnings_html([f"{r.get('slide')}: {r.get('status')}"
                                      + (f" ({r.get('error')})" if r.get("error") else "") for r in failed]))
@@ -873,7 +886,7 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
                  f"</thead><tbody>{''.join(body)}</tbody></table></div>")
     if hs_ok:
         parts.append("<h2>H-score distribution</h2>")
-        parts.append(_img(_hscore_hist_figure(hs_ok), "H-score histogram",
+        parts.append(_img(_hscore_hist_figure(hs_ok, what), "H-score histogram",
                           "Tumour H-score (0–300) of the scored slides, 10-point bins."))
     return _page(title, "\n".join(p for p in parts if p))
 
