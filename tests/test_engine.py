@@ -130,14 +130,36 @@ def test_measurements_of_known_disks():
     assert t.loc[0, "Cell: Area µm^2"] == pytest.approx((cells == 1).sum() * 0.25)
     assert t.loc[0, "Nucleus: DAB OD mean"] == pytest.approx(0.7)
     assert t.loc[1, "Nucleus: DAB OD mean"] == pytest.approx(0.1)
-    # Detection pixel (40, 50) maps to level-0 1000 + (40 + 0.5) * 2 - 0.5.
-    assert t.loc[0, "x_px"] == pytest.approx(1000 + 40.5 * 2 - 0.5)
-    assert t.loc[0, "y_px"] == pytest.approx(2000 + 50.5 * 2 - 0.5)
+    # Detection pixel (40, 50) covers level-0 pixels 1080-1081, [1080, 1082) in QuPath's convention: centre 1081.
+    assert t.loc[0, "x_px"] == pytest.approx(1000 + 40.5 * 2)
+    assert t.loc[0, "y_px"] == pytest.approx(2000 + 50.5 * 2)
     # Circularity of a digitised disk is close to 1; the perimeter close to 2 pi r.
     assert t.loc[0, "Nucleus: Perimeter µm"] == pytest.approx(2 * np.pi * 8 * 0.5, rel=0.1)
     assert t.loc[0, "Nucleus: Circularity"] > 0.85
     assert t.loc[0, "Nucleus: Eccentricity"] < 0.2
 
+
+
+def test_level0_coordinates_follow_qupaths_pixel_convention():
+    """Level-0 pixel k spans [k, k + 1) (QuPath's convention, that of GeoJSON annotations): a nucleus on
+    pixels 20-23 has its outline from 20 to 24 and its centroid at 22, on any detection grid."""
+    import shapely
+
+    from ihcscore.measure import grid_to_level0, label_polygons
+    from ihcscore.tissue import rasterize_geometries
+
+    labels = np.zeros((40, 40), np.int32)
+    labels[10:14, 20:24] = 1
+    for ds, origin in ((1.0, (0, 0)), (2.0, (0, 0)), (2.2017, (5, 7))):
+        ring = label_polygons(labels, downsample=ds, grid_origin=origin)[1]
+        x0, y0 = origin[1] * ds, origin[0] * ds
+        np.testing.assert_allclose(ring.min(axis=0), [x0 + 20 * ds, y0 + 10 * ds], atol=1e-9)
+        np.testing.assert_allclose(ring.max(axis=0), [x0 + 24 * ds, y0 + 14 * ds], atol=1e-9)
+        assert grid_to_level0(origin[1] + 21.5, ds) == pytest.approx(x0 + 22 * ds)
+    # the annotation with the nucleus's outline rasterises to the nucleus's pixels, and holds its centroid
+    square = shapely.box(20, 10, 24, 14)
+    np.testing.assert_array_equal(rasterize_geometries([square], labels.shape, 1.0), labels == 1)
+    assert shapely.contains_xy(square, 22.0, 12.0) and not shapely.contains_xy(shapely.box(22.5, 10, 24, 14), 22, 12)
 
 def test_measure_cells_in_bands_is_identical():
     """Measuring in 1 or 5 row bands gives the same table bit for bit: cells across band edges,

@@ -903,8 +903,8 @@ def _label_polygons_reference(labels, ids=None, *, origin_px=(0.0, 0.0), downsam
         c = max(contours, key=len)
         if len(c) < 4:
             continue
-        r = (c[:, 0] - 1 + sl[0].start + grid_origin[0] + 0.5) * downsample - 0.5 + origin_px[1]
-        x = (c[:, 1] - 1 + sl[1].start + grid_origin[1] + 0.5) * downsample - 0.5 + origin_px[0]
+        r = (c[:, 0] - 1 + sl[0].start + grid_origin[0] + 0.5) * downsample + origin_px[1]
+        x = (c[:, 1] - 1 + sl[1].start + grid_origin[1] + 0.5) * downsample + origin_px[0]
         found.append(lab)
         rings.append(shapely.linearrings(np.column_stack([x, r])))
     if not rings:

@@ -89,7 +89,8 @@ def test_widget_uses_the_file_mpp_when_another_reader_opened_it(make_napari_view
     with open_slide(slide_path) as s:
         eng = analyze_slide_region(s, (40, 30, 300, 230), w.current_preset(), polygon=w.last_regions[0].polygon)
     assert len(res.cells) == len(eng.cells)
-    np.testing.assert_allclose(viewer.layers["cell centroids"].data, eng.cells[["y_px", "x_px"]].to_numpy())
+    # the engine's level-0 pixel k spans [k, k + 1) (QuPath's convention); napari centres it on k
+    np.testing.assert_allclose(viewer.layers["cell centroids"].data, eng.cells[["y_px", "x_px"]].to_numpy() - 0.5)
 
 
 def test_reader_error_names_the_file(make_napari_viewer, tmp_path):
@@ -150,7 +151,7 @@ def test_widget_scores_rectangle_like_the_engine(make_napari_viewer, qtbot, slid
     assert ox < 40 and oy < 30
     assert tuple(labels.translate) == pytest.approx(((oy + 0.5 * ds - 0.5) * MPP, (ox + 0.5 * ds - 0.5) * MPP))
     np.testing.assert_array_equal(labels.data, eng.segmentation.cells)
-    np.testing.assert_allclose(points.data, eng.cells[["y_um", "x_um"]].to_numpy())
+    np.testing.assert_allclose(points.data, eng.cells[["y_um", "x_um"]].to_numpy() - 0.5 * MPP)  # napari: centred
     assert list(points.features["bin"]) == list(eng.cells["bin"])
     # a labelled pixel's world position is inside its cell: nucleus centroid maps back to its label
     row = eng.cells.iloc[len(eng.cells) // 2]
@@ -447,7 +448,7 @@ def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path, t
     assert w.last_error is None, w.last_error
     cells = w.result.cells
     points = viewer.layers["cell centroids"].data
-    want = np.array([image.data_to_world(p) for p in cells[["y_px", "x_px"]].to_numpy()[:20]])
+    want = np.array([image.data_to_world(p) for p in cells[["y_px", "x_px"]].to_numpy()[:20] - 0.5])
     np.testing.assert_allclose(points[:20], want, atol=1e-6)
     # region mode: the label image lies under its cells
     w.region_mode.setCurrentText("Selected annotations")
@@ -458,14 +459,14 @@ def test_cells_follow_a_moved_or_rotated_slide(make_napari_viewer, slide_path, t
     assert w.last_error is None, w.last_error
     labels = viewer.layers["cells"]
     for _, row in w.result.cells.iloc[::10].iterrows():
-        world = image.data_to_world((row["y_px"], row["x_px"]))
+        world = image.data_to_world((row["y_px"] - 0.5, row["x_px"] - 0.5))
         yx = np.round(labels.world_to_data(world)).astype(int)
         assert labels.data[tuple(yx)] == row["label"]
     # saved and opened again, the labels lie where they were
     saved = labels.save(str(tmp_path / "cells.tif"), plugin=PLUGIN)
     (reopened,) = viewer.open(saved[0], plugin=PLUGIN)
     row = w.result.cells.iloc[len(w.result.cells) // 2]
-    world = image.data_to_world((row["y_px"], row["x_px"]))
+    world = image.data_to_world((row["y_px"] - 0.5, row["x_px"] - 0.5))
     assert reopened.data[tuple(np.round(reopened.world_to_data(world)).astype(int))] == row["label"]
     # the preview placed over a rotated slide, then over the same slide unrotated: no stale part remains
     w.preview()

@@ -234,11 +234,11 @@ def test_cells_end_at_the_slides_edge():
         res = analyze_slide(s, load_preset("cxcr4"), tissue="all", polygons=True, tile_size=256)
         ds = 0.5 / s.mpp
         w0, h0 = s.dimensions
-    hi = np.array([int(w0 / ds) * ds - 0.5, int(h0 / ds) * ds - 0.5]) + 1e-3
+    hi = np.array([int(w0 / ds) * ds, int(h0 / ds) * ds]) + 1e-3  # level-0 pixel k spans [k, k + 1)
     for col in ("cell_polygon", "nucleus_polygon"):  # nuclei too: smoothing spread them past the edge
         rings = [r for r in res.cells[col] if r is not None]
         assert len(rings) > 1000
-        assert all((r.min(axis=0) >= -0.5 - 1e-3).all() and (r.max(axis=0) <= hi).all() for r in rings), col
+        assert all((r.min(axis=0) >= -1e-3).all() and (r.max(axis=0) <= hi).all() for r in rings), col
     # every cell is its nucleus and its cytoplasm
     area = res.cells["Nucleus: Area µm^2"] + res.cells["Cytoplasm: Area µm^2"].fillna(0)
     np.testing.assert_allclose(area, res.cells["Cell: Area µm^2"])
@@ -277,8 +277,8 @@ def test_slide_region_is_what_the_slide_run_finds_in_it(tmp_path):
             assert got.summary["warnings"] == []
         # a region smaller than its polygon: the cells in both
         part = analyze_slide_region(s, (700, 600, 200, 150), p, polygon=geom)
-        inside = got.cells[(got.cells["x_px"] >= 699.5) & (got.cells["x_px"] < 899.5)
-                           & (got.cells["y_px"] >= 599.5) & (got.cells["y_px"] < 749.5)]
+        inside = got.cells[(got.cells["x_px"] >= 700) & (got.cells["x_px"] < 900)
+                           & (got.cells["y_px"] >= 600) & (got.cells["y_px"] < 750)]
         assert 0 < len(part.cells) == len(inside) < len(got.cells)
         # an estimating preset: the vectors of the windows the annotation meets, as the slide run takes them
         from ihcscore.pipeline import slide_stains

@@ -168,7 +168,7 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     ----------
     xy : (K, 2) array
         Vertices in level-0 pixel coordinates (x, y); pixel ``i`` spans
-        ``[i - 0.5, i + 0.5]`` (napari's convention).
+        ``[i, i + 1)`` (the engine's convention, QuPath's).
     dimensions : (W, H)
 
     Returns
@@ -177,8 +177,8 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     """
     xy = np.asarray(xy, dtype=np.float64)
     # napari keeps vertices in float32: a corner on a pixel centre comes back ~1e-4 px off it
-    lo = np.ceil(xy.min(axis=0) - 1e-3).astype(int)
-    hi = np.floor(xy.max(axis=0) + 1e-3).astype(int) + 1
+    lo = np.ceil(xy.min(axis=0) - 0.5 - 1e-3).astype(int)
+    hi = np.floor(xy.max(axis=0) - 0.5 + 1e-3).astype(int) + 1
     W, H = dimensions
     x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
     x1, y1 = min(int(hi[0]), int(W)), min(int(hi[1]), int(H))
@@ -282,8 +282,8 @@ def placement(origin_px, downsample: float, image_scale, image_translate=(0.0, 0
     """``(translate, scale)`` (y, x) in world units of a detection-resolution label image.
 
     Detection pixel ``i`` covers level-0 pixels ``[i*ds, (i+1)*ds)`` from
-    ``origin_px`` (the engine's grid), so its centre is level-0 coordinate
-    ``origin + (i + 0.5) * ds - 0.5``.
+    ``origin_px`` (the engine's grid), so its centre is napari data coordinate
+    ``origin + (i + 0.5) * ds - 0.5`` (napari centres level-0 pixel ``k`` on ``k``).
     """
     sy, sx = float(image_scale[-2]), float(image_scale[-1])
     ty, tx = float(image_translate[-2]), float(image_translate[-1])

@@ -450,13 +450,14 @@ class IHCScoreWidget(QWidget):
         return self.viewer.layers[name]
 
     def _world_to_level0(self, layer):
-        """World (y, x) -> level-0 pixel (y, x) of ``layer``."""
-        return lambda p: np.asarray(layer.world_to_data(np.asarray(p, float)))[-2:]
+        """World (y, x) -> level-0 (y, x) of ``layer`` in the engine's convention (QuPath's: pixel ``k``
+        spans ``[k, k + 1)``; napari centres it on ``k``)."""
+        return lambda p: np.asarray(layer.world_to_data(np.asarray(p, float)))[-2:] + 0.5
 
     def _level0_to_world(self, layer, yx):
-        """Level-0 (y, x) of ``layer`` -> world (y, x), through its whole transform (a moved or rotated
-        slide too)."""
-        yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
+        """Level-0 (y, x) of ``layer`` (the engine's convention) -> world (y, x), through its whole
+        transform (a moved or rotated slide too)."""
+        yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2) - 0.5
         m = _image_matrix(layer)
         return yx @ m[:2, :2].T + m[:2, 2]
 
@@ -745,12 +746,12 @@ class IHCScoreWidget(QWidget):
                 # thinner than a pixel along an axis: read the pixels it lies in along that axis
                 (x0, y0), (x1, y1) = xy.min(axis=0), xy.max(axis=0)
                 W, H = slide.dimensions
-                if x1 < -0.5 or x0 >= W - 0.5 or y1 < -0.5 or y0 >= H - 0.5:
+                if x1 < 0 or x0 >= W or y1 < 0 or y0 >= H:
                     continue  # off the slide
                 if w < 1:
-                    x, w = int(np.clip(round((x0 + x1) / 2), 0, W - 1)), 1
+                    x, w = int(np.clip(np.floor((x0 + x1) / 2), 0, W - 1)), 1
                 if h < 1:
-                    y, h = int(np.clip(round((y0 + y1) / 2), 0, H - 1)), 1
+                    y, h = int(np.clip(np.floor((y0 + y1) / 2), 0, H - 1)), 1
             # cells count when their centroid is inside the shape, as with --tissue ANNOTATIONS.geojson
             out.append(Region(f"{layer.name} #{i + 1}", x, y, w, h, xy))
         if not out and lines:
@@ -786,7 +787,7 @@ class IHCScoreWidget(QWidget):
             import shapely
 
             shapes = [(r.name, shapely.Polygon(r.polygon) if r.polygon is not None else
-                       shapely.box(r.x - 0.5, r.y - 0.5, r.x + r.w - 0.5, r.y + r.h - 0.5)) for r in regions]
+                       shapely.box(r.x, r.y, r.x + r.w, r.y + r.h)) for r in regions]
             stains, warnings = slide_stains(slide, preset, annotations=shapes)
         for i, r in enumerate(regions):
             if r.w * r.h > MAX_REGION_PIXELS:

@@ -2777,15 +2777,15 @@ def _contour_points(coords, offsets, origin, g0, g1, downsample, x0, y0, out):
         s0 = float(origin[k, 0])
         s1 = float(origin[k, 1])
         for v in range(offsets[k], offsets[k + 1]):
-            out[v, 0] = ((((coords[v, 1] - 1.0) + s1) + g1) + 0.5) * downsample - 0.5 + x0
-            out[v, 1] = ((((coords[v, 0] - 1.0) + s0) + g0) + 0.5) * downsample - 0.5 + y0
+            out[v, 0] = ((((coords[v, 1] - 1.0) + s1) + g1) + 0.5) * downsample + x0
+            out[v, 1] = ((((coords[v, 0] - 1.0) + s0) + g0) + 0.5) * downsample + y0
 
 
 def contour_points(coords, offsets, origin, grid_origin=(0, 0), downsample=1.0, origin_px=(0.0, 0.0)):
     """Level-0 ``(x, y)`` of :func:`label_contours` vertices.
 
     Vertex ``(row, col)`` of contour ``k`` is at grid position ``g = (row, col) - 1 +
-    origin[k] + grid_origin`` and level-0 ``(g + 0.5) * downsample - 0.5 + origin_px``
+    origin[k] + grid_origin`` and level-0 ``(g + 0.5) * downsample + origin_px``
     (``origin_px`` is ``(x, y)``), evaluated left to right in float64 (at a non-integer
     ``downsample`` another order can move a vertex by an ulp).
 

@@ -213,8 +213,8 @@ def measure_cells(
         x_px = grid_to_level0(grid_origin[1] + cols.pop("cx"), downsample)
         y_px = grid_to_level0(grid_origin[0] + cols.pop("cy"), downsample)
     else:
-        x_px = origin_px[0] + (cols.pop("cx") + 0.5) * downsample - 0.5
-        y_px = origin_px[1] + (cols.pop("cy") + 0.5) * downsample - 0.5
+        x_px = origin_px[0] + (cols.pop("cx") + 0.5) * downsample
+        y_px = origin_px[1] + (cols.pop("cy") + 0.5) * downsample
     table = {"label": np.arange(1, n + 1, dtype=np.int64),
              "x_px": x_px, "y_px": y_px, "x_um": x_px * mpp0, "y_um": y_px * mpp0}
     table.update(cols)
@@ -224,12 +224,16 @@ def measure_cells(
 
 
 def grid_to_level0(g, downsample: float):
-    """Level-0 pixel coordinate of detection-grid coordinate ``g`` (pixel centres on both grids).
+    """Level-0 coordinate of detection-grid coordinate ``g``.
+
+    Grid coordinates put pixel centres at integers (scikit-image's convention); level-0 coordinates
+    are QuPath's: pixel ``k`` spans ``[k, k + 1)``, so the slide's top-left corner is ``(0, 0)`` and
+    grid pixel ``g`` (level-0 pixels ``[g * ds, (g + 1) * ds)``) has its centre at ``(g + 0.5) * ds``.
 
     Monotonic and computed one way everywhere: tile ownership compares centroids with grid lines
     mapped through it, so a cell exactly on a line belongs to one tile, never to none or two.
     """
-    return (g + 0.5) * downsample - 0.5
+    return (g + 0.5) * downsample
 
 
 #: Bands of :func:`measure_cells` are at least this many rows tall.
@@ -327,7 +331,7 @@ def label_polygons(labels: np.ndarray, ids=None, *, origin_px=(0.0, 0.0), downsa
     0.5 * downsample, preserve_topology=False)``: :func:`ihcscore.kernels.simplify_rings`);
     rings are closed, objects whose ring collapses below 4 vertices are left out. A vertex
     at grid position ``g`` (``labels[0, 0]`` being ``grid_origin``, (row, col) ints) is at
-    ``(g + 0.5) * downsample - 0.5 + origin_px``: with a tile's place on the slide's grid
+    ``(g + 0.5) * downsample + origin_px``: with a tile's place on the slide's grid
     given as ``grid_origin`` (and ``origin_px`` zero), an outline does not depend on the
     tile that traced it, to the last bit. The rings are views of one array
     (:func:`label_outlines`).

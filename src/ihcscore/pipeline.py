@@ -318,7 +318,7 @@ def analyze_slide_region(
     polygon : shapely geometry or (K, 2) array of level-0 (x, y), optional
         Cells count when their nucleus centroid lies inside it (``shapely.contains_xy``, as
         ``--tissue ANNOTATIONS.geojson`` counts them) and inside the rectangle (centroid in
-        ``[x - 0.5, x + w - 0.5)`` and likewise in y, the pixels' extent; give the polygon's
+        ``[x, x + w)`` and likewise in y, the pixels' extent; give the polygon's
         bounding box to score all of it), and on the slide's detection grid as its tiles are.
     stains, polygons, classifier, threads, gpu
         As for :func:`analyze_region`; with ``preset.stains.estimate`` and no ``stains`` the
@@ -364,8 +364,8 @@ def analyze_slide_region(
         shapely.prepare(polygon)
 
     # centroids the slide's tiles can own (grid coordinates [-0.5, cols - 0.5)) inside the region's pixels
-    x_lo, y_lo = max(x - 0.5, grid_to_level0(-0.5, ds)), max(y - 0.5, grid_to_level0(-0.5, ds))
-    x_hi, y_hi = min(x + w - 0.5, grid_to_level0(cols - 0.5, ds)), min(y + h - 0.5, grid_to_level0(rows - 0.5, ds))
+    x_lo, y_lo = max(x, grid_to_level0(-0.5, ds)), max(y, grid_to_level0(-0.5, ds))
+    x_hi, y_hi = min(x + w, grid_to_level0(cols - 0.5, ds)), min(y + h, grid_to_level0(rows - 0.5, ds))
 
     def keep(cells):
         xs, ys = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
@@ -623,8 +623,10 @@ def _tissue_tests(mask, mask_ds, annotations, ds):
         shapely.prepare(area)
 
         def keep(y0, x0, y1, x1):
-            # the level-0 box of the centroids this core owns (see analyze_tile)
-            return bool(area.intersects(shapely.box(x0 * ds - 0.5, y0 * ds - 0.5, x1 * ds - 0.5, y1 * ds - 0.5)))
+            # the level-0 box of the centroids this core owns (see analyze_tile); a polygon that only
+            # touches it holds none of them (cells count strictly inside, shapely.contains_xy)
+            box = shapely.box(x0 * ds, y0 * ds, x1 * ds, y1 * ds)
+            return bool(area.intersects(box) and not area.touches(box))
 
         def in_tissue(y_px, x_px):
             return shapely.contains_xy(area, x_px, y_px)  # as regions.cells_in_geometry counts them
@@ -635,17 +637,17 @@ def _tissue_tests(mask, mask_ds, annotations, ds):
     scale = ds / mask_ds  # mask pixels per detection pixel
 
     def keep(y0, x0, y1, x1):
-        # A cell owned by this core has u = (centroid + 0.5) / ds in [x0, x1) (see analyze_tile) and is
+        # A cell owned by this core has u = centroid / ds in [x0, x1) (see analyze_tile) and is
         # kept below iff mask[floor(u_y * scale), floor(u_x * scale)]: those are the mask pixels to look at.
         sub = mask[int(y0 * scale):int(math.ceil(y1 * scale)) + 1, int(x0 * scale):int(math.ceil(x1 * scale)) + 1]
         return bool(sub.any())
 
     def in_tissue(y_px, x_px):
-        # Centroids are pixel-centre coordinates (level-0 pixel k spans [k - 0.5, k + 0.5)), mask pixel j
-        # spans level-0 pixels [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with
-        # the same arithmetic as the tile ownership and keep(), so no owned cell falls in a dropped tile.
-        my = np.clip(np.floor((y_px + 0.5) / ds * scale).astype(int), 0, mask.shape[0] - 1)
-        mx = np.clip(np.floor((x_px + 0.5) / ds * scale).astype(int), 0, mask.shape[1] - 1)
+        # Level-0 pixel k spans [k, k + 1) (QuPath's convention), mask pixel j spans level-0 pixels
+        # [j * mask_ds, (j + 1) * mask_ds): look up through the detection grid, with the same arithmetic
+        # as the tile ownership and keep(), so no owned cell falls in a dropped tile.
+        my = np.clip(np.floor(y_px / ds * scale).astype(int), 0, mask.shape[0] - 1)
+        mx = np.clip(np.floor(x_px / ds * scale).astype(int), 0, mask.shape[1] - 1)
         return mask[my, mx]
 
     return keep, in_tissue

@@ -273,7 +273,8 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
             sub = sub.sample(max_points, random_state=0)
         cols = np.array([_rgb01(bin_color(b, n_thresholds)) for b in sub["bin"].to_numpy()])
         size = float(np.clip(4000.0 / len(sub), 1.5, 10.0))  # points²: visible, never a carpet
-        ax.scatter(sub["x_px"].to_numpy(float) / downsample, sub["y_px"].to_numpy(float) / downsample,
+        # level-0 x (QuPath's convention, pixel k spans [k, k + 1)) -> image x (pixel j centred at j)
+        ax.scatter(sub["x_px"].to_numpy(float) / downsample - 0.5, sub["y_px"].to_numpy(float) / downsample - 0.5,
                    s=size, c=cols, linewidths=0.3, edgecolors="black")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
@@ -287,14 +288,15 @@ def _to_field(poly, origin, downsample):
     p = np.asarray(poly, float)
     if p.ndim != 2 or p.shape[0] < 3 or p.shape[1] != 2:
         return None
-    return (p - np.asarray(origin, float)) / downsample
+    return (p - np.asarray(origin, float)) / downsample - 0.5
 
 
 def _field_cells(spec, origin=(0.0, 0.0), downsample=1.0):
     """Normalise a field's cells to ('points', list of dicts in field px) or ('labels', (labels, bins)).
 
     A cell table with level-0 ``x_px``/``y_px`` (and ``nucleus_polygon``/``cell_polygon``)
-    is mapped to field pixels with the field's ``origin_px`` and ``downsample``.
+    is mapped to field pixels with the field's ``origin_px`` and ``downsample`` (level-0 pixel ``k``
+    spans ``[k, k + 1)``; field pixel ``j`` is centred at ``j``).
     """
     if spec is None:
         return "points", []
@@ -306,8 +308,8 @@ def _field_cells(spec, origin=(0.0, 0.0), downsample=1.0):
     for c in records:
         c = dict(c)
         if "x" not in c and "x_px" in c:
-            c["x"] = (float(c["x_px"]) - origin[0]) / ds
-            c["y"] = (float(c["y_px"]) - origin[1]) / ds
+            c["x"] = (float(c["x_px"]) - origin[0]) / ds - 0.5
+            c["y"] = (float(c["y_px"]) - origin[1]) / ds - 0.5
             if c.get("polygon") is None:
                 c["polygon"] = _to_field(c.get("nucleus_polygon"), origin, ds)
                 c["outline"] = _to_field(c.get("cell_polygon"), origin, ds)

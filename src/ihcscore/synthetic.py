@@ -390,8 +390,9 @@ def _cell_table(cells, labels, dab, mpp, x0, y0, label_offset=0):
     with np.errstate(invalid="ignore", divide="ignore"):
         table = {
             "label": np.arange(1, n + 1) + label_offset,
-            "x_px": sx / count + x0,
-            "y_px": sy / count + y0,
+            # pixel k spans [k, k + 1), as the engine's (QuPath's) centroids
+            "x_px": sx / count + x0 + 0.5,
+            "y_px": sy / count + y0 + 0.5,
             "cell_type": np.asarray(CELL_TYPES, dtype=object)[cells["type"]],
         }
         table["class"] = np.where(cells["type"] == 0, "tumour", "other").astype(object)
