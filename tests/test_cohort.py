@@ -2,12 +2,14 @@
 
 import json
 import math
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ihcscore.cohort import (CohortError, auc_score, bootstrap_auc_ci, cohort_statistics,
+from ihcscore.cli import main as cli_main
+from ihcscore.cohort import (CohortError, MissingExtraError, auc_score, bootstrap_auc_ci, cohort_statistics,
                              format_table, main, parse_event, parse_response, simulate_cohort)
 
 CONTRACT_KEYS = {"n_matched", "unmatched_scores", "unmatched_clinical", "n_responders", "auc",
@@ -350,3 +352,28 @@ def test_format_table_shows_nulls():
     r = cohort_statistics(scores, clinical, "pid", "best_response")
     text = format_table(r)
     assert "AUC" in text and "—" in text and "warning:" in text
+
+
+@pytest.mark.parametrize("missing, survival", [("statsmodels", False), ("lifelines", True)])
+def test_missing_cohort_extra_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, missing, survival):
+    """A plain ``pip install ihcscore`` has neither statsmodels nor lifelines (the [cohort] extra)."""
+    scores, clinical = simulate_cohort(20, odds_ratio_per_100=3.0, seed=1, survival=True)
+    scores.to_csv(tmp_path / "summary.csv", index=False)
+    clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    argv = ["--scores", str(tmp_path / "summary.csv"), "--clinical", str(tmp_path / "clinical.csv"),
+            "--id-column", "patient_id", "--response-column", "response", "--bootstrap", "0"]
+    if survival:
+        argv += ["--time-column", "time_months", "--event-column", "event"]
+    for name in [m for m in sys.modules if m.startswith(missing + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, missing, None)
+    assert cli_main(["cohort"] + argv) == 2
+    e = capsys.readouterr().err.strip()
+    assert "\n" not in e and e.startswith("ihcscore cohort: error:")
+    assert missing in e and "pip install 'ihcscore[cohort]'" in e
+    assert not (tmp_path / "cohort.json").exists()
+    # the library raises the same one-line error (a CohortError) where the module is needed
+    with pytest.raises(MissingExtraError, match=r"ihcscore\[cohort\]"):
+        cohort_statistics(scores, clinical, "patient_id", "response", n_bootstrap=0,
+                          time_column="time_months" if survival else None,
+                          event_column="event" if survival else None)

@@ -101,6 +101,32 @@ class CohortError(ValueError):
     """A cohort input problem, with a one-line message meant for the user."""
 
 
+#: What to install when an optional dependency of the analysis is missing (plain ``pip install ihcscore``).
+COHORT_EXTRA_HINT = "pip install 'ihcscore[cohort]'"
+
+
+class MissingExtraError(CohortError):
+    """statsmodels or lifelines (the ``[cohort]`` extra) is not installed; ``ihcscore cohort`` exits with 2."""
+
+
+def _missing_extra(exc: ImportError, purpose: str) -> MissingExtraError:
+    name = (exc.name or str(exc)).split(".")[0]  # the distribution to install, not the submodule
+    return MissingExtraError(f"{purpose} needs {name}, which is not installed: {COHORT_EXTRA_HINT}")
+
+
+def require_cohort_extra(survival: bool = False) -> None:
+    """Raise :class:`MissingExtraError` unless statsmodels (and, for ``survival``, lifelines) imports."""
+    try:
+        import statsmodels.api  # noqa: F401
+    except ImportError as exc:
+        raise _missing_extra(exc, "the logistic odds ratio") from None
+    if survival:
+        try:
+            import lifelines  # noqa: F401
+        except ImportError as exc:
+            raise _missing_extra(exc, "--time-column (log-rank, Kaplan-Meier)") from None
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -431,9 +457,12 @@ def logistic_odds_ratio(score, response, per=100.0):
     warning : str or None
         Why the result is null (separation, constant score, failed fit).
     """
-    import statsmodels.api as sm
-    from statsmodels.tools.sm_exceptions import (ConvergenceWarning, PerfectSeparationError,
-                                                 PerfectSeparationWarning)
+    try:
+        import statsmodels.api as sm
+        from statsmodels.tools.sm_exceptions import (ConvergenceWarning, PerfectSeparationError,
+                                                     PerfectSeparationWarning)
+    except ImportError as exc:
+        raise _missing_extra(exc, "the logistic odds ratio") from None
 
     x = np.asarray(score, float) / per
     y = np.asarray(response).astype(int)
@@ -524,8 +553,11 @@ def logrank_high_low(score, time, event, cutoff=None):
         ``split`` (text), ``threshold`` and per group ``n``, ``events``, ``median_time``.
     warning : str or None
     """
-    from lifelines import KaplanMeierFitter
-    from lifelines.statistics import logrank_test
+    try:
+        from lifelines import KaplanMeierFitter
+        from lifelines.statistics import logrank_test
+    except ImportError as exc:
+        raise _missing_extra(exc, "the log-rank test") from None
 
     score = np.asarray(score, float)
     time = np.asarray(time, float)
@@ -634,7 +666,8 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
     Raises
     ------
     CohortError
-        Input problems, no IDs matched, or fewer than 4 matched patients.
+        Input problems, no IDs matched, or fewer than 4 matched patients; its subclass
+        :class:`MissingExtraError` when statsmodels or lifelines (the ``[cohort]`` extra) is missing.
     """
     from scipy.stats import mannwhitneyu
 
@@ -855,7 +888,10 @@ def cohort_figures(result, table) -> dict:
     figs["groups"] = fig
 
     if result.get("survival") and "_high" in table:
-        from lifelines import KaplanMeierFitter
+        try:
+            from lifelines import KaplanMeierFitter
+        except ImportError as exc:
+            raise _missing_extra(exc, "the Kaplan-Meier plot") from None
         sub = table.loc[table["_high"].notna()]
         high = sub["_high"].astype(bool).to_numpy()
         fig, ax = plt.subplots(figsize=(4.6, 3.6))
@@ -1058,8 +1094,10 @@ def _read_csv(path, what):
 
 
 def run_cohort(args) -> int:
-    """Run ``ihcscore cohort`` from parsed arguments; returns the exit code (0 ok, 1 error)."""
+    """Run ``ihcscore cohort`` from parsed arguments; returns the exit code (0 ok, 1 input error,
+    2 the ``[cohort]`` extra not installed)."""
     try:
+        require_cohort_extra(survival=args.time_column is not None)  # before reading anything
         if args.bootstrap < 0:
             raise CohortError("--bootstrap must be >= 0")
         scores = _read_csv(args.scores, "scores")
@@ -1080,7 +1118,7 @@ def run_cohort(args) -> int:
             raise CohortError(f"--out {out_dir}: cannot write the results ({exc.strerror or exc})") from exc
     except CohortError as exc:
         print(f"ihcscore cohort: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, MissingExtraError) else 1
     print(format_table(result))
     print("wrote " + ", ".join(str(p) for p in paths.values() if p is not None))
     return 0
