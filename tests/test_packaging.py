@@ -1,0 +1,73 @@
+"""What an installed package (no source checkout) and a fresh clone get."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "sample_slides"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- napari sample data, no sample_slides/
+
+
+@pytest.fixture
+def no_sample_slides(tmp_path, monkeypatch):
+    """As in a wheel install: the sample folder exists nowhere (an empty one here), notices captured."""
+    from napari_ihcscore import _sample_data
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("IHCSCORE_SAMPLE_SLIDES", str(empty))
+    notes = []
+    monkeypatch.setattr(_sample_data, "_notify", notes.append)
+    return _sample_data, notes
+
+
+def test_sample_parameters_are_make_samples_ones():
+    from napari_ihcscore._sample_data import SYNTHETIC_CXCR4
+
+    make_samples = _load(SAMPLES / "make_samples.py", "make_samples_under_test")
+    want = dict(make_samples.SYNTHETIC["synthetic_cxcr4_membrane"], mpp=make_samples.MPP)
+    assert SYNTHETIC_CXCR4 == want
+
+
+@pytest.mark.skipif(not (SAMPLES / "synthetic_cxcr4_membrane.tif").is_file(), reason="no sample_slides/ here")
+def test_synthetic_sample_without_the_file_is_the_committed_slide(no_sample_slides, tmp_path):
+    import tifffile
+
+    from ihcscore.slide import open_slide, write_pyramidal_tiff
+
+    sd, notes = no_sample_slides
+    assert sd.find_sample("synthetic_cxcr4_membrane") is None
+    [(rgb, kw, kind)] = sd.sample_synthetic_cxcr4_membrane()
+    assert kind == "image" and kw["rgb"] and kw["metadata"]["ihcscore_path"] is None and not notes
+    committed = SAMPLES / "synthetic_cxcr4_membrane.tif"
+    with open_slide(committed) as slide:
+        assert kw["scale"] == (slide.mpp, slide.mpp)
+        assert rgb.shape[1::-1] == tuple(slide.dimensions)
+    on_disk = tifffile.imread(committed)
+    assert np.abs(rgb.astype(int) - on_disk).mean() < 6  # the file is JPEG (quality 90) of these pixels
+    # bit for bit once written as make_samples.py writes it (JPEG 90, 4:4:4)
+    again = tmp_path / "again.tif"
+    write_pyramidal_tiff(again, rgb, kw["scale"][0], compression="jpeg", quality=90)
+    assert np.array_equal(tifffile.imread(again), on_disk)
+
+
+def test_os2_sample_without_the_file_says_it_ships_with_a_source_checkout(no_sample_slides):
+    sd, notes = no_sample_slides
+    [(rgb, kw, kind)] = sd.sample_os2_ndpi()
+    assert kw["name"] == "skimage_ihc" and rgb.ndim == 3  # a stand-in, named as what it is
+    [note] = notes
+    assert "source checkout" in note and "source repository's sample_slides/" in note
+    assert "./run demo" not in note and "generate" not in note
