@@ -1,10 +1,12 @@
-"""What an installed package (no source checkout) and a fresh clone get."""
+"""What an installed package (no source checkout) and a fresh clone get: sample data, validation report path."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +73,52 @@ def test_os2_sample_without_the_file_says_it_ships_with_a_source_checkout(no_sam
     [note] = notes
     assert "source checkout" in note and "source repository's sample_slides/" in note
     assert "./run demo" not in note and "generate" not in note
+
+
+# ----------------------------------------------------------------------------- ./run validate in a fresh clone
+
+
+@pytest.fixture
+def validate_module():
+    return _load(ROOT / "benchmarks" / "validate.py", "validate_under_test")
+
+
+def test_validation_report_goes_to_docs_only_from_the_full_data(validate_module):
+    v = validate_module
+    assert v.default_report_path(True) == ROOT / "docs" / "validation.md"
+    assert v.default_report_path(False) == ROOT / "results" / "validation.md"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/validation.md"], cwd=ROOT).returncode
+    if ignored != 128:  # 128: not a git checkout (an sdist)
+        assert ignored == 0, "results/ must stay untracked"
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_validate_main_chooses_the_report_path(validate_module, monkeypatch, tmp_path, capsys, full):
+    """main() without running the validations: the data found decides where the report goes."""
+    v = validate_module
+    shared = tmp_path / "shared" / "data" / "real"
+    if full:
+        shared.mkdir(parents=True)
+    monkeypatch.setattr(v, "SHARED", shared)
+    frame = pd.DataFrame({c: [0] for c in ("method", "tiles", "precision", "recall", "f1", "scan", "stains",
+                                           "cells", "positive_pct", "positive_pct_05")})
+    monkeypatch.setattr(v, "validate_os2", lambda data: frame)
+    monkeypatch.setattr(v, "validate_endonuke", lambda data: (frame, None))
+    monkeypatch.setattr(v, "validate_classification", lambda tables: frame)
+    monkeypatch.setattr(v, "validate_scanner", lambda data: frame)
+    monkeypatch.setattr(v, "stain_diagnostics", lambda data, folder: frame)
+    written = {}
+    monkeypatch.setattr(v, "write_report", lambda path, *a: written.update(path=Path(path), command=a[-1]))
+    v.main(["--skip-cli"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert written["path"] == v.default_report_path(full)
+    header = written["command"]
+    assert header.startswith("`./run validate`") and header.count("`") == 2  # nothing else inside the backticks
+    if full:
+        assert lines[-1].startswith(f"wrote {written['path']}")
+    else:
+        assert "full data sets not found" in lines[-1] and "results/validation.md" in lines[-1]
+        assert "docs/validation.md is left as it is" in lines[-1]
+    # --out still wins
+    v.main(["--skip-cli", "--out", str(tmp_path / "r.md")])
+    assert written["path"] == tmp_path / "r.md"
