@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from ihcscore.cli import main
-from ihcscore.export import COMPLETE_MARKER
+from ihcscore.export import COMPLETE_MARKER, file_sample
 from ihcscore.synthetic import make_synthetic_slide
 
 SCORE_ARGS = ["--tile-size", "256", "--no-report", "--quiet", "--tissue", "all"]
@@ -144,7 +144,7 @@ def test_slides_of_one_name_get_their_own_outputs_and_resume_checks_the_file(goo
     # outputs written before markers named their slide: the file name in summary.json's path decides
     marker = json.loads((one / "x" / COMPLETE_MARKER).read_text())
     assert marker.pop("source") == {"file": "x.tif", "bytes": (good_slides / "a.tif").stat().st_size,
-                                    "path": str(Path(a_x).resolve())}
+                                    "sample": file_sample(good_slides / "a.tif"), "path": str(Path(a_x).resolve())}
     (one / "x" / COMPLETE_MARKER).write_text(json.dumps(marker))
     assert main(["score", a_x, "--out", str(one), *SCORE_ARGS]) == 0
     assert {r["slide"]: r["resumed"] for r in _read_csv(one / "summary.csv")}["x"] == "True"
@@ -337,7 +337,8 @@ def _assert_same_outputs(out, ref):
         assert _summary(out / s) == _summary(ref / s)
         pd.testing.assert_frame_equal(pd.read_parquet(out / s / "cells.parquet"),
                                       pd.read_parquet(ref / s / "cells.parquet"), check_exact=True)
-        assert (out / s / "cells.geojson").stat().st_size == (ref / s / "cells.geojson").stat().st_size
+        # byte for byte: feature ids too (from the slide file and the parameters, not random)
+        assert (out / s / "cells.geojson").read_bytes() == (ref / s / "cells.geojson").read_bytes()
 
 
 @pytest.mark.parametrize("mode", ["kill-mid-tiles", "kill-while-writing"])
@@ -390,16 +391,21 @@ def test_sigkill_mid_slide_then_rerun_is_identical(kill_folder, clean_run, tmp_p
     _assert_same_outputs(out, clean_run)
 
 
-def test_ctrl_c_stops_in_one_line_and_rerun_is_identical(kill_folder, clean_run, tmp_path):
-    """A terminal's Ctrl-C (SIGINT to the whole process group, workers included) mid-slide."""
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_in_one_line_and_rerun_is_identical(kill_folder, clean_run, tmp_path, how):
+    """A terminal's Ctrl-C (SIGINT to the whole process group, workers included) mid-slide, or SIGTERM to the
+    main process (a batch system's time limit, `timeout`, `docker stop`): one line, nothing left behind."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "out"
     ticks = tmp_path / "ticks.txt"
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    tmp = tmp_path / "tmp"  # where the tile tables are spilled
+    tmp.mkdir()
     cmd = [sys.executable, str(driver), str(ticks), "kill-mid-tiles", "score", str(kill_folder), "--out", str(out),
            *SCORE_ARGS, "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -408,19 +414,23 @@ def test_ctrl_c_stops_in_one_line_and_rerun_is_identical(kill_folder, clean_run,
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be interrupted"
         workers = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         err = proc.communicate(timeout=60)[1]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 130
-    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert err.splitlines()[-1] == "interrupted (finished slides are kept: the same command resumes)"
+    assert proc.returncode == (130 if how == "ctrl-c" else 143)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and "Terminated" not in err, err
+    word = "interrupted" if how == "ctrl-c" else "terminated"
+    assert err.splitlines()[-1] == f"{word} (finished slides are kept: the same command resumes)"
     _, alive = psutil.wait_procs(workers, timeout=20)
     assert not alive
     assert (out / "a" / COMPLETE_MARKER).is_file() and not (out / "big" / COMPLETE_MARKER).exists()
-    assert not list(out.rglob("*.tmp-*"))
+    assert not list(out.rglob("*.tmp-*")) and not list(tmp.iterdir())
     assert main(["score", str(kill_folder), "--out", str(out), *SCORE_ARGS]) == 0
     _assert_same_outputs(out, clean_run)
 
@@ -454,3 +464,135 @@ def test_sigkill_of_the_main_process_ends_its_tile_workers(kill_folder, tmp_path
             os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of this test's own session
         except ProcessLookupError:
             pass
+
+
+# ----------------------------------------------------------------------------- awkward folders and files
+
+def _uncompressed(path, value, seed=None):
+    """A 512² uncompressed TIFF at 0.5 µm/px: every one of them has the same size in bytes."""
+    import numpy as np
+    import tifffile
+
+    if seed is None:
+        rgb = np.full((512, 512, 3), value, np.uint8)
+    else:
+        from ihcscore.synthetic import make_synthetic_region
+
+        rgb = make_synthetic_region((512, 512), 0.5, seed=seed)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, rgb, photometric="rgb", resolution=(20000, 20000), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_another_slide_of_the_same_name_and_size_is_not_taken_as_scored(tmp_path):
+    """Uncompressed slides of one shape have one size: name and size alone took b/x.tif as a/x.tif scored."""
+    a = _uncompressed(tmp_path / "a" / "x.tif", 0, seed=3)
+    b = _uncompressed(tmp_path / "b" / "x.tif", 240)
+    assert a.stat().st_size == b.stat().st_size
+    out = tmp_path / "out"
+    assert main(["score", str(a), "--out", str(out), *SCORE_ARGS]) == 0
+    assert main(["score", str(b), "--out", str(out), *SCORE_ARGS]) == 0
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"x", "b_x"} and rows["b_x"]["resumed"] == "False"
+    assert int(rows["x"]["n_cells"]) > 50 and int(rows["b_x"]["n_cells"]) == 0
+    # re-exported in place with the same size: scored again, in its folder
+    _uncompressed(a, 240)
+    assert main(["score", str(a), "--out", str(out), *SCORE_ARGS]) == 0
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert rows["x"]["resumed"] == "False" and int(rows["x"]["n_cells"]) == 0
+
+
+def test_same_stem_slides_in_one_folder_keep_their_folders_in_any_order(good_slides, tmp_path):
+    """x.tif and x.tiff side by side: named by their file names, so a rerun in another order or of one of
+    them alone finds its own outputs (the order-given -2 suffix moved them between folders)."""
+    d = tmp_path / "dd"
+    d.mkdir()
+    shutil.copy(good_slides / "a.tif", d / "x.tif")
+    shutil.copy(good_slides / "b.tif", d / "x.tiff")
+    out = tmp_path / "out"
+    assert main(["score", str(d), "--out", str(out), *SCORE_ARGS]) == 0
+    first = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(first) == {"dd_x.tif", "dd_x.tiff"}
+    for args in ([d / "x.tiff"], [d / "x.tiff", d / "x.tif"], [d]):
+        assert main(["score", *map(str, args), "--out", str(out), *SCORE_ARGS]) == 0
+        rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+        assert set(rows) == set(first)
+        assert rows["dd_x.tiff"]["resumed"] == "True" and rows["dd_x.tiff"]["n_cells"] == first["dd_x.tiff"]["n_cells"]
+        if len(args) > 1 or args == [d]:
+            assert rows["dd_x.tif"]["resumed"] == "True" and rows["dd_x.tif"]["n_cells"] == first["dd_x.tif"]["n_cells"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["dd_x.tif", "dd_x.tiff"]
+
+
+def test_concurrent_runs_of_same_named_slides_get_their_own_folders(good_slides, tmp_path):
+    """Two jobs started together into one folder, X/s.tif and Y/s.tif: each claims its folder under the lock
+    (both used to choose `s`, and one overwrote the other)."""
+    for d, src in (("X", "a.tif"), ("Y", "b.tif")):
+        (tmp_path / d).mkdir()
+        shutil.copy(good_slides / src, tmp_path / d / "s.tif")
+    out = tmp_path / "out"
+    jobs = [subprocess.Popen([sys.executable, "-m", "ihcscore.cli", "score", str(tmp_path / d / "s.tif"), "--out",
+                              str(out), *SCORE_ARGS], stderr=subprocess.PIPE, text=True) for d in ("X", "Y")]
+    assert [j.wait(timeout=300) for j in jobs] == [0, 0], [j.stderr.read() for j in jobs]
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert len(rows) == 2 and "s" in rows
+    counts = sorted(int(r["n_cells"]) for r in rows.values())
+    alone = []
+    for src in ("a.tif", "b.tif"):
+        o = tmp_path / f"alone_{src}"
+        assert main(["score", str(good_slides / src), "--out", str(o), *SCORE_ARGS]) == 0
+        alone.append(int(_read_csv(o / "summary.csv")[0]["n_cells"]))
+    assert counts == sorted(alone)
+    # every folder finished, each of one of the files; the claims gave way to the markers
+    sources = {json.loads((out / name / COMPLETE_MARKER).read_text())["source"]["path"] for name in rows}
+    assert sources == {str((tmp_path / d / "s.tif").resolve()) for d in ("X", "Y")}
+    assert not list(out.glob("*/.ihcscore-source.json"))
+
+
+def test_broken_link_is_a_failure_not_a_missing_slide(good_slides, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    os.link(good_slides / "a.tif", d / "a.tif")
+    os.symlink(tmp_path / "unmounted" / "slide7.svs", d / "slide7.svs")
+    out = tmp_path / "out"
+    assert main(["score", str(d), "--out", str(out), *SCORE_ARGS]) == 1
+    (fail,) = _read_csv(out / "failures.csv")
+    assert fail["slide"] == "slide7" and "slide7.svs" in fail["error"]
+    assert {r["slide"]: r["status"] for r in _read_csv(out / "summary.csv")} == {"a": "ok", "slide7": "failed"}
+    assert not (out / "slide7").exists()
+
+
+def test_tables_saved_by_a_spreadsheet(good_slides, tmp_path, capsys):
+    """summary.csv re-saved with a byte-order mark merges as before; in another encoding it is one line,
+    before any slide is scored."""
+    out = tmp_path / "out"
+    slide = str(good_slides / "a.tif")
+    assert main(["score", slide, "--out", str(out), *SCORE_ARGS]) == 0
+    table = out / "summary.csv"
+    table.write_text(table.read_text(encoding="utf-8"), encoding="utf-8-sig")
+    assert main(["score", slide, "--out", str(out), *SCORE_ARGS, "--no-resume"]) == 0
+    rows = _read_csv(table)
+    assert [r["slide"] for r in rows] == ["a"] and list(rows[0])[0] == "slide"
+    table.write_bytes("slide,status,n_cells\nGr\xf6\xdfe,ok,1\n".encode("cp1252"))
+    capsys.readouterr()
+    assert main(["score", slide, "--out", str(out), *SCORE_ARGS, "--no-resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "summary.csv" in err and "UTF-8" in err
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(good_slides, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    cmd = [sys.executable, "-m", "ihcscore.cli", "score", str(good_slides / "a.tif"), "--out", str(ro), *SCORE_ARGS]
+    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: --out {ro}: cannot write in the output folder "
+                                             "(Permission denied)"], r.stderr
+    assert list(ro.iterdir()) == []

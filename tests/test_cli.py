@@ -237,3 +237,18 @@ def test_train_from_points_then_score_with_the_classifier(scored, tmp_path):
     near = d <= 8
     # trained and applied on the same slide: the classes follow the annotations
     assert (cells["class"].to_numpy()[near] == truth["class"].to_numpy()[i[near]]).mean() >= 0.95
+
+
+def test_dask_without_distributed_names_the_extra(tmp_path, monkeypatch, capsys):
+    import ihcscore.batch as batch
+
+    slide = tmp_path / "s.tif"
+    write_pyramidal_tiff(slide, np.full((300, 300, 3), 255, np.uint8), 0.5, compression="zlib")
+
+    def no_distributed(*a, **k):
+        raise ImportError("No module named 'distributed'")
+
+    monkeypatch.setattr(batch, "dask_client", no_distributed)
+    assert main(["score", str(slide), "--out", str(tmp_path / "out"), "--dask", "local", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'ihcscore[distributed]'" in err and "connect" not in err

@@ -9,6 +9,7 @@ made with the same parameters (the ``_COMPLETE`` marker holds their hash).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import (COMPLETE_MARKER, hash_params, is_complete, recorded_source, same_place, same_source,
-                     slide_source, summary_row, update_folder_tables, write_slide_outputs)
+from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, read_csv_rows,
+                     recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
+                     update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -31,52 +33,86 @@ SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".
 
 
 def find_slides(path) -> list[Path]:
-    """The slide files a path names: itself, or the slides directly inside a folder (sorted)."""
+    """The slide files a path names: itself, or the slides directly inside a folder (sorted).
+
+    A link to a slide whose target is gone (an unmounted share) is kept: it fails, and is reported,
+    rather than silently missing from the batch.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         return [path]
     return sorted(p for p in path.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
+                  if (p.is_file() or (p.is_symlink() and not p.exists()))
+                  and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
 
 
 def output_names(paths, out_root=None) -> list[str]:
     """The output folder name of each slide of a batch: its name, unique within the batch and ``out_root``.
 
     A slide's name is the folder of its outputs unless another slide has a claim on it: another slide
-    of that name in the batch (``a/x.svs``, ``b/x.svs``), or finished outputs of another file in
-    ``out_root/<name>`` (an earlier run scored ``a/x.svs``, this one ``b/x.svs``). Such slides are
-    told apart by their folder (``a_x``, ``b_x``), then, if that still repeats, by a number in the order
-    given (``a_x-2``). A folder that already holds the slide's own finished outputs is kept, so reruns
-    resume whichever name the slide got.
+    of that name in the batch (``a/x.svs``, ``b/x.svs``), or the outputs (or claim, :func:`~ihcscore.export.
+    claim_folder`) of another file in ``out_root/<name>`` (an earlier run scored ``a/x.svs``, this one
+    ``b/x.svs``). Such slides are told apart by their folder (``a_x``), then by their file name too
+    (``a_x.tiff`` beside ``a_x.tif``), then by a number (``a_x.tif-2``). A folder that already holds the
+    slide's own outputs is kept, so reruns resume whichever name the slide got, whatever else is scored.
     """
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
-    repeated = {n for n in names if names.count(n) > 1}
+    levels = [[n, f"{p.resolve().parent.name}_{n}", f"{p.resolve().parent.name}_{p.name}"]
+              for p, n in zip(paths, names)]
     sources = [slide_source(p) if out_root is not None and p.is_file() else None for p in paths]
-    chosen = []
-    for i, (p, n, source) in enumerate(zip(paths, names, sources)):
-        qualified = f"{p.resolve().parent.name}_{n}"
-        held = {c: recorded_source(Path(out_root) / c) for c in (n, qualified)} if source else {}
-        # the folder's outputs came from this path but from another file: this slide's, replaced in place,
-        # unless another slide of the batch is the very file they were made of (moved there)
-        others = [o for k, o in enumerate(sources) if o is not None and k != i and names[k] == n] \
-            if source and n in repeated else []
-        replaced = source and same_place(held[n], source) and not any(same_source(held[n], o) for o in others)
-        if source and (same_source(held[n], source) or replaced):
-            chosen.append(n)
-        elif (source and (same_source(held[qualified], source) or same_place(held[qualified], source))) \
-                or n in repeated or held.get(n) is not None:
-            chosen.append(qualified)
+    recorded: dict[str, dict | None] = {}
+
+    def held(name):
+        if out_root is None:
+            return None
+        if name not in recorded:
+            recorded[name] = recorded_source(Path(out_root) / name)
+        return recorded[name]
+
+    def own(i, name):
+        """Whether ``name`` holds slide ``i``'s outputs: of this file, or of the file this path had before
+        (replaced in place), unless another slide of the batch is that very file (moved)."""
+        source, there = sources[i], held(name)
+        if source is None or there is None:
+            return False
+        if same_source(there, source):
+            return True
+        return same_place(there, source) and not any(
+            same_source(there, o) for k, o in enumerate(sources) if k != i and o is not None)
+
+    def numbered(i):
+        base = levels[i][-1]
+        return (f"{base}-{k}" for k in itertools.count(2))
+
+    chosen: list[str | None] = [None] * len(paths)
+    for i in range(len(paths)):  # first the folders slides already own
+        for name in levels[i]:
+            if own(i, name):
+                chosen[i] = name
+                break
         else:
-            chosen.append(n)
-    seen: dict[str, int] = {}
-    unique = []
-    for n in chosen:
-        seen[n] = seen.get(n, 0) + 1
-        unique.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
-    return unique
+            for name in numbered(i) if out_root is not None else ():
+                if not (Path(out_root) / name).exists():
+                    break
+                if own(i, name):
+                    chosen[i] = name
+                    break
+    taken = {c for c in chosen if c is not None}
+    for i in range(len(paths)):  # then free names, the plainest first
+        if chosen[i] is not None:
+            continue
+        for level, name in enumerate(levels[i]):
+            repeated = sum(lv[level] == name for lv in levels) > 1
+            if not repeated and name not in taken and held(name) is None:
+                break
+        else:
+            name = next(n for n in numbered(i) if n not in taken and held(n) is None)
+        chosen[i] = name
+        taken.add(name)
+    return chosen
 
 
 def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None, gpu: bool = False) -> str:
@@ -236,8 +272,15 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
+    for table in ("summary.csv", "failures.csv"):
+        read_csv_rows(out_root / table)  # unreadable (another encoding): say so now, not after the first slide
     result = BatchResult()
-    names = output_names(paths, out_root)
+    # Chosen and claimed under the folder's lock: a run starting beside this one sees the claims
+    with folder_lock(out_root):
+        names = output_names(paths, out_root)
+        for path, name in zip(paths, names):
+            if Path(path).is_file():
+                claim_folder(out_root / name, slide_source(path))
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:
@@ -260,13 +303,15 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
                                       report=report, progress=on_tile, classifier=classifier, gpu=gpu,
                                       out_name=name)
-                row = summary_row(summary, status="ok", runtime_s=round(time.perf_counter() - t0, 3))
+                row = summary_row(summary, status="ok")  # runtime_s: the analysis, as when resumed
                 row["resumed"] = False
         except Exception as e:  # isolate: report and go on with the next slide
             msg = " ".join(str(e).split()) or type(e).__name__
             if str(path) not in msg and path.name not in msg:
                 msg = f"{path}: {msg}"
             result.failures.append({"slide": name, "path": str(path), "error": msg})
+            if not (out_dir / COMPLETE_MARKER).exists():
+                release_folder(out_dir)
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
                               slide=name)
             row.update(preset=preset.name, software_version=__version__)

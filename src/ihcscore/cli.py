@@ -131,6 +131,17 @@ def _has_dashboard(address: str) -> bool:
     return address != "local" or importlib.util.find_spec("bokeh") is not None
 
 
+def _check_writable(folder: Path) -> None:
+    """``OSError`` in one line when files cannot be created in ``folder`` (before any slide is scored)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ihcscore-write-test-"):
+            pass
+    except OSError as e:
+        raise OSError(f"--out {folder}: cannot write in the output folder ({e.strerror or e})") from None
+
+
 def run_score(args) -> int:
     from rich.console import Console
     from rich.markup import escape
@@ -138,6 +149,7 @@ def run_score(args) -> int:
     from rich.table import Table
 
     from .batch import dask_client, find_slides, score_batch
+    from .export import read_csv_rows
     from .pipeline import MIN_TILE_PX
 
     console = Console(stderr=True, soft_wrap=True)  # errors print with --quiet too, one line each
@@ -158,6 +170,9 @@ def run_score(args) -> int:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(f"--out {args.out}: cannot create the output folder ({e.strerror or e})") from e
+        _check_writable(Path(args.out))
+        for table in ("summary.csv", "failures.csv"):
+            read_csv_rows(Path(args.out) / table)  # rows this run merges with: readable (ValueError says why)
         if args.classifier is not None:
             from .classify import CellClassifier
 
@@ -174,7 +189,11 @@ def run_score(args) -> int:
         return 2
     try:
         client = dask_client(args.dask, args.workers) if args.dask else None
-    except (OSError, ValueError, TimeoutError, ImportError) as e:
+    except ImportError as e:
+        console.print(f"[red]error:[/red] --dask needs dask.distributed ({escape(str(e))}): "
+                      + escape("pip install 'ihcscore[distributed]'"), highlight=False)
+        return 2
+    except (OSError, ValueError, TimeoutError) as e:
         reason = ' '.join(str(e).split()) or type(e).__name__
         console.print(f"[red]error:[/red] --dask {escape(args.dask)}: cannot connect to the scheduler "
                       f"({escape(reason)})", highlight=False)
@@ -237,7 +256,7 @@ def run_score(args) -> int:
 def _add_train_parser(sub):
     p = sub.add_parser("train", help="train the tumour/other cell classifier from point annotations",
                        description="Detect cells in the slide(s), label the cells nearest to annotated points "
-                                   "and train a random forest on morphology, hematoxylin and neighbourhood "
+                                   "and train a classifier (--model) on morphology, hematoxylin and neighbourhood "
                                    "features (never DAB). Save it and pass it to `ihcscore score --classifier`.")
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide file(s) the points were drawn on")
     p.add_argument("--points", nargs="+", required=True, metavar="POINTS.csv|.geojson",
@@ -247,7 +266,8 @@ def _add_train_parser(sub):
     p.add_argument("--mpp", type=_pixel_size, metavar="UM", help="pixel size in µm/px if the file lacks it")
     p.add_argument("--max-distance", type=_positive_float, default=6.0, metavar="UM",
                    help="a point labels the nearest cell within this distance, µm (default 6)")
-    p.add_argument("--model", choices=("random_forest", "gradient_boosting"), default="random_forest")
+    p.add_argument("--model", choices=("random_forest", "gradient_boosting"), default="random_forest",
+                   help="scikit-learn classifier to train (default: random_forest)")
     p.set_defaults(func=run_train)
 
 
@@ -344,12 +364,38 @@ def main(argv=None) -> int:
         from .runtime import retain_freed_memory
 
         retain_freed_memory()  # tiles are scored in this process: reuse their freed buffers
+    previous = _terminate_as_interrupt()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         done = " (finished slides are kept: the same command resumes)" if args.command == "score" else ""
-        print(f"interrupted{done}", file=sys.stderr)
-        return 130
+        print(f"{'terminated' if isinstance(e, Terminated) else 'interrupted'}{done}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch system's time limit, ``timeout``, ``docker stop``): unwound as Ctrl-C is, so
+    temporary files go and finished slides stay."""
+
+
+def _terminate_as_interrupt():
+    """Raise :class:`Terminated` on SIGTERM in this (main) thread; the previous handler, or None."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import collections
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import gc
 import hashlib
 import io
@@ -87,6 +88,10 @@ __all__ = [
     "slide_source",
     "recorded_source",
     "same_source",
+    "file_sample",
+    "claim_folder",
+    "release_folder",
+    "SOURCE_CLAIM",
     "same_place",
     "atomic_write",
     "atomic_open",
@@ -830,7 +835,8 @@ def write_slide_outputs(
         if mpp is None:
             raise ValueError("write_slide_outputs: mpp is needed for cells.geojson (not in summary either)")
         written["cells_geojson"] = write_cells_geojson(
-            out / "cells.geojson", cells, mpp, n_thresholds=_n_thresholds(summary), workers=workers
+            out / "cells.geojson", cells, mpp, n_thresholds=_n_thresholds(summary), workers=workers,
+            seed=_geojson_seed(params_hash, source),
         )
     if report:
         from . import report as _report
@@ -862,19 +868,86 @@ def write_slide_outputs(
         f.write(_dumps(info))
         f.write("\n")
     written["complete"] = marker
+    with contextlib.suppress(FileNotFoundError):
+        (out / SOURCE_CLAIM).unlink()  # the marker names the slide now
     return written
 
 
-def slide_source(path) -> dict:
-    """What identifies a slide file for resuming: its name and size in bytes (and where it was).
+def _geojson_seed(params_hash, source) -> int | None:
+    """The seed of a slide's GeoJSON feature ids: the same slide file scored with the same parameters gets
+    the same ids (reproducible files), another slide or other parameters others; None (random) when
+    neither is known."""
+    if params_hash is None and source is None:
+        return None
+    key = json.dumps([params_hash, None if source is None else
+                      [source.get("file"), source.get("bytes"), source.get("sample")]])
+    return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16)
 
-    Resuming compares name and size (:func:`same_source`), not the folder (a moved cohort still
-    resumes) nor the time stamp (a copy still resumes); two different slides of one name practically
-    never have the same size. ``path`` tells a file replaced in place (same path, another size) from
-    another slide of that name (:func:`same_place`).
+
+#: Chunks :func:`file_sample` reads, and their size in bytes.
+SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 16, 65536
+
+
+def file_sample(path) -> str:
+    """A digest of a file's first and last bytes and of chunks spread between them (about 1 MiB read).
+
+    Two files of one name and size (uncompressed TIFFs of one shape always have it) differ in it unless
+    their bytes agree wherever it looks; reading the whole of a multi-GB slide on every rerun would not pay.
+    """
+    st = Path(path).stat()
+    return _file_sample(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sample(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    """:func:`file_sample` of one version of a file (a batch asks several times per slide)."""
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLE_CHUNKS * SAMPLE_CHUNK_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - SAMPLE_CHUNK_BYTES) / (SAMPLE_CHUNKS - 1)
+            for k in range(SAMPLE_CHUNKS):
+                f.seek(int(k * step))
+                h.update(f.read(SAMPLE_CHUNK_BYTES))
+    return h.hexdigest()[:32]
+
+
+def slide_source(path) -> dict:
+    """What identifies a slide file for resuming: its name, size in bytes and :func:`file_sample` (and
+    where it was).
+
+    Resuming compares these (:func:`same_source`), not the folder (a moved cohort still resumes) nor the
+    time stamp (a copy still resumes). ``path`` tells a file replaced in place from another slide of that
+    name (:func:`same_place`).
     """
     path = Path(path)
-    return {"file": path.name, "bytes": path.stat().st_size, "path": str(path.resolve())}
+    return {"file": path.name, "bytes": path.stat().st_size, "sample": file_sample(path),
+            "path": str(path.resolve())}
+
+
+#: The file in a slide's output folder naming the slide file it belongs to (:func:`claim_folder`).
+SOURCE_CLAIM = ".ihcscore-source.json"
+
+
+def claim_folder(out_dir, source: Mapping) -> None:
+    """Mark ``out_dir`` as the outputs of the slide file ``source`` before it is scored, so another run
+    choosing a folder at the same time (:func:`recorded_source`) leaves it to this slide. The marker of
+    :func:`write_slide_outputs` replaces the claim; :func:`release_folder` drops it when the slide fails."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out / SOURCE_CLAIM, "w") as f:
+        f.write(_dumps(dict(source)))
+
+
+def release_folder(out_dir) -> None:
+    """Drop :func:`claim_folder`'s claim of a slide that failed (and the folder, when that leaves it empty):
+    the name is free again, e.g. for the file re-exported in another format."""
+    out = Path(out_dir)
+    with contextlib.suppress(FileNotFoundError):
+        (out / SOURCE_CLAIM).unlink()
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only when empty
 
 
 def _marker(out_dir) -> dict | None:
@@ -886,12 +959,19 @@ def _marker(out_dir) -> dict | None:
 
 
 def recorded_source(out_dir) -> dict | None:
-    """The slide file whose finished outputs ``out_dir`` holds (:func:`slide_source`), or None (none there).
+    """The slide file whose finished outputs ``out_dir`` holds (:func:`slide_source`), else the one that
+    claimed it (:func:`claim_folder`: being scored, or failed), or None (a free folder).
 
     Outputs written before markers named their slide give ``{"file": ...}`` from summary.json's ``path``.
     """
     info = _marker(out_dir)
-    return None if info is None else _source_in(out_dir, info)
+    if info is not None:
+        return _source_in(out_dir, info)
+    try:
+        claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return claim if isinstance(claim, dict) else None
 
 
 def _source_in(out_dir, info: dict) -> dict | None:
@@ -906,13 +986,12 @@ def _source_in(out_dir, info: dict) -> dict | None:
 
 
 def same_source(recorded: Mapping | None, source: Mapping) -> bool:
-    """Whether :func:`recorded_source` names the file of ``source``: same name and size (by name alone for
-    old outputs)."""
+    """Whether :func:`recorded_source` names the file of ``source``: same name, size and sample of its bytes
+    (of what old outputs recorded: name and size, or the name alone)."""
     if recorded is None:
         return False
-    if "bytes" in recorded:
-        return (recorded.get("file"), recorded.get("bytes")) == (source.get("file"), source.get("bytes"))
-    return recorded.get("file") == source.get("file")
+    keys = [k for k in ("file", "bytes", "sample") if k in recorded]
+    return "file" in keys and all(recorded.get(k) == source.get(k) for k in keys)
 
 
 def same_place(recorded: Mapping | None, source: Mapping) -> bool:
@@ -1035,12 +1114,23 @@ def write_summary_csv(path, rows: Iterable[Mapping]):
 
 def read_csv_rows(path) -> list[dict]:
     """The rows of a table this module wrote (``summary.csv``, ``failures.csv``), empty cells as None;
-    ``[]`` when the file does not exist."""
+    ``[]`` when the file does not exist.
+
+    A spreadsheet's re-save may have added a byte-order mark (read as UTF-8 all the same).
+
+    Raises
+    ------
+    ValueError
+        The file is not UTF-8 text (saved in another encoding): its rows cannot be merged.
+    """
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             return [{k: (None if v == "" else v) for k, v in r.items()} for r in csv.DictReader(f)]
     except FileNotFoundError:
         return []
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}; re-saved in another encoding?): "
+                         "save it as UTF-8 CSV or move it aside") from None
 
 
 def _merged_rows(path, rows: list, slides: set) -> list:

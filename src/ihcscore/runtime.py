@@ -107,11 +107,13 @@ def init_worker(parent_pid: int) -> None:
     """Pool initializer: :func:`die_with_parent`, and Ctrl-C is left to the parent.
 
     A terminal's Ctrl-C reaches every process of the foreground group; the parent stops the pool
-    and says so in one line, where each worker would print a traceback of its own.
+    and says so in one line, where each worker would print a traceback of its own. SIGTERM ends a
+    worker plainly (a forked worker would otherwise inherit the CLI's handler, which unwinds).
     """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent(parent_pid)
 
 
