@@ -133,7 +133,9 @@ def endonuke_tiles(folder):
     for f in sorted(glob.glob(str(Path(folder) / "images" / "*.png")), key=lambda p: int(Path(p).stem)):
         lab = np.loadtxt(str(Path(folder) / "labels" / (Path(f).stem + ".txt")), ndmin=2)
         lab = lab.reshape(-1, 3)
-        out.append((Path(f).stem, read_rgb(f), lab[:, :2].astype(float), lab[:, 2].astype(int)))
+        # the experts' points are pixel indices: the pixel's centre in ihcscore's (QuPath's) coordinates, where
+        # pixel k spans [k, k + 1), is k + 0.5
+        out.append((Path(f).stem, read_rgb(f), lab[:, :2].astype(float) + 0.5, lab[:, 2].astype(int)))
     return out
 
 
@@ -185,7 +187,8 @@ def plain_skimage_points(rgb):
     markers = np.zeros(mask.shape, np.int32)
     markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1)
     labels = watershed(-dist, markers, mask=mask)
-    return np.array([[p.centroid[1], p.centroid[0]] for p in regionprops(labels) if p.area >= 20]).reshape(-1, 2)
+    # scikit-image centres pixel k on k: + 0.5 to the coordinates the expert points are in (see endonuke_tiles)
+    return np.array([[p.centroid[1], p.centroid[0]] for p in regionprops(labels) if p.area >= 20]).reshape(-1, 2) + 0.5
 
 
 # ---------------------------------------------------------------- 1. OS-2
