@@ -377,3 +377,82 @@ def test_missing_cohort_extra_is_one_line_and_exit_2(tmp_path, capsys, monkeypat
         cohort_statistics(scores, clinical, "patient_id", "response", n_bootstrap=0,
                           time_column="time_months" if survival else None,
                           event_column="event" if survival else None)
+
+
+# ----------------------------------------------------------------------------- small and awkward cohorts
+
+
+def test_tertiles_with_an_empty_bin_give_the_groups_that_hold_patients():
+    """Four scores: a quantile lands on a score and one of qcut's three bins is empty (it crashed)."""
+    h = np.array([225.0, 134.0, 266.0, 191.0])
+    codes = pd.qcut(h, 3, labels=False, duplicates="drop")
+    scores = pd.DataFrame({"slide": list("abcd"), "status": "ok", "tumour_h_score": h})
+    clinical = pd.DataFrame({"id": list("abcd"), "r": ["PR", "PD", "PR", "PD"]})
+    r = cohort_statistics(scores, clinical, "id", "r", n_bootstrap=0)
+    want = [sorted(h[codes == c]) for c in np.unique(codes)]
+    assert [g["n"] for g in r["groups"]] == [len(w) for w in want]
+    assert sum(g["n"] for g in r["groups"]) == 4 and all(g["n"] > 0 for g in r["groups"])
+    assert [g["group"] for g in r["groups"]][0].startswith(f"T1 ({want[0][0]:.1f}")
+    if len(want) < 3:
+        assert any("instead of 3" in w for w in r["warnings"])
+
+
+def test_id_pattern_whose_group_sits_out_the_match():
+    scores = pd.DataFrame({"slide": ["P1_a", "P2_a", "P3_a", "P4_a", "Q9_x"], "status": "ok",
+                           "tumour_h_score": [10.0, 200.0, 30.0, 250.0, 99.0]})
+    clinical = pd.DataFrame({"id": ["P1", "P2", "P3", "P4"], "r": ["PD", "PR", "PD", "PR"]})
+    r = cohort_statistics(scores, clinical, "id", "r", id_pattern=r"^(P\d+)_|^Q\d+_", n_bootstrap=0)
+    assert r["n_matched"] == 4 and r["unmatched_scores"] == ["Q9_x"]
+
+
+def test_ids_that_match_only_failed_slides_are_named_with_an_id_pattern_too():
+    scores = pd.DataFrame({"slide": ["P1_cxcr4", "P2_cxcr4", "P3_cxcr4", "P4_cxcr4", "P6_cxcr4"],
+                           "status": ["ok"] * 4 + ["failed"], "tumour_h_score": [10.0, 200.0, 30.0, 250.0, None]})
+    clinical = pd.DataFrame({"id": ["P1", "P2", "P3", "P4", "P6"], "r": ["PD", "PR", "PD", "PR", "PR"]})
+    r = cohort_statistics(scores, clinical, "id", "r", id_pattern=r"^(P\d+)_", n_bootstrap=0)
+    assert r["unmatched_clinical"] == ["P6"]
+    assert "1 clinical ID(s) match only unscored slides" in r["warnings"]
+
+
+def test_numeric_clinical_column_with_a_text_cell_is_correlated_and_the_cell_reported():
+    from scipy.stats import spearmanr
+
+    scores, clinical = make_cohort(40, seed=3)
+    ki67 = np.round(scores["tumour_h_score"].to_numpy() / 3 + np.random.default_rng(1).normal(0, 10, 40), 1)
+    clinical["ki67"] = [str(v) for v in ki67]
+    clinical.loc[5, "ki67"] = "unknown"
+    clinical["site"] = ["lung", "skin"] * 20  # text: not correlated, not reported
+    r = cohort_statistics(scores, clinical, "pid", "best_response", n_bootstrap=0)
+    keep = np.arange(40) != 5
+    rho, p = spearmanr(scores["tumour_h_score"].to_numpy()[keep], ki67[keep])
+    assert r["spearman"]["ki67"]["n"] == 39
+    assert r["spearman"]["ki67"]["rho"] == pytest.approx(rho) and r["spearman"]["ki67"]["p"] == pytest.approx(p)
+    assert "site" not in r["spearman"]
+    assert any("'ki67'" in w and "'unknown'" in w for w in r["warnings"])
+
+
+def test_odds_ratio_of_a_score_that_is_not_an_h_score_is_also_given_per_point():
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(2)
+    allred = rng.integers(0, 9, 80).astype(float)
+    resp = rng.random(80) < 1 / (1 + np.exp(-(allred - 4) * 0.3))
+    ids = [f"S{i}" for i in range(80)]
+    scores = pd.DataFrame({"slide": ids, "status": "ok", "tumour_allred": allred})
+    clinical = pd.DataFrame({"id": ids, "r": np.where(resp, "CR", "SD")})
+    r = cohort_statistics(scores, clinical, "id", "r", score_column="tumour_allred", n_bootstrap=0)
+    fit = sm.Logit(resp.astype(int), sm.add_constant(allred)).fit(disp=0)
+    assert r["odds_ratio_per_point"] == pytest.approx(math.exp(fit.params[1]), rel=1e-6)
+    assert r["odds_ratio_per_point_ci"] == pytest.approx(np.exp(fit.conf_int()[1]).tolist(), rel=1e-6)
+    assert r["odds_ratio_per_100"] == pytest.approx(math.exp(100 * fit.params[1]), rel=1e-6)
+    assert any(w.startswith("odds_ratio_per_100 is per 100 points of tumour_allred") for w in r["warnings"])
+    h = cohort_statistics(*make_cohort(80, seed=4), "pid", "best_response", n_bootstrap=0)
+    assert not any("odds_ratio_per_100 is per" in w for w in h["warnings"])
+
+
+def test_a_collapsed_bootstrap_interval_is_flagged():
+    scores = pd.DataFrame({"slide": list("abcd"), "status": "ok", "tumour_h_score": [10.0, 20.0, 200.0, 210.0]})
+    clinical = pd.DataFrame({"id": list("abcd"), "r": ["PD", "PD", "PR", "PR"]})
+    r = cohort_statistics(scores, clinical, "id", "r", n_bootstrap=500)
+    assert r["auc_ci"] == [1.0, 1.0] and r["mannwhitney_p"] > 0.3
+    assert any("bootstrap interval [1.000, 1.000] is not reliable" in w for w in r["warnings"])

@@ -83,6 +83,8 @@ __all__ = [
 
 MIN_PATIENTS = 4
 MIN_PER_CLASS = 2
+#: Fewer responders or non-responders than this: the AUC's bootstrap interval is flagged as unreliable.
+MIN_PER_CLASS_FOR_CI = 5
 
 _RESPONDER = {
     "cr", "pr", "1", "1.0", "true", "yes", "y", "responder", "response", "r",
@@ -326,7 +328,8 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
             m = rx.search(stem)
             if m is None:
                 return None
-            return (m.group(1) if rx.groups else m.group(0)).strip()
+            found = m.group(1) if rx.groups else m.group(0)
+            return None if found is None else found.strip()  # the first group may sit out the match
 
         sc["_id"] = [derive(s) for s in sc["_slide"]]
         all_ids = pd.Series([derive(s) for s in all_ids], dtype=object)
@@ -335,6 +338,9 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
             warn.append(f"--id-pattern did not match {n_nomatch} slide stem(s)")
     else:
         sc["_id"] = sc["_slide"]
+
+        def derive(stem):
+            return stem
 
     clin_ids = set(ids)
     in_clin = sc["_id"].isin(clin_ids)
@@ -365,8 +371,8 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
 
     matched_ids = set(per_patient.index)
     unmatched_clinical = [i for i in ids if i not in matched_ids]
-    unscored_stems = {u["slide"] for u in unscored}
-    n_clin_unscored = sum(1 for i in unmatched_clinical if i in unscored_stems)
+    unscored_ids = {derive(u["slide"]) for u in unscored}  # the IDs they would give, not their stems
+    n_clin_unscored = sum(1 for i in unmatched_clinical if i in unscored_ids)
     if n_clin_unscored:
         warn.append(f"{n_clin_unscored} clinical ID(s) match only unscored slides")
 
@@ -523,9 +529,12 @@ def response_groups(score, response, cutoff=None):
             labels = np.zeros(score.size, int)
         else:
             labels = np.asarray(pd.qcut(score, 3, labels=False, duplicates="drop"), int)
+            # a bin can come out empty (few patients, a quantile landing on a score): groups are the bins
+            # that hold patients, numbered in order
+            labels = np.unique(labels, return_inverse=True)[1].reshape(-1)
         k = int(labels.max()) + 1 if labels.size else 0
         if k < 3:
-            warning = f"tied scores merge tertile cut points: {k} group(s) instead of 3"
+            warning = f"tertile cut points coincide (tied or few scores): {k} group(s) instead of 3"
         names = []
         for g in range(k):
             s = score[labels == g]
@@ -612,15 +621,28 @@ def spearman_correlations(table, columns, score_column="_score"):
 
 
 def _extra_numeric_columns(clinical_df, exclude):
-    cols = []
+    """The clinical columns to correlate with the score, and warnings.
+
+    A column of numbers with a few text cells ("unknown", "n/a") counts, its text cells left out and
+    said so; a column mostly of text (sex, site) does not.
+    """
+    cols, warn = [], []
     for c in clinical_df.columns:
         if c in exclude or str(c).startswith("_"):
             continue
         s = clinical_df[c]
-        if pd.api.types.is_bool_dtype(s) or not pd.api.types.is_numeric_dtype(s):
+        if pd.api.types.is_bool_dtype(s):
             continue
+        if not pd.api.types.is_numeric_dtype(s):
+            given = s[s.notna() & (s.astype(str).str.strip() != "")]
+            numbers = pd.to_numeric(given, errors="coerce")
+            if given.empty or numbers.notna().sum() <= len(given) / 2:
+                continue
+            text = given[numbers.isna()].astype(str).unique().tolist()
+            warn.append(f"clinical column {c!r}: {int(numbers.isna().sum())} non-numeric value(s) left out of "
+                        f"its Spearman correlation ({', '.join(repr(t) for t in text[:3])})")
         cols.append(c)
-    return cols
+    return cols, warn
 
 
 def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
@@ -657,7 +679,7 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
     result : dict
         JSON-ready: ``n_matched``, ``unmatched_scores``, ``unmatched_clinical``,
         ``n_responders``, ``auc``, ``auc_ci``, ``mannwhitney_p``, ``odds_ratio_per_100``,
-        ``odds_ratio_ci``, ``groups``, ``logrank_p``, ``spearman`` and also
+        ``odds_ratio_ci``, ``odds_ratio_per_point`` (and ``_ci``), ``groups``, ``logrank_p``, ``spearman`` and also
         ``score_column``, ``n_unscored``, ``unscored``, ``missing_response``,
         ``cutoff``, ``grouping``, ``survival``, ``n_bootstrap``, ``seed``, ``warnings``.
     table : DataFrame
@@ -682,18 +704,28 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
     y = table["_response"].to_numpy(int)
     n1, n0 = int(y.sum()), int(n - y.sum())
 
-    auc = auc_ci = mw_p = orr = or_ci = None
+    auc = auc_ci = mw_p = orr = or_ci = or_point = or_point_ci = None
     if min(n1, n0) < MIN_PER_CLASS:
         warn.append(f"response statistics not computed: {n1} responder(s) and {n0} non-responder(s) "
                     f"(need at least {MIN_PER_CLASS} of each)")
     else:
         auc = auc_score(score, y)
+        mw_p = float(mannwhitneyu(score[y == 1], score[y == 0], alternative="two-sided").pvalue)
         if n_bootstrap > 0:
             auc_ci = list(bootstrap_auc_ci(score, y, n_bootstrap, seed))
-        mw_p = float(mannwhitneyu(score[y == 1], score[y == 0], alternative="two-sided").pvalue)
+            if auc_ci[0] == auc_ci[1] or min(n1, n0) < MIN_PER_CLASS_FOR_CI:
+                warn.append(f"the AUC's bootstrap interval {_fmt_ci(auc_ci)} is not reliable with {n1} responder(s) "
+                            f"and {n0} non-responder(s) (resamples repeat the same few patients); "
+                            f"Mann–Whitney p = {_fmt(mw_p)}")
         orr, or_ci, w = logistic_odds_ratio(score, y, per=100.0)
         if w:
             warn.append(w)
+        if orr is not None:  # per point: Wald intervals are linear in the log odds
+            or_point, or_point_ci = orr ** 0.01, [v ** 0.01 for v in or_ci]
+        if orr is not None and "h_score" not in score_column:
+            lo, hi = float(np.min(score)), float(np.max(score))
+            warn.append(f"odds_ratio_per_100 is per 100 points of {score_column} (scores {lo:g}–{hi:g}), not of an "
+                        f"H-score; per point it is {_fmt(or_point)} {_fmt_ci(or_point_ci)}")
 
     groups, labels, w = response_groups(score, y, cutoff)
     if w:
@@ -716,7 +748,8 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
         else:
             warn.append("log-rank not computed: fewer than 2 patients with time and event")
 
-    extra = _extra_numeric_columns(clinical_df, {id_column, response_column, time_column, event_column})
+    extra, w = _extra_numeric_columns(clinical_df, {id_column, response_column, time_column, event_column})
+    warn.extend(w)
     spearman, w = spearman_correlations(table, extra)
     warn.extend(w)
 
@@ -734,6 +767,8 @@ def cohort_statistics(scores_df, clinical_df, id_column, response_column, *,
         "mannwhitney_p": mw_p,
         "odds_ratio_per_100": orr,
         "odds_ratio_ci": or_ci,
+        "odds_ratio_per_point": or_point,
+        "odds_ratio_per_point_ci": or_point_ci,
         "cutoff": None if cutoff is None else float(cutoff),
         "grouping": "cutoff" if cutoff is not None else "tertiles",
         "groups": groups,
@@ -793,6 +828,8 @@ def _summary_rows(result):
         ("Mann–Whitney p", _fmt(result["mannwhitney_p"])),
         ("odds ratio per 100 points", _fmt(result["odds_ratio_per_100"])),
         ("odds ratio 95% CI", _fmt_ci(result["odds_ratio_ci"])),
+        ("odds ratio per point", _fmt(result.get("odds_ratio_per_point"))),
+        ("odds ratio per point 95% CI", _fmt_ci(result.get("odds_ratio_per_point_ci"))),
         ("log-rank p" + (f" ({result['survival']['split']})" if result.get("survival") else ""),
          _fmt(result["logrank_p"])),
     ]
