@@ -596,3 +596,28 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(go
     assert r.stderr.strip().splitlines() == [f"error: --out {ro}: cannot write in the output folder "
                                              "(Permission denied)"], r.stderr
     assert list(ro.iterdir()) == []
+
+
+def test_an_unreadable_slide_fails_alone(good_slides, tmp_path):
+    """A slide this user may not read (chmod 000) is a failed slide; the others are scored (reading it for the
+    resume digest stopped the whole batch before any slide)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(good_slides / "a.tif", d / "a.tif")
+    shutil.copy(good_slides / "b.tif", d / "noread.tif")
+    (d / "noread.tif").chmod(0)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ihcscore.cli", "score", str(d), "--out", str(out), *SCORE_ARGS]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    finally:
+        (d / "noread.tif").chmod(0o644)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert {x["slide"]: x["status"] for x in _read_csv(out / "summary.csv")} == {"a": "ok", "noread": "failed"}
+    (fail,) = _read_csv(out / "failures.csv")
+    assert "noread.tif" in fail["error"] and "ermission denied" in fail["error"]

@@ -123,3 +123,77 @@ def test_local_cluster_leaves_ctrl_c_to_this_process():
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+# ----------------------------------------------------------------------------- schedulers that are not what they seem
+
+
+def _listener(reply: bytes | None):
+    """A TCP port that accepts and then says ``reply`` (an SSH banner) or nothing at all (an HTTP port)."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("reply", [None, b"SSH-2.0-OpenSSH_9.6\r\n" + b"\xff" * 64])
+def test_a_port_that_is_not_a_scheduler_is_one_line_in_bounded_time(slides, tmp_path, monkeypatch, capsys, reply):
+    import ihcscore.batch as batch
+
+    monkeypatch.setattr(batch, "CONNECT_TIMEOUT_S", 6.0)
+    srv, address = _listener(reply)
+    try:
+        t0 = time.monotonic()
+        rc = main(["score", str(slides / "s2.tif"), "--out", str(tmp_path / "out"), *ARGS, "--dask", address])
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert rc == 2 and took < 30
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: --dask {address}: cannot connect"), err
+
+
+def test_a_scheduler_without_workers_is_one_line(slides, tmp_path, monkeypatch, capsys):
+    import ihcscore.batch as batch
+    from distributed import LocalCluster
+
+    monkeypatch.setattr(batch, "WORKER_WAIT_S", 2.0)
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as empty:
+        rc = main(["score", str(slides / "s2.tif"), "--out", str(tmp_path / "out"), *ARGS,
+                   "--dask", empty.scheduler_address])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no workers" in err
+
+
+def test_workers_of_another_version_are_refused(cluster, monkeypatch):
+    """Workers that run another ihcscore give other cells under this version's name (reruns took them as done)."""
+    import ihcscore.batch as batch
+    import ihcscore.pipeline as pipeline
+    from distributed import Client
+
+    with Client(cluster) as client:
+        batch._check_workers(client, cluster.scheduler_address)  # the same version: accepted
+        monkeypatch.setattr(batch, "__version__", "0.0.1")
+        with pytest.raises(ValueError, match=r"workers run ihcscore \S+, this client 0.0.1"):
+            batch._check_workers(client, cluster.scheduler_address)
+    job = pipeline._TileJob(slide_path="x.tif")
+    job.version = "0.0.1"  # as a job pickled by another client arrives
+    with pytest.raises(RuntimeError, match="this client 0.0.1"):
+        job(None)

@@ -62,7 +62,7 @@ def output_names(paths, out_root=None) -> list[str]:
     names = [slide_name(p) for p in paths]
     levels = [[n, f"{p.resolve().parent.name}_{n}", f"{p.resolve().parent.name}_{p.name}"]
               for p, n in zip(paths, names)]
-    sources = [slide_source(p) if out_root is not None and p.is_file() else None for p in paths]
+    sources = [_source_or_none(p) if out_root is not None else None for p in paths]
     recorded: dict[str, dict | None] = {}
 
     def held(name):
@@ -113,6 +113,15 @@ def output_names(paths, out_root=None) -> list[str]:
         chosen[i] = name
         taken.add(name)
     return chosen
+
+
+def _source_or_none(path: Path):
+    """:func:`~ihcscore.export.slide_source`, or None for a file that is missing or cannot be read (it fails
+    on its own when scored, with the others going on)."""
+    try:
+        return slide_source(path) if path.is_file() else None
+    except OSError:
+        return None
 
 
 def slide_params_hash(preset, stains_spec: str, tissue: str, mpp, classifier=None, gpu: bool = False) -> str:
@@ -242,7 +251,68 @@ def dask_client(address: str, workers: int = 2):
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         return Client(cluster)
-    return Client(address)
+    client = _connect(address)
+    try:
+        _check_workers(client, address)
+    except Exception:
+        client.close()
+        raise
+    return client
+
+
+#: Seconds to wait for a scheduler's answer, and then for its first worker.
+CONNECT_TIMEOUT_S, WORKER_WAIT_S = 45.0, 60.0
+
+
+def _connect(address: str):
+    """``Client(address)`` with a deadline: a port that accepts and never answers as a scheduler (a
+    dashboard's HTTP port) would keep it waiting forever. A daemon thread, so a hung attempt does not
+    keep the process alive."""
+    import threading
+
+    from distributed import Client
+
+    box = {}
+
+    def attempt():
+        try:
+            box["client"] = Client(address, timeout=f"{int(CONNECT_TIMEOUT_S * 2 / 3)}s")
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=attempt, daemon=True, name="ihcscore-dask-connect")
+    t.start()
+    t.join(CONNECT_TIMEOUT_S)
+    if t.is_alive():
+        raise TimeoutError(f"no Dask scheduler answered within {CONNECT_TIMEOUT_S:g} s (is it the scheduler's "
+                           "port, e.g. 8786, not its dashboard's?)")
+    if "error" in box:
+        e = box["error"]
+        if isinstance(e, (OSError, ValueError, TimeoutError, ImportError)):
+            raise e
+        raise OSError(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None  # not a scheduler
+    return box["client"]
+
+
+def _check_workers(client, address: str) -> None:
+    """The cluster has workers, and they run this version of ihcscore (another one gives other cells,
+    under this version's name, which reruns then take as done)."""
+    try:
+        client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+    except TimeoutError:
+        raise TimeoutError(f"the scheduler has no workers (waited {WORKER_WAIT_S:g} s): start `dask worker "
+                           f"{address}`") from None
+    versions = client.run(_worker_version)
+    other = {v for v in versions.values() if v != __version__}
+    if other:
+        raise ValueError(f"its workers run ihcscore {', '.join(sorted(map(str, other)))}, this client "
+                         f"{__version__}: install the same version on the workers")
+
+
+def _worker_version():
+    from ihcscore import __version__ as version
+
+    return version
 
 
 def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
@@ -279,8 +349,9 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     with folder_lock(out_root):
         names = output_names(paths, out_root)
         for path, name in zip(paths, names):
-            if Path(path).is_file():
-                claim_folder(out_root / name, slide_source(path))
+            source = _source_or_none(Path(path))
+            if source is not None:
+                claim_folder(out_root / name, source)
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:

@@ -131,6 +131,16 @@ def _has_dashboard(address: str) -> bool:
     return address != "local" or importlib.util.find_spec("bokeh") is not None
 
 
+def _close_dask(client) -> None:
+    """Close the client, and the LocalCluster of ``--dask local`` with it (``Client.close`` leaves it to
+    the interpreter's exit, where workers still running cancelled tiles log warnings after our last line)."""
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # shutting down: tiles cancelled on purpose
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
 def _check_writable(folder: Path) -> None:
     """``OSError`` in one line when files cannot be created in ``folder`` (before any slide is scored)."""
     import tempfile
@@ -193,7 +203,7 @@ def run_score(args) -> int:
         console.print(f"[red]error:[/red] --dask needs dask.distributed ({escape(str(e))}): "
                       + escape("pip install 'ihcscore[distributed]'"), highlight=False)
         return 2
-    except (OSError, ValueError, TimeoutError) as e:
+    except Exception as e:  # noqa: BLE001 - whatever answered there, one line
         reason = ' '.join(str(e).split()) or type(e).__name__
         console.print(f"[red]error:[/red] --dask {escape(args.dask)}: cannot connect to the scheduler "
                       f"({escape(reason)})", highlight=False)
@@ -226,7 +236,7 @@ def run_score(args) -> int:
                                  on_slide_end=on_slide_end, classifier=args.classifier, gpu=args.gpu)
         finally:
             if client is not None:
-                client.close()
+                _close_dask(client)
     if not args.quiet:
         table = Table(title=f"ihcscore {__version__}: preset {preset.name}, headline {preset.scoring.measurement}, "
                             f"thresholds {list(preset.scoring.thresholds)} OD; H-score 0-300")

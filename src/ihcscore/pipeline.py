@@ -20,6 +20,7 @@ import os
 import queue
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -509,7 +510,11 @@ def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
 
         # Hold no list of futures: a result is released on the cluster as soon as it is fetched, so
         # worker memory does not grow with the number of tiles (as_completed drops its reference too).
-        for fut in dask_as_completed(client.map(fn, tasks, pure=False)):
+        # readable task keys (the dashboard, distributed's warnings), unique per run
+        token = uuid.uuid4().hex[:8]
+        name = Path(getattr(fn, "kw", {}).get("slide_path", "tile")).name
+        keys = [f"ihcscore-tile-{name}-{getattr(t, 'index', i)}-{token}" for i, t in enumerate(tasks)]
+        for fut in dask_as_completed(client.map(fn, tasks, key=keys, pure=False)):
             result = fut.result()
             fut.release()
             yield result
@@ -536,8 +541,12 @@ class _TileJob:
 
     def __init__(self, **kw):
         self.kw = kw
+        self.version = __version__  # the client's; compared on the worker, whose __version__ is its own
 
     def __call__(self, task):
+        if self.version != __version__:  # a Dask worker that joined with another ihcscore
+            raise RuntimeError(f"a Dask worker runs ihcscore {__version__}, this client {self.version}: install the "
+                               "same version on the workers")
         return pack_tile(analyze_tile(task=task, **self.kw))
 
 
@@ -791,8 +800,9 @@ def analyze_slide(
     else:
         warnings = [f"{slide.name}: no tissue found: empty result (scores are null)"]
 
-    # Absolute path: Dask workers may run in another working directory (or on another node, shared FS).
-    job = _TileJob(slide_path=str(Path(slide.path).resolve()), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
+    # Absolute path: Dask workers may run in another working directory (or on another node, shared FS);
+    # links not resolved: the path given is the one mounted alike everywhere, the link's target may not be.
+    job = _TileJob(slide_path=os.path.abspath(slide.path), mpp_override=mpp0, ds=ds, mpp0=mpp0, stains=stains,
                    params=params, polygons=polygons, gpu=bool(gpu))
 
     release_freed_memory()  # the tissue and stain checks' images: the table's arrays need other sizes
@@ -800,6 +810,8 @@ def analyze_slide(
     with tempfile.TemporaryDirectory(prefix=f"{TILE_TABLES_PREFIX}{os.getpid()}-") as spill:
         tables = TileTables(spill)
         start_method = "spawn" if gpu else None
+        if progress is not None:
+            progress(0, len(tasks))  # the total from the start (a cluster's first tile may take a while)
         for done, part in enumerate(_run_tasks(job, tasks, workers, client, start_method), start=1):
             tables.add(part)
             if progress is not None:
