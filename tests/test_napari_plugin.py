@@ -658,3 +658,53 @@ def test_several_annotations_score_as_the_cli_and_cancel(make_napari_viewer, qtb
     assert w.last_error == "cancelled"
     assert w.result is before
     assert w.run_btn.isEnabled() and not w.cancel_btn.isEnabled()
+
+
+@pytest.mark.parametrize("max_side", [70, 141, 110])  # downsamples 4.03, 2 and 2.56 over a 211 x 282 px field
+def test_preview_at_a_downsample_lies_on_the_pixels_it_was_read_from(make_napari_viewer, tmp_path, max_side):
+    """Each preview pixel is drawn over the slide pixels it was read from (it was up to 2 px off: the read's
+    origin snapped to a pyramid level, and its spacing taken from the field's width)."""
+    from napari_ihcscore._core import Region
+    from napari_ihcscore._widget import _image_matrix
+
+    rgb = np.full((512, 512, 3), 250, np.uint8)
+    dots = [(x, y) for x in range(185, 380, 23) for y in range(101, 365, 29)]  # (x, y), level-0 px
+    for x, y in dots:
+        rgb[y, x] = (40, 40, 120)  # one dark pixel
+    path = tmp_path / "dots.tif"
+    write_pyramidal_tiff(path, rgb, MPP, compression="zlib", min_level_side=128, tile=128)
+    viewer = make_napari_viewer()
+    image = _open(viewer, path)
+    w = _widget(viewer)
+    w.visible_region = lambda layer: Region("visible field", 177, 90, 211, 282)
+    h_layer, _ = w.preview(max_side=max_side)
+    to_layer = np.linalg.inv(_image_matrix(h_layer)) @ _image_matrix(image)
+    ds = 282 / max_side
+    off = []
+    for x, y in dots:
+        p = (to_layer @ [y, x, 1.0])[:2]  # where the dot is drawn in the preview's pixels (napari: centred on k)
+        r0, c0 = np.round(p).astype(int) - 2
+        win = np.clip(h_layer.data[r0:r0 + 5, c0:c0 + 5] - np.median(h_layer.data), 0, None)  # the dot alone
+        rr, cc = np.mgrid[0:5, 0:5]
+        seen = np.array([(rr * win).sum(), (cc * win).sum()]) / win.sum() + (r0, c0)  # where its OD is
+        off.append((seen - p) * ds)  # level-0 px
+    off = np.array(off)
+    print("preview offset (level-0 px): mean", off.mean(axis=0), "max", np.abs(off).max(axis=0))
+    # no bias (it was 0.5-4 px); one dot is a sixteenth of a preview pixel at ds 4: seen within half a pixel
+    assert np.abs(off.mean(axis=0)).max() < 0.25 and np.abs(off).max() <= ds / 2, off
+
+
+def test_shapes_drawn_on_pixel_edges_stay_on_them(make_napari_viewer, tmp_path):
+    """napari keeps vertices in float32: at 0.504 µm/px a corner on the edge x = 510 came back at 509.99998886,
+    and a centroid lying on that edge counted in the widget but not with the same GeoJSON in the CLI."""
+    from skimage.data import immunohistochemistry
+
+    path = tmp_path / "ihc504.tif"
+    write_pyramidal_tiff(path, immunohistochemistry(), 0.504, compression="zlib", min_level_side=128, tile=128)
+    viewer = make_napari_viewer()
+    image = _open(viewer, path)
+    w = _widget(viewer)
+    # napari data coordinates centre pixel k on k: the engine's edges 510 and 512 are at 509.5 and 511.5
+    layer = _rectangle(viewer, 509.5, 130.5, 511.5, 211.5, mpp=0.504)
+    xy = w._shape_level0(layer, image, 0)
+    assert sorted(map(tuple, xy.tolist())) == [(510.0, 131.0), (510.0, 212.0), (512.0, 131.0), (512.0, 212.0)]

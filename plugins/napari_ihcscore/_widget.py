@@ -25,7 +25,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDoubleSpin
 from ihcscore import classify as classify_mod
 from ihcscore import export as export_mod
 from ihcscore.cells import DetectionParams
-from ihcscore.pipeline import analyze_slide, analyze_slide_region, slide_stains
+from ihcscore.pipeline import analyze_slide, analyze_slide_region, read_detection_tile, slide_stains
 from ihcscore.preset import DETECTION_IMAGES, available_presets, load_preset
 from ihcscore.scoring import COMPARTMENTS, STATISTICS, ScoringScheme
 from ihcscore.stains import StainVectors, deconvolve, estimate_stain_vectors
@@ -644,11 +644,17 @@ class IHCScoreWidget(QWidget):
         raise ValueError("no annotation: draw a rectangle or polygon in a Shapes layer (and select it)")
 
     def _shape_level0(self, shapes_layer, image_layer, index) -> np.ndarray:
-        """(K, 2) level-0 (x, y) vertices of one shape."""
+        """(K, 2) level-0 (x, y) vertices of one shape.
+
+        napari keeps vertices in float32: a corner drawn on a pixel edge (or centre) comes back up to ~1e-4 px
+        off it, which moves a centroid lying on that edge in or out; such vertices are put back on it.
+        """
         verts = np.asarray(shapes_layer.data[index], dtype=np.float64)[:, -2:]
         world = np.array([shapes_layer.data_to_world(v) for v in verts])[:, -2:]
         to0 = self._world_to_level0(image_layer)
-        return np.array([to0(w) for w in world])[:, ::-1]
+        xy = np.array([to0(w) for w in world])[:, ::-1]
+        halves = np.round(xy * 2) / 2
+        return np.where(np.abs(xy - halves) < 1e-3, halves, xy)
 
     def estimate_stains(self):
         """Estimate stain vectors and background from the selected Shapes rectangle (engine estimate)."""
@@ -701,10 +707,16 @@ class IHCScoreWidget(QWidget):
         slide = layer_slide(image)
         r = self.visible_region(image)
         ds = max(1.0, max(r.w, r.h) / float(max_side))
-        rgb = slide.read_scaled(r.x, r.y, r.w, r.h, ds) if ds > 1 else slide.read_region((r.x, r.y), 0, (r.w, r.h))
-        ds_eff = r.w / rgb.shape[1]
+        if ds > 1:
+            # on a grid of ds level-0 px per pixel, read as the engine reads tiles: placed exactly where it lies
+            gx0, gy0 = math.floor(r.x / ds), math.floor(r.y / ds)
+            gx1, gy1 = math.ceil((r.x + r.w) / ds), math.ceil((r.y + r.h) / ds)
+            rgb = read_detection_tile(slide, (gy0, gx0, gy1, gx1), ds)
+            origin = (gx0 * ds, gy0 * ds)
+        else:
+            rgb, origin = slide.read_region((r.x, r.y), 0, (r.w, r.h)), (r.x, r.y)
         od = deconvolve(rgb, self.stains())
-        where = self._grid_layer_kwargs(image, (r.x, r.y), ds_eff)
+        where = self._grid_layer_kwargs(image, origin, ds)
         out = []
         for c, (name, cmap) in enumerate((("Hematoxylin OD", "I Blue"), ("DAB OD", "I Orange"))):
             data = np.clip(od[..., c], 0, None)
@@ -805,6 +817,8 @@ class IHCScoreWidget(QWidget):
             warnings += [w for w in res.summary.get("warnings", []) if w not in warnings]
             progress(i + 1, len(regions))
         cells = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+        if len(cells) and "object_id" not in cells.columns:  # as the CLI's tables: 1, 2, ... (label is per region)
+            cells.insert(0, "object_id", np.arange(1, len(cells) + 1))
         first = first_copies(cells[["x_px", "y_px"]].to_numpy(), cells["region"].to_numpy()) if len(cells) else None
         return ScoredCells(cells=cells, regions=kept, mpp=float(slide.mpp), stains=stains, preset=preset,
                            kind="regions", first=first, warnings=warnings)
