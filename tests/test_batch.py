@@ -579,15 +579,22 @@ def test_tables_saved_by_a_spreadsheet(good_slides, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "summary.csv" in err and "UTF-8" in err
 
 
+def _without_root_powers(cmd):
+    """``cmd`` run so that file modes bind it: as root, without the capabilities that let root read and write
+    anything (skipped where setpriv is missing)."""
+    if os.geteuid() != 0:
+        return cmd
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+
+
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_slide(good_slides, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    cmd = [sys.executable, "-m", "ihcscore.cli", "score", str(good_slides / "a.tif"), "--out", str(ro), *SCORE_ARGS]
-    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that let it
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv")
-        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    cmd = _without_root_powers([sys.executable, "-m", "ihcscore.cli", "score", str(good_slides / "a.tif"),
+                                "--out", str(ro), *SCORE_ARGS])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     finally:
@@ -607,11 +614,7 @@ def test_an_unreadable_slide_fails_alone(good_slides, tmp_path):
     shutil.copy(good_slides / "b.tif", d / "noread.tif")
     (d / "noread.tif").chmod(0)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ihcscore.cli", "score", str(d), "--out", str(out), *SCORE_ARGS]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv")
-        cmd = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+    cmd = _without_root_powers([sys.executable, "-m", "ihcscore.cli", "score", str(d), "--out", str(out), *SCORE_ARGS])
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     finally:
