@@ -431,6 +431,7 @@ def test_ctrl_c_stops_in_one_line_and_rerun_is_identical(kill_folder, clean_run,
     assert not alive
     assert (out / "a" / COMPLETE_MARKER).is_file() and not (out / "big" / COMPLETE_MARKER).exists()
     assert not list(out.rglob("*.tmp-*")) and not list(tmp.iterdir())
+    assert not list(out.glob("*/.ihcscore-source.json"))  # the claims of the slides not finished are released
     assert main(["score", str(kill_folder), "--out", str(out), *SCORE_ARGS]) == 0
     _assert_same_outputs(out, clean_run)
 
@@ -624,3 +625,78 @@ def test_an_unreadable_slide_fails_alone(good_slides, tmp_path):
     assert {x["slide"]: x["status"] for x in _read_csv(out / "summary.csv")} == {"a": "ok", "noread": "failed"}
     (fail,) = _read_csv(out / "failures.csv")
     assert "noread.tif" in fail["error"] and "ermission denied" in fail["error"]
+
+
+def test_copies_and_numbered_folders_keep_their_own(good_slides, tmp_path):
+    """Two copies of one file (a/x.tif scored before, b/x.tif now) get two folders (both were given x/); slides
+    named alike down to their folder and file names are numbered, and keep their numbers when one folder goes."""
+    from ihcscore.batch import output_names
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(good_slides / "a.tif", tmp_path / d / "x.tif")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "a"), "--out", str(out), *SCORE_ARGS]) == 0
+    a, b = tmp_path / "a" / "x.tif", tmp_path / "b" / "x.tif"
+    assert output_names([b, a], out) == ["b_x", "x"]  # the copy at the recorded path keeps x/
+    assert main(["score", str(b), str(a), "--out", str(out), *SCORE_ARGS]) == 0
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"x", "b_x"} and rows["x"]["resumed"] == "True" and rows["b_x"]["resumed"] == "False"
+
+    # g1/dd/y.tif, g2/dd/y.tif, g3/dd/y.tif: dd_y.tif, dd_y.tif-2, dd_y.tif-3
+    slides = []
+    for k, src in enumerate(("a.tif", "b.tif", "a.tif"), start=1):
+        p = tmp_path / f"g{k}" / "dd" / "y.tif"
+        p.parent.mkdir(parents=True)
+        shutil.copy(good_slides / src, p)
+        if k == 3:
+            with open(p, "ab") as f:
+                f.write(b"\0")  # another file than g1's
+        slides.append(p)
+    many = tmp_path / "many"
+    assert main(["score", *map(str, slides), "--out", str(many), *SCORE_ARGS]) == 0
+    assert output_names(slides, many) == ["dd_y.tif", "dd_y.tif-2", "dd_y.tif-3"]
+    shutil.rmtree(many / "dd_y.tif-2")  # its outputs gone: the third slide keeps -3
+    assert output_names(slides, many) == ["dd_y.tif", "dd_y.tif-2", "dd_y.tif-3"]
+    assert output_names(slides[2:], many) == ["dd_y.tif-3"]
+    assert not list(many.glob("*/.ihcscore-source.json")) and not list(out.glob("*/.ihcscore-source.json"))
+
+
+def test_a_slide_that_changes_while_scored_fails_and_is_scored_again(good_slides, tmp_path):
+    """A file still being written (a scanner, a copy) when its tiles are read: its outputs would be recorded as
+    the finished file's, and a rerun would keep them."""
+    from ihcscore.batch import score_batch
+    from ihcscore.preset import load_preset
+
+    slide = tmp_path / "s.tif"
+    shutil.copy(good_slides / "a.tif", slide)
+    out = tmp_path / "out"
+    state = {"done": False}
+
+    def replace_once(done, total):
+        if done >= 1 and not state["done"]:
+            state["done"] = True
+            shutil.copy(good_slides / "b.tif", slide)
+
+    res = score_batch([slide], out, load_preset("cxcr4"), tissue="all", tile_size=256, report=False,
+                      on_tile=replace_once)
+    (fail,) = res.failures
+    assert "changed while it was scored" in fail["error"] and not (out / "s" / COMPLETE_MARKER).exists()
+    assert not (out / "s").exists()  # nothing written, the claim released
+    assert main(["score", str(slide), "--out", str(out), *SCORE_ARGS]) == 0
+    alone = tmp_path / "alone"
+    assert main(["score", str(good_slides / "b.tif"), "--out", str(alone), *SCORE_ARGS]) == 0
+    assert _summary(out / "s") | {"slide": "b"} == _summary(alone / "b")
+
+
+def test_a_claim_left_by_a_killed_run_does_not_hold_the_folder(good_slides, tmp_path):
+    from ihcscore.export import claim_folder, recorded_source, slide_source
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    claim_folder(tmp_path / "x", slide_source(good_slides / "a.tif"))
+    assert recorded_source(tmp_path / "x")["file"] == "a.tif"  # this process's: held
+    claim = json.loads((tmp_path / "x" / ".ihcscore-source.json").read_text())
+    claim["claimed_by"]["pid"] = dead
+    (tmp_path / "x" / ".ihcscore-source.json").write_text(json.dumps(claim))
+    assert recorded_source(tmp_path / "x") is None

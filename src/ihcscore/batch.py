@@ -9,6 +9,7 @@ made with the same parameters (the ``_COMPLETE`` marker holds their hash).
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import time
@@ -18,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, read_csv_rows,
-                     recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
-                     update_folder_tables, write_slide_outputs)
+from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, recorded_source,
+                     release_folder, same_place, same_source, slide_source, summary_row, update_folder_tables,
+                     write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -48,7 +49,7 @@ def find_slides(path) -> list[Path]:
                   and not p.name.startswith(".") and p.suffix.lower() in SLIDE_EXTENSIONS)
 
 
-def output_names(paths, out_root=None) -> list[str]:
+def output_names(paths, out_root=None, sources=None) -> list[str]:
     """The output folder name of each slide of a batch: its name, unique within the batch and ``out_root``.
 
     A slide's name is the folder of its outputs unless another slide has a claim on it: another slide
@@ -57,12 +58,14 @@ def output_names(paths, out_root=None) -> list[str]:
     ``b/x.svs``). Such slides are told apart by their folder (``a_x``), then by their file name too
     (``a_x.tiff`` beside ``a_x.tif``), then by a number (``a_x.tif-2``). A folder that already holds the
     slide's own outputs is kept, so reruns resume whichever name the slide got, whatever else is scored.
+    ``sources``: the slides' :func:`~ihcscore.export.slide_source` (or None), when already known.
     """
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
     levels = [[n, f"{p.resolve().parent.name}_{n}", f"{p.resolve().parent.name}_{p.name}"]
               for p, n in zip(paths, names)]
-    sources = [_source_or_none(p) if out_root is not None else None for p in paths]
+    if sources is None:
+        sources = [_source_or_none(p) if out_root is not None else None for p in paths]
     recorded: dict[str, dict | None] = {}
 
     def held(name):
@@ -83,35 +86,43 @@ def output_names(paths, out_root=None) -> list[str]:
         return same_place(there, source) and not any(
             same_source(there, o) for k, o in enumerate(sources) if k != i and o is not None)
 
-    def numbered(i):
-        base = levels[i][-1]
-        return (f"{base}-{k}" for k in itertools.count(2))
+    def existing_numbered(base):
+        """The numbered folders ``base-<k>`` already in ``out_root`` (gaps and all), in order."""
+        if out_root is None:
+            return []
+        found = sorted(int(m.name[len(base) + 1:]) for m in Path(out_root).glob(glob.escape(base) + "-*")
+                       if m.name[len(base) + 1:].isdigit())
+        return [f"{base}-{k}" for k in found]
+
+    def candidates(i):
+        return [*levels[i], *existing_numbered(levels[i][-1])]
 
     chosen: list[str | None] = [None] * len(paths)
-    for i in range(len(paths)):  # first the folders slides already own
-        for name in levels[i]:
-            if own(i, name):
+    taken: set[str] = set()
+    # First the folders slides already own; a folder two copies of one file could claim goes to the copy
+    # at the recorded path.
+    at_home = [any(same_place(held(n), sources[i]) and own(i, n) for n in levels[i]) for i in range(len(paths))]
+    for i in sorted(range(len(paths)), key=lambda i: not at_home[i]):
+        for name in candidates(i) if sources[i] is not None and out_root is not None else ():
+            if name not in taken and own(i, name):
                 chosen[i] = name
+                taken.add(name)
                 break
-        else:
-            for name in numbered(i) if out_root is not None else ():
-                if not (Path(out_root) / name).exists():
-                    break
-                if own(i, name):
-                    chosen[i] = name
-                    break
-    taken = {c for c in chosen if c is not None}
     for i in range(len(paths)):  # then free names, the plainest first
         if chosen[i] is not None:
             continue
-        for level, name in enumerate(levels[i]):
-            repeated = sum(lv[level] == name for lv in levels) > 1
-            if not repeated and name not in taken and held(name) is None:
+        name = None
+        for level, plain in enumerate(levels[i]):
+            repeated = sum(lv[level] == plain for lv in levels) > 1
+            if (not repeated or level == len(levels[i]) - 1) and plain not in taken and held(plain) is None:
+                name = plain
                 break
-        else:
-            name = next(n for n in numbered(i) if n not in taken and held(n) is None)
+        if name is None:
+            base = levels[i][-1]
+            name = next(n for n in (f"{base}-{k}" for k in itertools.count(2)) if n not in taken and held(n) is None)
         chosen[i] = name
         taken.add(name)
+    assert len(set(chosen)) == len(chosen), chosen
     return chosen
 
 
@@ -194,10 +205,13 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
     from .slide import open_slide
 
     model = CellClassifier.load(classifier) if classifier is not None else None
+    source = slide_source(path)  # before reading: the outputs are of these bytes
     with open_slide(path, mpp=mpp) as slide:
         result = analyze_slide(slide, preset, stains=stains, tissue=tissue, tile_size=tile_size,
                                workers=workers, client=client, polygons=True, progress=progress,
                                classifier=model, gpu=gpu)
+        if slide_source(path) != source:  # a scanner or a copy still writing it
+            raise ValueError(f"{path}: the file changed while it was scored; score it again once it is complete")
         summary = result.summary
         if out_name is not None:
             summary["slide"] = out_name
@@ -212,7 +226,7 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images, workers=workers,
                             params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu),
-                            source=slide_source(path))
+                            source=source)
     return summary
 
 
@@ -342,16 +356,29 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    for table in ("summary.csv", "failures.csv"):
-        read_csv_rows(out_root / table)  # unreadable (another encoding): say so now, not after the first slide
     result = BatchResult()
+    sources = [_source_or_none(Path(p)) for p in paths]  # read before the lock: other jobs wait on it
     # Chosen and claimed under the folder's lock: a run starting beside this one sees the claims
     with folder_lock(out_root):
-        names = output_names(paths, out_root)
-        for path, name in zip(paths, names):
-            source = _source_or_none(Path(path))
-            if source is not None:
+        names = output_names(paths, out_root, sources)
+        for name, source in zip(names, sources):
+            if source is not None and not same_source(recorded_source(out_root / name), source):
                 claim_folder(out_root / name, source)
+    try:
+        _score_in_turn(paths, names, out_root, result, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
+                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv, report=report,
+                       resume=resume, on_slide_start=on_slide_start, on_tile=on_tile, on_slide_end=on_slide_end,
+                       classifier=classifier, gpu=gpu)
+    finally:  # a run stopped (Ctrl-C, SIGTERM, an error) leaves no claim on the folders it did not finish
+        for name in names:
+            if not (out_root / name / COMPLETE_MARKER).exists():
+                release_folder(out_root / name)
+    return result
+
+
+def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
+                   client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu):
+    """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:

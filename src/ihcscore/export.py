@@ -76,7 +76,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_open, atomic_path, atomic_write  # noqa: F401 - part of this module's API
-from .runtime import worker_pool
+from .runtime import process_alive, worker_pool
 
 __all__ = [
     "GEOMETRY_COLUMNS",
@@ -895,11 +895,11 @@ def file_sample(path) -> str:
     their bytes agree wherever it looks; reading the whole of a multi-GB slide on every rerun would not pay.
     """
     st = Path(path).stat()
-    return _file_sample(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    return _file_sample(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @functools.lru_cache(maxsize=4096)
-def _file_sample(path: str, size: int, mtime_ns: int, inode: int) -> str:
+def _file_sample(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     """:func:`file_sample` of one version of a file (a batch asks several times per slide)."""
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
@@ -933,11 +933,14 @@ SOURCE_CLAIM = ".ihcscore-source.json"
 def claim_folder(out_dir, source: Mapping) -> None:
     """Mark ``out_dir`` as the outputs of the slide file ``source`` before it is scored, so another run
     choosing a folder at the same time (:func:`recorded_source`) leaves it to this slide. The marker of
-    :func:`write_slide_outputs` replaces the claim; :func:`release_folder` drops it when the slide fails."""
+    :func:`write_slide_outputs` replaces the claim, :func:`release_folder` drops it when the slide fails or
+    is not reached, and a claim whose process has died on this machine (a killed run) counts for nothing."""
+    import socket
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / SOURCE_CLAIM, "w") as f:
-        f.write(_dumps(dict(source)))
+        f.write(_dumps({**dict(source), "claimed_by": {"pid": os.getpid(), "host": socket.gethostname()}}))
 
 
 def release_folder(out_dir) -> None:
@@ -964,6 +967,8 @@ def recorded_source(out_dir) -> dict | None:
 
     Outputs written before markers named their slide give ``{"file": ...}`` from summary.json's ``path``.
     """
+    import socket
+
     info = _marker(out_dir)
     if info is not None:
         return _source_in(out_dir, info)
@@ -971,7 +976,12 @@ def recorded_source(out_dir) -> dict | None:
         claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return claim if isinstance(claim, dict) else None
+    if not isinstance(claim, dict):
+        return None
+    by = claim.pop("claimed_by", None) or {}
+    if by.get("host") == socket.gethostname() and isinstance(by.get("pid"), int) and not process_alive(by["pid"]):
+        return None  # left by a run that was killed
+    return claim
 
 
 def _source_in(out_dir, info: dict) -> dict | None:
