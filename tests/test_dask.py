@@ -182,18 +182,41 @@ def test_a_scheduler_without_workers_is_one_line(slides, tmp_path, monkeypatch, 
     assert len(err.splitlines()) == 1 and "no workers" in err
 
 
-def test_workers_of_another_version_are_refused(cluster, monkeypatch):
-    """Workers that run another ihcscore give other cells under this version's name (reruns took them as done)."""
+def test_workers_of_another_version_are_refused(cluster, slides, tmp_path, monkeypatch):
+    """Workers that run another ihcscore give other cells under this version's name (reruns took them as done):
+    refused when connecting, and tile by tile for a worker that joins later (its own _TileJob runs there)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import ihcscore
     import ihcscore.batch as batch
-    import ihcscore.pipeline as pipeline
-    from distributed import Client
+    from distributed import Client, LocalCluster
 
     with Client(cluster) as client:
         batch._check_workers(client, cluster.scheduler_address)  # the same version: accepted
         monkeypatch.setattr(batch, "__version__", "0.0.1")
-        with pytest.raises(ValueError, match=r"workers run ihcscore \S+, this client 0.0.1"):
+        with pytest.raises(batch.DaskSetupError, match=r"workers run ihcscore \S+, this client 0.0.1"):
             batch._check_workers(client, cluster.scheduler_address)
-    job = pipeline._TileJob(slide_path="x.tif")
-    job.version = "0.0.1"  # as a job pickled by another client arrives
-    with pytest.raises(RuntimeError, match="this client 0.0.1"):
-        job(None)
+    monkeypatch.undo()
+
+    old = tmp_path / "old"  # an older ihcscore: its tiles come back as 0.2.0's did, without a version
+    shutil.copytree(Path(ihcscore.__file__).parent, old / "ihcscore")
+    init, pipe = old / "ihcscore" / "__init__.py", old / "ihcscore" / "pipeline.py"
+    init.write_text(init.read_text().replace(f'__version__ = "{ihcscore.__version__}"', '__version__ = "0.2.0"'))
+    code = pipe.read_text()
+    assert "return __version__, pack_tile(" in code
+    pipe.write_text(code.replace("return __version__, pack_tile(", "return pack_tile("))
+    with LocalCluster(n_workers=0, host="127.0.0.1", dashboard_address="127.0.0.1:0") as empty, \
+            Client(empty) as client:
+        worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", empty.scheduler_address,
+                                   "--nworkers", "1", "--nthreads", "1", "--no-dashboard"],
+                                  env={**os.environ, "PYTHONPATH": str(old)}, stderr=subprocess.DEVNULL)
+        try:
+            client.wait_for_workers(1, timeout=60)
+            with open_slide(slides / "s2.tif") as s, pytest.raises(RuntimeError, match="runs an older ihcscore"):
+                analyze_slide(s, load_preset("cxcr4"), tile_size=256, tissue="all", client=client)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)

@@ -27,7 +27,7 @@ from .runtime import process_alive
 from .slide import slide_name
 
 __all__ = ["SLIDE_EXTENSIONS", "find_slides", "output_names", "slide_params_hash", "score_slide", "score_batch",
-           "BatchResult", "dask_client"]
+           "BatchResult", "dask_client", "DaskSetupError"]
 
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff",
                     ".png", ".jpg", ".jpeg")
@@ -286,18 +286,26 @@ def _connect(address: str):
 
     from distributed import Client
 
-    box = {}
+    box, lock = {}, threading.Lock()
 
     def attempt():
         try:
-            box["client"] = Client(address, timeout=f"{int(CONNECT_TIMEOUT_S * 2 / 3)}s")
+            client = Client(address, timeout=f"{max(1, int(CONNECT_TIMEOUT_S * 2 / 3))}s")
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
+            return
+        with lock:
+            if box.get("abandoned"):  # answered after the caller gave up: nobody will close it
+                client.close()
+            else:
+                box["client"] = client
 
     t = threading.Thread(target=attempt, daemon=True, name="ihcscore-dask-connect")
     t.start()
     t.join(CONNECT_TIMEOUT_S)
-    if t.is_alive():
+    with lock:
+        box["abandoned"] = "client" not in box and "error" not in box
+    if box["abandoned"]:
         raise TimeoutError(f"no Dask scheduler answered within {CONNECT_TIMEOUT_S:g} s (is it the scheduler's "
                            "port, e.g. 8786, not its dashboard's?)")
     if "error" in box:
@@ -308,25 +316,23 @@ def _connect(address: str):
     return box["client"]
 
 
+class DaskSetupError(RuntimeError):
+    """A scheduler answered, but its cluster cannot score: no workers, or workers of another ihcscore."""
+
+
 def _check_workers(client, address: str) -> None:
     """The cluster has workers, and they run this version of ihcscore (another one gives other cells,
-    under this version's name, which reruns then take as done)."""
+    under this version's name, which reruns then take as done). :class:`DaskSetupError` otherwise."""
     try:
         client.wait_for_workers(1, timeout=WORKER_WAIT_S)
     except TimeoutError:
-        raise TimeoutError(f"the scheduler has no workers (waited {WORKER_WAIT_S:g} s): start `dask worker "
-                           f"{address}`") from None
-    versions = client.run(_worker_version)
-    other = {v for v in versions.values() if v != __version__}
+        raise DaskSetupError(f"the scheduler has no workers (waited {WORKER_WAIT_S:g} s): start `dask worker "
+                             f"{address}`") from None
+    workers = client.get_versions(packages=["ihcscore"])["workers"]  # asked by name: works without ihcscore there
+    other = {str(w["packages"].get("ihcscore") or "none") for w in workers.values()} - {__version__}
     if other:
-        raise ValueError(f"its workers run ihcscore {', '.join(sorted(map(str, other)))}, this client "
-                         f"{__version__}: install the same version on the workers")
-
-
-def _worker_version():
-    from ihcscore import __version__ as version
-
-    return version
+        raise DaskSetupError(f"its workers run ihcscore {', '.join(sorted(other))}, this client {__version__}: "
+                             f"install ihcscore=={__version__} on the workers")
 
 
 def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,

@@ -158,7 +158,7 @@ def run_score(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .batch import dask_client, find_slides, score_batch
+    from .batch import DaskSetupError, dask_client, find_slides, score_batch
     from .export import read_csv_rows
     from .pipeline import MIN_TILE_PX
 
@@ -202,6 +202,9 @@ def run_score(args) -> int:
     except ImportError as e:
         console.print(f"[red]error:[/red] --dask needs dask.distributed ({escape(str(e))}): "
                       + escape("pip install 'ihcscore[distributed]'"), highlight=False)
+        return 2
+    except DaskSetupError as e:  # connected, but the cluster cannot score
+        console.print(f"[red]error:[/red] --dask {escape(args.dask)}: {escape(str(e))}", highlight=False)
         return 2
     except Exception as e:  # noqa: BLE001 - whatever answered there, one line
         reason = ' '.join(str(e).split()) or type(e).__name__

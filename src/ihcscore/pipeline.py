@@ -541,13 +541,21 @@ class _TileJob:
 
     def __init__(self, **kw):
         self.kw = kw
-        self.version = __version__  # the client's; compared on the worker, whose __version__ is its own
 
     def __call__(self, task):
-        if self.version != __version__:  # a Dask worker that joined with another ihcscore
-            raise RuntimeError(f"a Dask worker runs ihcscore {__version__}, this client {self.version}: install the "
-                               "same version on the workers")
-        return pack_tile(analyze_tile(task=task, **self.kw))
+        # the worker's version with the tile: a Dask worker running another ihcscore (its own class, without
+        # this line) is found out by the client, whatever its code does (:func:`_tile_of_this_version`)
+        return __version__, pack_tile(analyze_tile(task=task, **self.kw))
+
+
+def _tile_of_this_version(result):
+    """The packed tile of a :class:`_TileJob` result, after checking the worker ran this version of ihcscore
+    (another one gives other cells under this version's name, and reruns take them as done)."""
+    if isinstance(result, tuple) and len(result) == 2 and result[0] == __version__:
+        return result[1]
+    theirs = result[0] if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str) else None
+    raise RuntimeError(f"a Dask worker runs {'ihcscore ' + theirs if theirs else 'an older ihcscore'}, this client "
+                       f"{__version__}: install ihcscore=={__version__} on the workers")
 
 
 #: Longest side (px) the stain-angle check subsamples the tissue sample to (every second pixel of ~1800 px).
@@ -813,7 +821,7 @@ def analyze_slide(
         if progress is not None:
             progress(0, len(tasks))  # the total from the start (a cluster's first tile may take a while)
         for done, part in enumerate(_run_tasks(job, tasks, workers, client, start_method), start=1):
-            tables.add(part)
+            tables.add(_tile_of_this_version(part))
             if progress is not None:
                 progress(done, len(tasks))
         cells = tables.assemble(in_tissue) if tables.columns else _empty_cells(slide, preset, stains)
