@@ -385,16 +385,18 @@ def test_missing_cohort_extra_is_one_line_and_exit_2(tmp_path, capsys, monkeypat
 def test_tertiles_with_an_empty_bin_give_the_groups_that_hold_patients():
     """Four scores: a quantile lands on a score and one of qcut's three bins is empty (it crashed)."""
     h = np.array([225.0, 134.0, 266.0, 191.0])
-    codes = pd.qcut(h, 3, labels=False, duplicates="drop")
     scores = pd.DataFrame({"slide": list("abcd"), "status": "ok", "tumour_h_score": h})
     clinical = pd.DataFrame({"id": list("abcd"), "r": ["PR", "PD", "PR", "PD"]})
     r = cohort_statistics(scores, clinical, "id", "r", n_bootstrap=0)
-    want = [sorted(h[codes == c]) for c in np.unique(codes)]
-    assert [g["n"] for g in r["groups"]] == [len(w) for w in want]
-    assert sum(g["n"] for g in r["groups"]) == 4 and all(g["n"] > 0 for g in r["groups"])
-    assert [g["group"] for g in r["groups"]][0].startswith(f"T1 ({want[0][0]:.1f}")
-    if len(want) < 3:
-        assert any("instead of 3" in w for w in r["warnings"])
+    groups = r["groups"]
+    assert sum(g["n"] for g in groups) == 4 and all(g["n"] > 0 for g in groups)
+    # every patient in one group, the groups in order of score, each named by its range
+    ranges = [tuple(float(v) for v in g["group"].split("(")[1].rstrip(")").split("–")) for g in groups]
+    assert [g["group"].split()[0] for g in groups] == [f"T{k}" for k in range(1, len(groups) + 1)]
+    assert ranges[0][0] == 134.0 and ranges[-1][1] == 266.0
+    assert all(hi < lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    assert [g["n"] for g in groups] == [int(((h >= lo) & (h <= hi)).sum()) for lo, hi in ranges]
+    assert (len(groups) < 3) == any("instead of 3" in w for w in r["warnings"])
 
 
 def test_id_pattern_whose_group_sits_out_the_match():

@@ -318,29 +318,27 @@ def match_cohort(scores_df, clinical_df, id_column, response_column, *,
     all_ids = sc["_slide"]  # before the unscored slides are set aside: to tell "no match" from "no score"
     sc = sc.loc[usable.to_numpy()].assign(_score=score[usable].astype(float))
 
-    if id_pattern:
-        try:
-            rx = re.compile(id_pattern)
-        except re.error as exc:
-            raise CohortError(f"invalid --id-pattern {id_pattern!r}: {exc}") from None
+    try:
+        rx = re.compile(id_pattern) if id_pattern else None
+    except re.error as exc:
+        raise CohortError(f"invalid --id-pattern {id_pattern!r}: {exc}") from None
 
-        def derive(stem):
-            m = rx.search(stem)
-            if m is None:
-                return None
-            found = m.group(1) if rx.groups else m.group(0)
-            return None if found is None else found.strip()  # the first group may sit out the match
+    def derive(stem):
+        """The patient ID of a slide: its stem, or the pattern's first group (None: no match)."""
+        if rx is None:
+            return stem
+        m = rx.search(stem)
+        if m is None:
+            return None
+        found = m.group(1) if rx.groups else m.group(0)
+        return None if found is None else found.strip()  # the first group may sit out the match
 
-        sc["_id"] = [derive(s) for s in sc["_slide"]]
+    sc["_id"] = [derive(s) for s in sc["_slide"]]
+    if rx is not None:
         all_ids = pd.Series([derive(s) for s in all_ids], dtype=object)
         n_nomatch = int(sc["_id"].isna().sum())
         if n_nomatch:
             warn.append(f"--id-pattern did not match {n_nomatch} slide stem(s)")
-    else:
-        sc["_id"] = sc["_slide"]
-
-        def derive(stem):
-            return stem
 
     clin_ids = set(ids)
     in_clin = sc["_id"].isin(clin_ids)

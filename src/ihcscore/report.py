@@ -273,8 +273,8 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
             sub = sub.sample(max_points, random_state=0)
         cols = np.array([_rgb01(bin_color(b, n_thresholds)) for b in sub["bin"].to_numpy()])
         size = float(np.clip(4000.0 / len(sub), 1.5, 10.0))  # points²: visible, never a carpet
-        # level-0 x (QuPath's convention, pixel k spans [k, k + 1)) -> image x (pixel j centred at j)
-        ax.scatter(sub["x_px"].to_numpy(float) / downsample - 0.5, sub["y_px"].to_numpy(float) / downsample - 0.5,
+        ax.scatter(_to_image(sub["x_px"].to_numpy(float), 0.0, downsample),
+                   _to_image(sub["y_px"].to_numpy(float), 0.0, downsample),
                    s=size, c=cols, linewidths=0.3, edgecolors="black")
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
@@ -288,7 +288,14 @@ def _to_field(poly, origin, downsample):
     p = np.asarray(poly, float)
     if p.ndim != 2 or p.shape[0] < 3 or p.shape[1] != 2:
         return None
-    return (p - np.asarray(origin, float)) / downsample - 0.5
+    return _to_image(p, np.asarray(origin, float), downsample)
+
+
+def _to_image(level0, origin, downsample):
+    """Level-0 coordinates (QuPath's convention: pixel k spans [k, k + 1)) -> those of an image whose first
+    pixel starts at ``origin`` and spans ``downsample`` level-0 px, as matplotlib draws it (pixel j centred
+    on j)."""
+    return (level0 - origin) / downsample - 0.5
 
 
 def _field_cells(spec, origin=(0.0, 0.0), downsample=1.0):
@@ -308,8 +315,8 @@ def _field_cells(spec, origin=(0.0, 0.0), downsample=1.0):
     for c in records:
         c = dict(c)
         if "x" not in c and "x_px" in c:
-            c["x"] = (float(c["x_px"]) - origin[0]) / ds - 0.5
-            c["y"] = (float(c["y_px"]) - origin[1]) / ds - 0.5
+            c["x"] = _to_image(float(c["x_px"]), origin[0], ds)
+            c["y"] = _to_image(float(c["y_px"]), origin[1], ds)
             if c.get("polygon") is None:
                 c["polygon"] = _to_field(c.get("nucleus_polygon"), origin, ds)
                 c["outline"] = _to_field(c.get("cell_polygon"), origin, ds)
@@ -659,10 +666,13 @@ def _kpis(summary: Mapping) -> str:
         return summary.get(name) if isinstance(summary.get(name), Mapping) else {}
 
     t, a = group("tumour"), group("all")
-    g, who = (a, "all-cell") if headline_group(summary) == "all" else (t, "tumour")
+    if headline_group(summary) == "all":
+        g, h_label, pos_label = a, "all-cell H-score (0–300)", "all cells positive (%)"
+    else:
+        g, h_label, pos_label = t, "tumour H-score (0–300)", "tumour cells positive (%)"
     items = [
-        (_fmt(g.get("h_score"), 1), f"{who} H-score (0–300)"),
-        (_fmt(g.get("percent_positive"), 1, " %"), f"{'all' if who == 'all-cell' else who} cells positive (%)"),
+        (_fmt(g.get("h_score"), 1), h_label),
+        (_fmt(g.get("percent_positive"), 1, " %"), pos_label),
         (_fmt(g.get("allred"), 0), "Allred score (0–8)"),
         (_fmt(g.get("irs"), 0), "IRS (0–12)"),
         (_fmt(t.get("n"), 0), "tumour cells (n)"),
@@ -889,7 +899,7 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
     if hs_ok:
         parts.append("<h2>H-score distribution</h2>")
         parts.append(_img(_hscore_hist_figure(hs_ok, what), "H-score histogram",
-                          "Tumour H-score (0–300) of the scored slides, 10-point bins."))
+                          f"{what.capitalize()} H-score (0–300) of the scored slides, 10-point bins."))
     return _page(title, "\n".join(p for p in parts if p))
 
 
