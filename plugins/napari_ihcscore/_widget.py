@@ -470,8 +470,8 @@ class IHCScoreWidget(QWidget):
         if not _rotated(m):
             translate, scale = placement(origin_px, downsample, np.diag(m[:2, :2]), m[:2, 2])
             return {"translate": translate, "scale": scale, "affine": np.eye(3)}
-        off = 0.5 * downsample - 0.5
-        grid = np.array([[downsample, 0, origin_px[1] + off], [0, downsample, origin_px[0] + off], [0, 0, 1.0]])
+        (ty, tx), (sy, sx) = placement(origin_px, downsample, (1.0, 1.0))  # on the slide's own pixels
+        grid = np.array([[sy, 0, ty], [0, sx, tx], [0, 0, 1.0]])
         return {"translate": (0.0, 0.0), "scale": (1.0, 1.0), "affine": m @ grid}
 
     # ------------------------------------------------------------------ preset
