@@ -1089,11 +1089,12 @@ def simulate_cohort(n=120, odds_ratio_per_100=3.0, base_rate=0.35, seed=0, survi
 def add_cohort_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``ihcscore cohort`` flags to ``parser``."""
     parser.add_argument("--scores", required=True, metavar="SUMMARY.csv",
-                        help="summary.csv written by `ihcscore score` (one row per slide: slide stem, status, scores)")
+                        help="summary.csv written by `ihcscore score` (one row per slide: slide name, status, scores)")
     parser.add_argument("--clinical", required=True, metavar="CLINICAL.csv",
                         help="clinical table, one row per patient (CSV)")
     parser.add_argument("--id-column", required=True, metavar="COL",
-                        help="clinical column holding the patient/slide ID (matched to the slide stem)")
+                        help="clinical column holding the patient/slide ID (matched to summary.csv's slide: the slide "
+                             "stem, or its output folder name when stems collide, e.g. a_x)")
     parser.add_argument("--response-column", required=True, metavar="COL",
                         help="clinical response column: CR/PR/1/true/yes/responder = responder, "
                              "SD/PD/0/false/no/non-responder = not; empty cells are left out (listed)")
