@@ -264,7 +264,7 @@ def dask_client(address: str, workers: int = 2):
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
-        return Client(cluster)
+        return Client(cluster, set_as_default=False)  # the tiles are sent to it by name, nothing else
     client = _connect(address)
     try:
         _check_workers(client, address)
@@ -290,7 +290,8 @@ def _connect(address: str):
 
     def attempt():
         try:
-            client = Client(address, timeout=f"{max(1, int(CONNECT_TIMEOUT_S * 2 / 3))}s")
+            # not the process's default client: an abandoned attempt must not capture every later dask compute
+            client = Client(address, timeout=f"{max(1, int(CONNECT_TIMEOUT_S * 2 / 3))}s", set_as_default=False)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
             return

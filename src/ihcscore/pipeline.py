@@ -514,10 +514,11 @@ def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
         token = uuid.uuid4().hex[:8]
         name = Path(getattr(fn, "kw", {}).get("slide_path", "tile")).name
         keys = [f"ihcscore-tile-{name}-{getattr(t, 'index', i)}-{token}" for i, t in enumerate(tasks)]
-        for fut in dask_as_completed(client.map(fn, tasks, key=keys, pure=False)):
-            result = fut.result()
-            fut.release()
-            yield result
+        with client.as_current():  # the client given, not the process's default one (there may be none)
+            for fut in dask_as_completed(client.map(fn, tasks, key=keys, pure=False)):
+                result = fut.result()
+                fut.release()
+                yield result
         return
     if workers <= 1:
         for t in tasks:
