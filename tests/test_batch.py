@@ -700,3 +700,79 @@ def test_a_claim_left_by_a_killed_run_does_not_hold_the_folder(good_slides, tmp_
     claim["claimed_by"]["pid"] = dead
     (tmp_path / "x" / ".ihcscore-source.json").write_text(json.dumps(claim))
     assert recorded_source(tmp_path / "x") is None
+
+
+def test_moved_linked_and_hard_linked_slides_find_their_folders(good_slides, tmp_path):
+    """A slide moved to another folder resumes in its folder-qualified folder (it was rescored beside it), and a
+    re-export at its new place is then rescored there; links are named by the folder they are in; one file
+    under two hard-linked names is one slide."""
+    from ihcscore.batch import output_names
+
+    for d, src in (("a", "a.tif"), ("b", "b.tif")):
+        (tmp_path / d).mkdir()
+        shutil.copy(good_slides / src, tmp_path / d / "x.tif")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    (tmp_path / "c").mkdir()
+    (tmp_path / "b" / "x.tif").rename(tmp_path / "c" / "x.tif")
+    moved = tmp_path / "c" / "x.tif"
+    assert main(["score", str(moved), "--out", str(out), *SCORE_ARGS]) == 0
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"a_x", "b_x"} and rows["b_x"]["resumed"] == "True"
+    assert json.loads((out / "b_x" / COMPLETE_MARKER).read_text())["source"]["path"] == str(moved.resolve())
+    shutil.copy(good_slides / "a.tif", moved)  # re-exported where it now is: scored again in its folder
+    assert output_names([moved], out) == ["b_x"]
+
+    links = tmp_path / "links"
+    for d, target in (("l", good_slides / "a.tif"), ("m", good_slides / "b.tif")):
+        (links / d).mkdir(parents=True)
+        os.symlink(target, links / d / "y.tif")
+    assert output_names([links / "l" / "y.tif", links / "m" / "y.tif"]) == ["l_y", "m_y"]
+
+    hard = tmp_path / "hard"
+    hard.mkdir()
+    os.link(good_slides / "a.tif", hard / "one.tif")
+    os.link(good_slides / "a.tif", hard / "two.tif")
+    assert main(["score", str(hard), "--out", str(tmp_path / "hard_out"), *SCORE_ARGS]) == 0
+    assert len(_read_csv(tmp_path / "hard_out" / "summary.csv")) == 1
+
+
+def test_a_run_never_releases_another_runs_claim_and_keeps_its_own_while_rewriting(good_slides, tmp_path,
+                                                                                monkeypatch):
+    """Run 2 stopping released run 1's live claim, and a rescore (--no-resume) left its folder unclaimed while
+    the marker was gone: a third run with another file of that name took the folder and the outputs mixed."""
+    import ihcscore.export as export
+    from ihcscore.batch import score_batch
+    from ihcscore.preset import load_preset
+
+    out = tmp_path / "out"
+    (out / "x").mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claim = {**export.slide_source(good_slides / "a.tif"),
+                 "claimed_by": {**export._this_process(), "pid": other.pid}}
+        (out / "x" / export.SOURCE_CLAIM).write_text(json.dumps(claim))
+        assert export.claim_folder(out / "x", export.slide_source(good_slides / "b.tif")) is False
+        export.release_folder(out / "x")
+        assert export.recorded_source(out / "x")["file"] == "a.tif"  # still run 1's
+    finally:
+        other.kill()
+        other.wait()
+    assert export.recorded_source(out / "x") is None  # its run is gone: the claim holds nothing
+
+    slide = tmp_path / "in" / "x.tif"
+    slide.parent.mkdir()
+    shutil.copy(good_slides / "a.tif", slide)
+    preset = load_preset("cxcr4")
+    assert score_batch([slide], out, preset, tissue="all", tile_size=256, report=False).ok
+    seen = []
+    write = export.write_cells_parquet
+
+    def watching(path, cells):  # mid-rewrite, the old marker gone: the folder must still be this slide's
+        seen.append(export.recorded_source(Path(path).parent))
+        return write(path, cells)
+
+    monkeypatch.setattr(export, "write_cells_parquet", watching)
+    assert score_batch([slide], out, preset, tissue="all", tile_size=256, report=False, resume=False).ok
+    assert len(seen) == 1 and seen[0] is not None and seen[0]["path"] == str(slide.resolve())
+    assert not (out / "x" / export.SOURCE_CLAIM).exists()

@@ -9,7 +9,6 @@ made with the same parameters (the ``_COMPLETE`` marker holds their hash).
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, recorded_source,
-                     release_folder, same_place, same_source, slide_source, summary_row, update_folder_tables,
-                     write_slide_outputs)
+from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, record_source_path,
+                     recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
+                     update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -52,78 +51,83 @@ def find_slides(path) -> list[Path]:
 def output_names(paths, out_root=None, sources=None) -> list[str]:
     """The output folder name of each slide of a batch: its name, unique within the batch and ``out_root``.
 
-    A slide's name is the folder of its outputs unless another slide has a claim on it: another slide
-    of that name in the batch (``a/x.svs``, ``b/x.svs``), or the outputs (or claim, :func:`~ihcscore.export.
-    claim_folder`) of another file in ``out_root/<name>`` (an earlier run scored ``a/x.svs``, this one
-    ``b/x.svs``). Such slides are told apart by their folder (``a_x``), then by their file name too
-    (``a_x.tiff`` beside ``a_x.tif``), then by a number (``a_x.tif-2``). A folder that already holds the
-    slide's own outputs is kept, so reruns resume whichever name the slide got, whatever else is scored.
+    A slide keeps the folder of ``out_root`` that holds its outputs (or its claim, :func:`~ihcscore.export.
+    claim_folder`) under whatever name, also after the slide moved to another folder; a folder its own path
+    recorded comes first (two copies of one file keep their own folders), then its file moved from elsewhere
+    (not a copy: the file is no longer where that folder's outputs recorded it), then the earlier file at its
+    path (replaced in place). Any other slide gets its name unless another slide has a
+    claim on it: another slide of that name in the batch (``a/x.svs``, ``b/x.svs``), or the outputs of
+    another file in ``out_root/<name>``. Such slides are told apart by the folder they are in (``a_x``), then
+    by their file name too (``a_x.tiff`` beside ``a_x.tif``), then by a number (``a_x.tif-2``).
     ``sources``: the slides' :func:`~ihcscore.export.slide_source` (or None), when already known.
     """
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
-    levels = [[n, f"{p.resolve().parent.name}_{n}", f"{p.resolve().parent.name}_{p.name}"]
-              for p, n in zip(paths, names)]
+    folders = [p.absolute().parent.name for p in paths]  # where the path given is (a link's own folder)
+    levels = [[n, f"{d}_{n}", f"{d}_{p.name}"] for p, n, d in zip(paths, names, folders)]
     if sources is None:
         sources = [_source_or_none(p) if out_root is not None else None for p in paths]
-    recorded: dict[str, dict | None] = {}
+    held: dict[str, dict] = {}  # what each folder of out_root holds (outputs or a live claim), read once
+    if out_root is not None and Path(out_root).is_dir():
+        for d in Path(out_root).iterdir():
+            there = recorded_source(d) if d.is_dir() else None
+            if there is not None:
+                held[d.name] = there
 
-    def held(name):
-        if out_root is None:
-            return None
-        if name not in recorded:
-            recorded[name] = recorded_source(Path(out_root) / name)
-        return recorded[name]
-
-    def own(i, name):
-        """Whether ``name`` holds slide ``i``'s outputs: of this file, or of the file this path had before
-        (replaced in place), unless another slide of the batch is that very file (moved)."""
-        source, there = sources[i], held(name)
-        if source is None or there is None:
-            return False
-        if same_source(there, source):
-            return True
-        return same_place(there, source) and not any(
-            same_source(there, o) for k, o in enumerate(sources) if k != i and o is not None)
-
-    def existing_numbered(base):
-        """The numbered folders ``base-<k>`` already in ``out_root`` (gaps and all), in order."""
-        if out_root is None:
+    def owned(i):
+        """The folders holding slide ``i``'s outputs, best first (see above)."""
+        source = sources[i]
+        if source is None:
             return []
-        found = sorted(int(m.name[len(base) + 1:]) for m in Path(out_root).glob(glob.escape(base) + "-*")
-                       if m.name[len(base) + 1:].isdigit())
-        return [f"{base}-{k}" for k in found]
+        here, moved, replaced = [], [], []
+        for name, there in held.items():
+            if same_source(there, source):
+                if same_place(there, source):
+                    here.append(name)
+                elif not _still_there(there):  # a copy of a file that is still where it was is not it
+                    moved.append(name)
+            elif same_place(there, source) and not any(
+                    same_source(there, o) for k, o in enumerate(sources) if k != i and o is not None):
+                replaced.append(name)  # unless another slide of the batch is that very file (moved)
+        rank = {n: k for k, n in enumerate(levels[i])}
 
-    def candidates(i):
-        return [*levels[i], *existing_numbered(levels[i][-1])]
+        def order(names):
+            return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+        return order(here) + order(moved) + order(replaced)
 
     chosen: list[str | None] = [None] * len(paths)
     taken: set[str] = set()
-    # First the folders slides already own; a folder two copies of one file could claim goes to the copy
-    # at the recorded path.
-    at_home = [any(same_place(held(n), sources[i]) and own(i, n) for n in levels[i]) for i in range(len(paths))]
+    own = [owned(i) for i in range(len(paths))]
+    at_home = [bool(o) and same_place(held[o[0]], sources[i]) for i, o in enumerate(own)]
     for i in sorted(range(len(paths)), key=lambda i: not at_home[i]):
-        for name in candidates(i) if sources[i] is not None and out_root is not None else ():
-            if name not in taken and own(i, name):
-                chosen[i] = name
-                taken.add(name)
-                break
+        name = next((n for n in own[i] if n not in taken), None)
+        if name is not None:
+            chosen[i] = name
+            taken.add(name)
     for i in range(len(paths)):  # then free names, the plainest first
         if chosen[i] is not None:
             continue
         name = None
         for level, plain in enumerate(levels[i]):
             repeated = sum(lv[level] == plain for lv in levels) > 1
-            if (not repeated or level == len(levels[i]) - 1) and plain not in taken and held(plain) is None:
+            if (not repeated or level == len(levels[i]) - 1) and plain not in taken and plain not in held:
                 name = plain
                 break
         if name is None:
             base = levels[i][-1]
-            name = next(n for n in (f"{base}-{k}" for k in itertools.count(2)) if n not in taken and held(n) is None)
+            name = next(n for n in (f"{base}-{k}" for k in itertools.count(2)) if n not in taken and n not in held)
         chosen[i] = name
         taken.add(name)
     assert len(set(chosen)) == len(chosen), chosen
     return chosen
+
+
+def _still_there(recorded) -> bool:
+    """Whether the file a folder's outputs were made of is still at the path they recorded."""
+    path = recorded.get("path")
+    current = _source_or_none(Path(path)) if path else None
+    return current is not None and same_source(recorded, current)
 
 
 def _source_or_none(path: Path):
@@ -369,17 +373,16 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     with folder_lock(out_root):
         names = output_names(paths, out_root, sources)
         for name, source in zip(names, sources):
-            if source is not None and not same_source(recorded_source(out_root / name), source):
+            if source is not None:  # held for the whole rewrite too (the marker goes first)
                 claim_folder(out_root / name, source)
     try:
         _score_in_turn(paths, names, out_root, result, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                        mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv, report=report,
                        resume=resume, on_slide_start=on_slide_start, on_tile=on_tile, on_slide_end=on_slide_end,
                        classifier=classifier, gpu=gpu)
-    finally:  # a run stopped (Ctrl-C, SIGTERM, an error) leaves no claim on the folders it did not finish
+    finally:  # a run stopped (Ctrl-C, SIGTERM, an error) leaves none of its claims behind
         for name in names:
-            if not (out_root / name / COMPLETE_MARKER).exists():
-                release_folder(out_root / name)
+            release_folder(out_root / name)
     return result
 
 
@@ -399,6 +402,8 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
+                record_source_path(out_dir, slide_source(path))  # moved here: a re-export here comes back
+                release_folder(out_dir)
             else:
                 _remove_stale_temporaries(out_dir)
                 if (out_dir / COMPLETE_MARKER).exists():
@@ -415,8 +420,7 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
             if str(path) not in msg and path.name not in msg:
                 msg = f"{path}: {msg}"
             result.failures.append({"slide": name, "path": str(path), "error": msg})
-            if not (out_dir / COMPLETE_MARKER).exists():
-                release_folder(out_dir)
+            release_folder(out_dir)
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
                               slide=name)
             row.update(preset=preset.name, software_version=__version__)

@@ -141,6 +141,15 @@ def _close_dask(client) -> None:
         cluster.close()
 
 
+def _file_key(path: Path):
+    """One key per file however it is named: links, hard links, ``./a/x.svs`` and ``a/../a/x.svs`` alike."""
+    try:
+        st = path.stat()
+        return st.st_dev, st.st_ino
+    except OSError:  # a broken link: by its own path (it fails when scored)
+        return path.absolute()
+
+
 def _check_writable(folder: Path) -> None:
     """``OSError`` in one line when files cannot be created in ``folder`` (before any slide is scored)."""
     import tempfile
@@ -168,13 +177,13 @@ def run_score(args) -> int:
         found = {}  # one entry per file, however it was named (a/x.svs, ./a/x.svs, the folder a)
         for item in args.input:
             for p in find_slides(item):
-                found.setdefault(p.resolve(), p)
+                found.setdefault(_file_key(p), p)
         if args.tile_size < MIN_TILE_PX:
             raise ValueError(f"--tile-size {args.tile_size}: tiles must be at least {MIN_TILE_PX} px")
         if args.tissue not in ("auto", "all"):
             if not Path(args.tissue).is_file():
                 raise FileNotFoundError(f"--tissue {args.tissue}: no such mask or annotation file")
-            found.pop(Path(args.tissue).resolve(), None)  # a mask.png beside the slides is not a slide
+            found.pop(_file_key(Path(args.tissue)), None)  # a mask.png beside the slides is not a slide
         paths = list(found.values())
         try:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ __all__ = [
     "file_sample",
     "claim_folder",
     "release_folder",
+    "record_source_path",
     "SOURCE_CLAIM",
     "same_place",
     "atomic_write",
@@ -868,8 +869,9 @@ def write_slide_outputs(
         f.write(_dumps(info))
         f.write("\n")
     written["complete"] = marker
-    with contextlib.suppress(FileNotFoundError):
-        (out / SOURCE_CLAIM).unlink()  # the marker names the slide now
+    if _claimant(out) == _this_process():  # the marker names the slide now
+        with contextlib.suppress(FileNotFoundError):
+            (out / SOURCE_CLAIM).unlink()
     return written
 
 
@@ -930,27 +932,69 @@ def slide_source(path) -> dict:
 SOURCE_CLAIM = ".ihcscore-source.json"
 
 
-def claim_folder(out_dir, source: Mapping) -> None:
-    """Mark ``out_dir`` as the outputs of the slide file ``source`` before it is scored, so another run
-    choosing a folder at the same time (:func:`recorded_source`) leaves it to this slide. The marker of
-    :func:`write_slide_outputs` replaces the claim, :func:`release_folder` drops it when the slide fails or
-    is not reached, and a claim whose process has died on this machine (a killed run) counts for nothing."""
+def _claimant(out_dir) -> dict | None:
+    """``{"pid", "host"}`` of the process whose claim ``out_dir`` holds, or None (no claim)."""
+    try:
+        claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    by = claim.get("claimed_by") if isinstance(claim, dict) else None
+    return by if isinstance(by, dict) else {}
+
+
+def _this_process() -> dict:
     import socket
 
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _claim_is_live(by: dict | None) -> bool:
+    """Whether a claim's process may still run: alive on this machine, or on another (it cannot be asked)."""
+    if by is None:
+        return False
+    if by.get("host") == _this_process()["host"] and isinstance(by.get("pid"), int):
+        return process_alive(by["pid"])
+    return True
+
+
+def claim_folder(out_dir, source: Mapping) -> bool:
+    """Mark ``out_dir`` as the outputs of the slide file ``source`` while this process scores it, so another
+    run choosing folders (:func:`recorded_source`) leaves it to this slide; False (nothing written) when
+    another live process holds the claim. The marker of :func:`write_slide_outputs` replaces the claim,
+    :func:`release_folder` drops it (a slide resumed, failed, or not reached), and a claim whose process
+    died on this machine (a killed run) counts for nothing."""
     out = Path(out_dir)
+    by = _claimant(out)
+    if by is not None and by != _this_process() and _claim_is_live(by):
+        return False
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / SOURCE_CLAIM, "w") as f:
-        f.write(_dumps({**dict(source), "claimed_by": {"pid": os.getpid(), "host": socket.gethostname()}}))
+        f.write(_dumps({**dict(source), "claimed_by": _this_process()}))
+    return True
 
 
 def release_folder(out_dir) -> None:
-    """Drop :func:`claim_folder`'s claim of a slide that failed (and the folder, when that leaves it empty):
-    the name is free again, e.g. for the file re-exported in another format."""
+    """Drop this process's :func:`claim_folder` claim (never another run's), and the folder when that leaves it
+    empty: the name is free again, e.g. for the file re-exported in another format."""
     out = Path(out_dir)
-    with contextlib.suppress(FileNotFoundError):
-        (out / SOURCE_CLAIM).unlink()
+    if _claimant(out) == _this_process():
+        with contextlib.suppress(FileNotFoundError):
+            (out / SOURCE_CLAIM).unlink()
     with contextlib.suppress(OSError):
         out.rmdir()  # only when empty
+
+
+def record_source_path(out_dir, source: Mapping) -> None:
+    """Note in a finished folder's marker where its slide file now is (it was resumed from another path, the
+    cohort moved): a later re-export at the new path is then rescored in this folder."""
+    out = Path(out_dir)
+    info = _marker(out)
+    if info is None or not isinstance(info.get("source"), dict) or info["source"].get("path") == source.get("path"):
+        return
+    info["source"] = {**info["source"], "path": source.get("path")}
+    with atomic_open(out / COMPLETE_MARKER, "w") as f:
+        f.write(_dumps(info))
+        f.write("\n")
 
 
 def _marker(out_dir) -> dict | None:
@@ -967,8 +1011,6 @@ def recorded_source(out_dir) -> dict | None:
 
     Outputs written before markers named their slide give ``{"file": ...}`` from summary.json's ``path``.
     """
-    import socket
-
     info = _marker(out_dir)
     if info is not None:
         return _source_in(out_dir, info)
@@ -978,8 +1020,7 @@ def recorded_source(out_dir) -> dict | None:
         return None
     if not isinstance(claim, dict):
         return None
-    by = claim.pop("claimed_by", None) or {}
-    if by.get("host") == socket.gethostname() and isinstance(by.get("pid"), int) and not process_alive(by["pid"]):
+    if not _claim_is_live(claim.pop("claimed_by", None) or {}):
         return None  # left by a run that was killed
     return claim
 
