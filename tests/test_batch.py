@@ -776,3 +776,31 @@ def test_a_run_never_releases_another_runs_claim_and_keeps_its_own_while_rewriti
     assert score_batch([slide], out, preset, tissue="all", tile_size=256, report=False, resume=False).ok
     assert len(seen) == 1 and seen[0] is not None and seen[0]["path"] == str(slide.resolve())
     assert not (out / "x" / export.SOURCE_CLAIM).exists()
+
+
+def test_report_fields_start_where_their_pixels_do(tmp_path):
+    """A field read from a pyramid level starts at a whole level pixel: its origin said x0 = 603 while the pixels
+    came from 602, and the overlays were drawn half a field pixel off."""
+    import numpy as np
+
+    from ihcscore.batch import _report_fields
+    from ihcscore.slide import open_slide
+
+    path = tmp_path / "s.tif"
+    make_synthetic_slide(path, shape=(2048, 2048), mpp=0.2485, seed=3)  # fields of 603 px, level 1 at 2x
+    with open_slide(path) as s:
+        full = s.read_region((0, 0), 0, s.dimensions).astype(float)
+        cells = pd.DataFrame({"x_px": [700.0, 1300.0, 700.0], "y_px": [700.0, 700.0, 1300.0]})
+        fields = _report_fields(s, cells, 0.5 / s.mpp)
+    assert len(fields) == 3
+    for f in fields:
+        (ox, oy), d, rgb = f["origin_px"], f["downsample"], f["rgb"].astype(float)
+        assert d == 2.0
+        n = rgb.shape[0]
+
+        def mismatch(dx, dy):  # the field against the level-0 pixels it should average, shifted by (dx, dy)
+            x0, y0 = int(ox) + dx, int(oy) + dy
+            return np.abs(full[y0:y0 + 2 * n, x0:x0 + 2 * n].reshape(n, 2, n, 2, 3).mean(axis=(1, 3)) - rgb).mean()
+
+        at = mismatch(0, 0)
+        assert all(at < 0.8 * mismatch(dx, dy) for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)))

@@ -189,6 +189,28 @@ def test_headline_follows_the_presets_scored_cells():
     assert "median all-cell H-score 20.0" in cohort_index_html(rows)
 
 
+def test_hotspots_and_parameters_of_a_single_threshold_preset():
+    """One threshold: no H-score, so the hotspot table shows a dash (it printed 'nan' as text) and the heat map
+    shows positive %, cut at the slide's edge; OD parameters carry their unit; no outline is promised when the
+    mask covers the whole thumbnail."""
+    grid = pd.DataFrame({"x0_um": [0.0, 500.0], "y0_um": [0.0, 0.0], "size_um": [500.0, 500.0],
+                         "n": [80, 90], "h_score": [float("nan")] * 2, "percent_positive": [20.0, 40.0]})
+    s = {"slide": "s", "thresholds": [0.2], "compartment": "nucleus", "mpp": 0.5, "dimensions_px": [1400, 600],
+         "tumour": {"n": 170}, "all": {"n": 170},
+         "hotspots": {"grid_um": 500, "min_cells": 50,
+                      "top": [{"x0_um": 500.0, "y0_um": 0.0, "n": 90, "h_score": float("nan"),
+                               "percent_positive": 40.0}]},
+         "preset_parameters": {"detection": {"threshold": 0.7, "max_background": 2.0}, "scoring": {"thresholds": [0.2]}}}
+    page = slide_report_html(s, None, thumbnail=np.full((30, 70, 3), 200, np.uint8), tissue_mask=np.ones((3, 7), bool),
+                             thumbnail_downsample=20.0, hotspot_grid=grid)
+    table = page.split('id="hotspots-table"', 1)[1].split("</table>", 1)[0]
+    assert ">nan<" not in table and "–" in table
+    assert "Positive % heat map" in page and "H-score heat map" not in page
+    assert "blue line" not in page
+    params = page.split("<h2>Parameters</h2>", 1)[1]
+    assert re.search(r"threshold \(OD\)", params) and re.search(r"max background \(OD\)", params)
+
+
 # ----------------------------------------------------------------------------- browser
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

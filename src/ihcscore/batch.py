@@ -178,10 +178,16 @@ def _report_fields(slide, cells, ds_det: float, n_fields: int = 3, side_um: floa
         while level > 0 and slide.level_downsamples[level] > ds:
             level -= 1
         d = slide.level_downsamples[level]
-        rgb = slide.read_region((x0, y0), level, (int(side / d), int(side / d)))
-        sel = cells[(cells["x_px"] >= x0) & (cells["x_px"] < x0 + side) &
-                    (cells["y_px"] >= y0) & (cells["y_px"] < y0 + side)]
-        fields.append({"rgb": rgb, "origin_px": (x0, y0), "downsample": d, "cells": sel})
+        # whole pixels of the level read: the field starts where its first pixel does (x0 rounded down to one)
+        lx, ly, n = int(x0 // d), int(y0 // d), int(side / d)
+        if hasattr(slide, "read_level_region"):
+            rgb = slide.read_level_region(level, (lx, ly), (n, n))
+        else:
+            rgb = slide.read_region((int(round(lx * d)), int(round(ly * d))), level, (n, n))
+        ox, oy = lx * d, ly * d
+        sel = cells[(cells["x_px"] >= ox) & (cells["x_px"] < ox + n * d) &
+                    (cells["y_px"] >= oy) & (cells["y_px"] < oy + n * d)]
+        fields.append({"rgb": rgb, "origin_px": (ox, oy), "downsample": d, "cells": sel})
     return fields
 
 

@@ -859,6 +859,7 @@ def slide_summary(slide, preset, stains: StainVectors, cells: pd.DataFrame, warn
         "slide": slide.name,
         "path": str(slide.path),
         "mpp": float(slide.mpp),
+        "dimensions_px": [int(v) for v in slide.dimensions],  # level-0 width, height
         "preset": preset.name,
         "preset_parameters": preset.to_dict(),
         "stain_vectors": stains.to_dict(),

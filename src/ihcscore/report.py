@@ -142,6 +142,11 @@ def _num(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _missing(v) -> bool:
+    """No value: None, an empty cell, or NaN (a score with no cells, as pandas writes it)."""
+    return v is None or (isinstance(v, str) and v == "") or (isinstance(v, float) and math.isnan(v))
+
+
 def _fmt(v, digits: int = 1, unit: str = "") -> str:
     f = _num(v)
     if f is None:
@@ -251,8 +256,9 @@ def _resize_mask(mask: np.ndarray, shape) -> np.ndarray:
     mask = np.asarray(mask).astype(bool)
     if mask.shape == tuple(shape):
         return mask
-    rows = (np.arange(shape[0]) * mask.shape[0] / shape[0]).astype(int).clip(0, mask.shape[0] - 1)
-    cols = (np.arange(shape[1]) * mask.shape[1] / shape[1]).astype(int).clip(0, mask.shape[1] - 1)
+    # the mask pixel under each thumbnail pixel's centre
+    rows = ((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0]).astype(int).clip(0, mask.shape[0] - 1)
+    cols = ((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1]).astype(int).clip(0, mask.shape[1] - 1)
     return mask[np.ix_(rows, cols)]
 
 
@@ -406,24 +412,43 @@ def _histogram_figure(cells, measurement, thresholds, n_thresholds) -> str | Non
     return _fig_uri(fig)
 
 
-def _heatmap_figure(grid) -> str | None:
-    """H-score (0-300) of each grid square as an image; squares with too few cells are grey."""
-    if grid is None or len(grid) == 0 or not np.isfinite(pd.to_numeric(grid["h_score"], errors="coerce")).any():
+def _heat_values(grid):
+    """(column, values, top, label) the heat map shows: the H-score, or positive % when there is none
+    (one threshold); None when neither has a value."""
+    if grid is None or len(grid) == 0:
         return None
+    for col, top, label in (("h_score", 300, "H-score (0–300)"), ("percent_positive", 100, "positive (%)")):
+        if col in grid:
+            v = pd.to_numeric(grid[col], errors="coerce").to_numpy(float)
+            if np.isfinite(v).any():
+                return col, v, top, label
+    return None
+
+
+def _heatmap_figure(grid, extent_um=None) -> str | None:
+    """The H-score (0-300) of each grid square as an image, or its positive % with one threshold; squares
+    with too few cells are grey. ``extent_um``: the slide's (width, height), where the edge squares end."""
+    shown = _heat_values(grid)
+    if shown is None:
+        return None
+    _, values, top, label = shown
     size = float(grid["size_um"].iloc[0])
     gx = np.round(grid["x0_um"].to_numpy(float) / size).astype(int)
     gy = np.round(grid["y0_um"].to_numpy(float) / size).astype(int)
     img = np.full((gy.max() + 1, gx.max() + 1), np.nan)
-    img[gy, gx] = pd.to_numeric(grid["h_score"], errors="coerce").to_numpy(float)
+    img[gy, gx] = values
     fig = Figure(figsize=(5.2, 4.0))
     ax = fig.add_axes((0.12, 0.12, 0.7, 0.8))
     ax.set_facecolor("#d0d0d0")
-    im = ax.imshow(img, cmap="magma", vmin=0, vmax=300, interpolation="nearest",
+    im = ax.imshow(img, cmap="magma", vmin=0, vmax=top, interpolation="nearest",
                    extent=(0, img.shape[1] * size, img.shape[0] * size, 0))
+    if extent_um is not None:  # an edge square covers only the slide's part of it
+        ax.set_xlim(0, min(float(extent_um[0]), img.shape[1] * size))
+        ax.set_ylim(min(float(extent_um[1]), img.shape[0] * size), 0)
     ax.set_xlabel("x (µm)")
     ax.set_ylabel("y (µm)")
     cax = fig.add_axes((0.85, 0.12, 0.035, 0.8))
-    fig.colorbar(im, cax=cax, label="H-score (0–300)")
+    fig.colorbar(im, cax=cax, label=label)
     return _fig_uri(fig)
 
 
@@ -500,6 +525,10 @@ _REGION_COLS = (
 _NAME_KEYS = ("name", "region", "id", "label")
 
 
+#: Preset parameters in OD whose names do not say so.
+_OD_KEYS = ("threshold", "thresholds", "max_background", "hematoxylin_threshold")
+
+
 def _unit_for(key: str) -> tuple[str, int, str]:
     """(header suffix, digits, value unit) guessed from a key name."""
     k = key.lower()
@@ -517,7 +546,7 @@ def _unit_for(key: str) -> tuple[str, int, str]:
         return " (s)", 1, ""
     if k in ("n", "n_cells") or k.endswith("_n") or (k.startswith("n_") and k[2:].isdigit()):
         return " (cells)", 0, ""
-    if "od" in k.split("_") or "OD" in key:
+    if "od" in k.split("_") or "OD" in key or k in _OD_KEYS:
         return " (OD)", 3, ""
     return "", 2, ""
 
@@ -564,7 +593,7 @@ def _records_table(records: Sequence[Mapping], table_id: str) -> str:
             label = (k.split("_", 1)[0] + " " + label) if base != k else label
         else:
             label, digits, unit = _label_for(k)
-        numeric = all(_num(d.get(k)) is not None or d.get(k) in (None, "") for d in flat) and k not in name_keys
+        numeric = all(_num(d.get(k)) is not None or _missing(d.get(k)) for d in flat) and k not in name_keys
         head.append(f'<th class="{"" if numeric else "t"}">{_e(label)}</th>')
         specs.append((k, numeric, digits, unit))
     body = []
@@ -575,7 +604,7 @@ def _records_table(records: Sequence[Mapping], table_id: str) -> str:
             if numeric:
                 cells.append(_td(v, digits, unit))
             else:
-                txt = "" if v is None else (", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+                txt = "" if _missing(v) else (", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
                 cells.append(_td_text(txt))
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<div class="scroll"><table id="{table_id}" class="sortable"><thead><tr>{"".join(head)}</tr>'
@@ -766,17 +795,19 @@ def slide_report_html(
             parts.append(_records_table(recs, "hotspots-table"))
         else:
             parts.append(f"<pre>{_e(to_jsonable(hot))}</pre>")
-    heat = _heatmap_figure(hotspot_grid)
+    dims, mpp = summary.get("dimensions_px"), _num(summary.get("mpp"))
+    heat = _heatmap_figure(hotspot_grid, [d * mpp for d in dims] if dims and mpp else None)
     if heat:
-        parts.append(_img(heat, "H-score heat map",
-                          "H-score per grid square (µm from the slide's top-left corner); grey: too few cells."))
+        what = "H-score" if _heat_values(hotspot_grid)[0] == "h_score" else "Positive %"
+        parts.append(_img(heat, f"{what} heat map",
+                          f"{what} per grid square (µm from the slide's top-left corner); grey: too few cells."))
 
     figs = []
     if thumbnail is not None:
         uri = _thumbnail_figure(thumbnail, tissue_mask, cells, thumbnail_downsample, n_th)
         cap = "Thumbnail"
-        if tissue_mask is not None:
-            cap += "; blue line: tissue mask outline"
+        if tissue_mask is not None and np.asarray(tissue_mask).any() and not np.asarray(tissue_mask).all():
+            cap += "; blue line: tissue mask outline"  # drawn only then (see _thumbnail_figure)
         if thumbnail_downsample and cells is not None:
             cap += "; dots: cells coloured by bin"
         figs.append(_img(uri, "slide thumbnail", _e(cap) + "."))
@@ -874,7 +905,8 @@ def cohort_index_html(rows: Sequence[Mapping], links=None, title: str = "ihcscor
     what = {frozenset({"tumour"}): "tumour", frozenset({"all"}): "all-cell"}.get(frozenset(groups), "headline")
     parts = [f"<h1>{_e(title)}</h1>"]
     med = f"{float(np.median(hs_ok)):.1f}" if hs_ok else _MISSING
-    parts.append(f'<p class="sub">{len(rows)} slides: {len(ok)} scored, {len(failed)} not scored · '
+    parts.append(f'<p class="sub">{len(rows)} slide{"s" if len(rows) != 1 else ""}: {len(ok)} scored, '
+                 f'{len(failed)} not scored · '
                  f"median {what} H-score {_e(med)} (0–300)</p>")
     if failed:
         parts.append(_warnings_html([f"{r.get('slide')}: {r.get('status')}"
