@@ -804,3 +804,41 @@ def test_report_fields_start_where_their_pixels_do(tmp_path):
 
         at = mismatch(0, 0)
         assert all(at < 0.8 * mismatch(dx, dy) for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1)))
+
+
+def test_a_copied_slide_resumes_and_calls_in_one_process_keep_their_claims(good_slides, tmp_path, monkeypatch):
+    """A cohort copied to scratch (the originals still in place) resumes in its folders, not a second row each;
+    `..` in a path names the folder it means; a second score_batch call in the same process that stops early
+    releases only its own claims."""
+    from ihcscore.batch import output_names, score_batch
+    from ihcscore.export import recorded_source
+    from ihcscore.preset import load_preset
+
+    for d, src in (("a", "a.tif"), ("b", "b.tif")):
+        (tmp_path / d).mkdir()
+        shutil.copy(good_slides / src, tmp_path / d / "x.tif")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    (tmp_path / "scratch").mkdir()
+    shutil.copy(tmp_path / "b" / "x.tif", tmp_path / "scratch" / "x.tif")
+    assert main(["score", str(tmp_path / "scratch" / "x.tif"), "--out", str(out), *SCORE_ARGS]) == 0
+    rows = {r["slide"]: r for r in _read_csv(out / "summary.csv")}
+    assert set(rows) == {"a_x", "b_x"} and rows["b_x"]["resumed"] == "True"
+
+    monkeypatch.chdir(tmp_path / "a")
+    assert output_names([Path("../b/x.tif"), Path("x.tif")]) == ["b_x", "a_x"]
+
+    preset = load_preset("cxcr4")
+    seen = []
+
+    def second_call(done, total):
+        if done == 1 and not seen:
+            with pytest.raises(Exception):
+                score_batch([good_slides / "b.tif"], out2, preset, tissue="all", tile_size=256, report=False,
+                            classifier=tmp_path / "missing.skops")
+            seen.append(recorded_source(out2 / "a"))  # the first call's claim, still there
+
+    out2 = tmp_path / "out2"
+    assert score_batch([good_slides / "a.tif"], out2, preset, tissue="all", tile_size=256, report=False,
+                       on_tile=second_call).ok
+    assert seen and seen[0] is not None and seen[0]["file"] == "a.tif"

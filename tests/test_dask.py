@@ -220,3 +220,17 @@ def test_workers_of_another_version_are_refused(cluster, slides, tmp_path, monke
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+def test_the_cluster_is_used_by_name_not_made_the_process_default(cluster, slides):
+    """Tiles go to the client given; between them dask's scheduler is not left set to it (other threads'
+    dask computes, a viewer's pyramid reads, ran on the cluster or failed)."""
+    import dask
+    from distributed import Client
+
+    seen = []
+    with Client(cluster, set_as_default=False) as client, open_slide(slides / "s2.tif") as s:
+        res = analyze_slide(s, load_preset("cxcr4"), tile_size=256, tissue="all", client=client,
+                            progress=lambda done, total: seen.append(dask.config.get("scheduler", None)))
+    assert len(res.cells) > 50 and len(seen) > 2
+    assert "dask.distributed" not in seen

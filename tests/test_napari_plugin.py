@@ -708,3 +708,7 @@ def test_shapes_drawn_on_pixel_edges_stay_on_them(make_napari_viewer, tmp_path):
     layer = _rectangle(viewer, 509.5, 130.5, 511.5, 211.5, mpp=0.504)
     xy = w._shape_level0(layer, image, 0)
     assert sorted(map(tuple, xy.tolist())) == [(510.0, 131.0), (510.0, 212.0), (512.0, 131.0), (512.0, 212.0)]
+    # far out on a whole slide a float32 step is ~0.004 µm: still put back on the edge
+    far = _rectangle(viewer, 89999.5, 130.5, 90001.5, 211.5, mpp=0.504, name="far")
+    xy = w._shape_level0(far, image, 0)
+    assert sorted(set(xy[:, 0].tolist())) == [90000.0, 90002.0]

@@ -646,15 +646,17 @@ class IHCScoreWidget(QWidget):
     def _shape_level0(self, shapes_layer, image_layer, index) -> np.ndarray:
         """(K, 2) level-0 (x, y) vertices of one shape.
 
-        napari keeps vertices in float32: a corner drawn on a pixel edge (or centre) comes back up to ~1e-4 px
-        off it, which moves a centroid lying on that edge in or out; such vertices are put back on it.
+        napari keeps vertices in float32 (µm): a corner drawn on a pixel edge (or centre) comes back off it by up
+        to a few float32 steps, which moves a centroid lying on that edge in or out; such vertices are put back.
         """
         verts = np.asarray(shapes_layer.data[index], dtype=np.float64)[:, -2:]
         world = np.array([shapes_layer.data_to_world(v) for v in verts])[:, -2:]
         to0 = self._world_to_level0(image_layer)
         xy = np.array([to0(w) for w in world])[:, ::-1]
+        um_per_px = float(np.abs(np.linalg.svd(_image_matrix(image_layer)[:2, :2], compute_uv=False)).min())
+        steps = 4 * np.spacing(np.abs(world[:, ::-1]).astype(np.float32)).astype(np.float64) / um_per_px
         halves = np.round(xy * 2) / 2
-        return np.where(np.abs(xy - halves) < 1e-3, halves, xy)
+        return np.where(np.abs(xy - halves) < np.maximum(1e-3, steps), halves, xy)
 
     def estimate_stains(self):
         """Estimate stain vectors and background from the selected Shapes rectangle (engine estimate)."""
@@ -817,7 +819,7 @@ class IHCScoreWidget(QWidget):
             warnings += [w for w in res.summary.get("warnings", []) if w not in warnings]
             progress(i + 1, len(regions))
         cells = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-        if len(cells) and "object_id" not in cells.columns:  # as the CLI's tables: 1, 2, ... (label is per region)
+        if len(cells) and "object_id" not in cells.columns:  # 1, 2, ... per row, regions in turn (label is per region)
             cells.insert(0, "object_id", np.arange(1, len(cells) + 1))
         first = first_copies(cells[["x_px", "y_px"]].to_numpy(), cells["region"].to_numpy()) if len(cells) else None
         return ScoredCells(cells=cells, regions=kept, mpp=float(slide.mpp), stains=stains, preset=preset,

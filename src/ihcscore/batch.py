@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, record_source_path,
-                     recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
+from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, read_csv_rows,
+                     record_source_path, recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
                      update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
@@ -52,10 +54,9 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
     """The output folder name of each slide of a batch: its name, unique within the batch and ``out_root``.
 
     A slide keeps the folder of ``out_root`` that holds its outputs (or its claim, :func:`~ihcscore.export.
-    claim_folder`) under whatever name, also after the slide moved to another folder; a folder its own path
-    recorded comes first (two copies of one file keep their own folders), then its file moved from elsewhere
-    (not a copy: the file is no longer where that folder's outputs recorded it), then the earlier file at its
-    path (replaced in place). Any other slide gets its name unless another slide has a
+    claim_folder`) under whatever name, also after the slide moved to another folder or was copied; a folder
+    its own path recorded comes first (two copies of one file in one batch keep their own folders), then the
+    earlier file at its path (replaced in place), then its file recorded elsewhere (moved or copied). Any other slide gets its name unless another slide has a
     claim on it: another slide of that name in the batch (``a/x.svs``, ``b/x.svs``), or the outputs of
     another file in ``out_root/<name>``. Such slides are told apart by the folder they are in (``a_x``), then
     by their file name too (``a_x.tiff`` beside ``a_x.tif``), then by a number (``a_x.tif-2``).
@@ -63,7 +64,8 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
     """
     paths = [Path(p) for p in paths]
     names = [slide_name(p) for p in paths]
-    folders = [p.absolute().parent.name for p in paths]  # where the path given is (a link's own folder)
+    # where the path given is (a link's own folder, `..` resolved as written)
+    folders = [Path(os.path.normpath(p.absolute())).parent.name for p in paths]
     levels = [[n, f"{d}_{n}", f"{d}_{p.name}"] for p, n, d in zip(paths, names, folders)]
     if sources is None:
         sources = [_source_or_none(p) if out_root is not None else None for p in paths]
@@ -74,27 +76,38 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
             if there is not None:
                 held[d.name] = there
 
+    # the folders by the file they hold and by the path it was at: each slide looks up its own, not all
+    by_file: dict[tuple, list[str]] = {}
+    by_path: dict[str, list[str]] = {}
+    for name, there in held.items():
+        by_file.setdefault(_file_id(there), []).append(name)
+        if there.get("path") is not None:
+            by_path.setdefault(there["path"], []).append(name)
+    in_batch = {}
+    for k, o in enumerate(sources):
+        if o is not None:
+            in_batch.setdefault(_file_id(o), set()).add(k)
+
     def owned(i):
-        """The folders holding slide ``i``'s outputs, best first (see above)."""
+        """The folders holding slide ``i``'s outputs, best first: its file at its path, the earlier file at its
+        path (replaced in place, unless another slide of the batch is that very file), its file from elsewhere
+        (moved or copied)."""
         source = sources[i]
         if source is None:
             return []
-        here, moved, replaced = [], [], []
-        for name, there in held.items():
+        here, replaced, moved = [], [], []
+        for name in by_file.get(_file_id(source), []) + by_path.get(source.get("path"), []):
+            there = held[name]
             if same_source(there, source):
-                if same_place(there, source):
-                    here.append(name)
-                elif not _still_there(there):  # a copy of a file that is still where it was is not it
-                    moved.append(name)
-            elif same_place(there, source) and not any(
-                    same_source(there, o) for k, o in enumerate(sources) if k != i and o is not None):
-                replaced.append(name)  # unless another slide of the batch is that very file (moved)
+                (here if same_place(there, source) else moved).append(name)
+            elif same_place(there, source) and not (in_batch.get(_file_id(there), set()) - {i}):
+                replaced.append(name)
         rank = {n: k for k, n in enumerate(levels[i])}
 
         def order(names):
-            return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+            return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
 
-        return order(here) + order(moved) + order(replaced)
+        return order(here) + order(replaced) + order(moved)
 
     chosen: list[str | None] = [None] * len(paths)
     taken: set[str] = set()
@@ -123,11 +136,9 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
     return chosen
 
 
-def _still_there(recorded) -> bool:
-    """Whether the file a folder's outputs were made of is still at the path they recorded."""
-    path = recorded.get("path")
-    current = _source_or_none(Path(path)) if path else None
-    return current is not None and same_source(recorded, current)
+def _file_id(source) -> tuple:
+    """What :func:`~ihcscore.export.same_source` compares, as a key (old records lack the sample or size)."""
+    return source.get("file"), source.get("bytes"), source.get("sample")
 
 
 def _source_or_none(path: Path):
@@ -180,10 +191,7 @@ def _report_fields(slide, cells, ds_det: float, n_fields: int = 3, side_um: floa
         d = slide.level_downsamples[level]
         # whole pixels of the level read: the field starts where its first pixel does (x0 rounded down to one)
         lx, ly, n = int(x0 // d), int(y0 // d), int(side / d)
-        if hasattr(slide, "read_level_region"):
-            rgb = slide.read_level_region(level, (lx, ly), (n, n))
-        else:
-            rgb = slide.read_region((int(round(lx * d)), int(round(ly * d))), level, (n, n))
+        rgb = slide.read_level_region(level, (lx, ly), (n, n))
         ox, oy = lx * d, ly * d
         sel = cells[(cells["x_px"] >= ox) & (cells["x_px"] < ox + n * d) &
                     (cells["y_px"] >= oy) & (cells["y_px"] < oy + n * d)]
@@ -373,27 +381,30 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     """
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
+    for table in ("summary.csv", "failures.csv"):
+        read_csv_rows(out_root / table)  # unreadable (another encoding): say so now, not after the first slide
     result = BatchResult()
     sources = [_source_or_none(Path(p)) for p in paths]  # read before the lock: other jobs wait on it
     # Chosen and claimed under the folder's lock: a run starting beside this one sees the claims
+    run = uuid.uuid4().hex  # this call's claims (another call in this process has its own)
     with folder_lock(out_root):
         names = output_names(paths, out_root, sources)
         for name, source in zip(names, sources):
             if source is not None:  # held for the whole rewrite too (the marker goes first)
-                claim_folder(out_root / name, source)
+                claim_folder(out_root / name, source, run)
     try:
         _score_in_turn(paths, names, out_root, result, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                        mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv, report=report,
                        resume=resume, on_slide_start=on_slide_start, on_tile=on_tile, on_slide_end=on_slide_end,
-                       classifier=classifier, gpu=gpu)
+                       classifier=classifier, gpu=gpu, run=run)
     finally:  # a run stopped (Ctrl-C, SIGTERM, an error) leaves none of its claims behind
         for name in names:
-            release_folder(out_root / name)
+            release_folder(out_root / name, run)
     return result
 
 
 def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
-                   client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu):
+                   client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run):
     """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
@@ -409,7 +420,7 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
                 record_source_path(out_dir, slide_source(path))  # moved here: a re-export here comes back
-                release_folder(out_dir)
+                release_folder(out_dir, run)
             else:
                 _remove_stale_temporaries(out_dir)
                 if (out_dir / COMPLETE_MARKER).exists():
@@ -426,7 +437,7 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
             if str(path) not in msg and path.name not in msg:
                 msg = f"{path}: {msg}"
             result.failures.append({"slide": name, "path": str(path), "error": msg})
-            release_folder(out_dir)
+            release_folder(out_dir, run)
             row = summary_row(None, status="failed", runtime_s=round(time.perf_counter() - t0, 3), error=msg,
                               slide=name)
             row.update(preset=preset.name, software_version=__version__)

@@ -869,7 +869,8 @@ def write_slide_outputs(
         f.write(_dumps(info))
         f.write("\n")
     written["complete"] = marker
-    if _claimant(out) == _this_process():  # the marker names the slide now
+    claim = _read_claim(out)
+    if claim is not None and (source is None or same_source(claim, source)):  # the marker names the slide now
         with contextlib.suppress(FileNotFoundError):
             (out / SOURCE_CLAIM).unlink()
     return written
@@ -932,20 +933,27 @@ def slide_source(path) -> dict:
 SOURCE_CLAIM = ".ihcscore-source.json"
 
 
-def _claimant(out_dir) -> dict | None:
-    """``{"pid", "host"}`` of the process whose claim ``out_dir`` holds, or None (no claim)."""
+def _read_claim(out_dir) -> dict | None:
     try:
         claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    by = claim.get("claimed_by") if isinstance(claim, dict) else None
+    return claim if isinstance(claim, dict) else None
+
+
+def _claimant(out_dir) -> dict | None:
+    """``{"pid", "host", "run"}`` of the run whose claim ``out_dir`` holds, or None (no claim)."""
+    claim = _read_claim(out_dir)
+    if claim is None:
+        return None
+    by = claim.get("claimed_by")
     return by if isinstance(by, dict) else {}
 
 
-def _this_process() -> dict:
+def _this_process(run=None) -> dict:
     import socket
 
-    return {"pid": os.getpid(), "host": socket.gethostname()}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "run": run}
 
 
 def _claim_is_live(by: dict | None) -> bool:
@@ -957,27 +965,29 @@ def _claim_is_live(by: dict | None) -> bool:
     return True
 
 
-def claim_folder(out_dir, source: Mapping) -> bool:
-    """Mark ``out_dir`` as the outputs of the slide file ``source`` while this process scores it, so another
-    run choosing folders (:func:`recorded_source`) leaves it to this slide; False (nothing written) when
-    another live process holds the claim. The marker of :func:`write_slide_outputs` replaces the claim,
-    :func:`release_folder` drops it (a slide resumed, failed, or not reached), and a claim whose process
-    died on this machine (a killed run) counts for nothing."""
+def claim_folder(out_dir, source: Mapping, run: str | None = None) -> bool:
+    """Mark ``out_dir`` as the outputs of the slide file ``source`` while run ``run`` (a token of one
+    :func:`~ihcscore.batch.score_batch` call) of this process scores it, so another run choosing folders
+    (:func:`recorded_source`) leaves it to this slide; False (nothing written) when another live run holds the
+    claim. The marker of :func:`write_slide_outputs` replaces the claim, :func:`release_folder` drops it (a
+    slide resumed, failed, or not reached), and a claim whose process died on this machine (a killed run)
+    counts for nothing; one left by a run on another machine that died is deleted by hand (the file
+    ``.ihcscore-source.json``) or replaced when its slide is scored again."""
     out = Path(out_dir)
     by = _claimant(out)
-    if by is not None and by != _this_process() and _claim_is_live(by):
+    if by is not None and by != _this_process(run) and _claim_is_live(by):
         return False
     out.mkdir(parents=True, exist_ok=True)
     with atomic_open(out / SOURCE_CLAIM, "w") as f:
-        f.write(_dumps({**dict(source), "claimed_by": _this_process()}))
+        f.write(_dumps({**dict(source), "claimed_by": _this_process(run)}))
     return True
 
 
-def release_folder(out_dir) -> None:
-    """Drop this process's :func:`claim_folder` claim (never another run's), and the folder when that leaves it
-    empty: the name is free again, e.g. for the file re-exported in another format."""
+def release_folder(out_dir, run: str | None = None) -> None:
+    """Drop the claim run ``run`` of this process made (:func:`claim_folder`; never another run's), and the
+    folder when that leaves it empty: the name is free again, e.g. for the file re-exported in another format."""
     out = Path(out_dir)
-    if _claimant(out) == _this_process():
+    if _claimant(out) == _this_process(run):
         with contextlib.suppress(FileNotFoundError):
             (out / SOURCE_CLAIM).unlink()
     with contextlib.suppress(OSError):

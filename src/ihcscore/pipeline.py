@@ -514,11 +514,12 @@ def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
         token = uuid.uuid4().hex[:8]
         name = Path(getattr(fn, "kw", {}).get("slide_path", "tile")).name
         keys = [f"ihcscore-tile-{name}-{getattr(t, 'index', i)}-{token}" for i, t in enumerate(tasks)]
-        with client.as_current():  # the client given, not the process's default one (there may be none)
-            for fut in dask_as_completed(client.map(fn, tasks, key=keys, pure=False)):
-                result = fut.result()
-                fut.release()
-                yield result
+        # on the client given (there may be no default client; as_current would leave dask's scheduler set
+        # to it between tiles, for the whole slide)
+        for fut in dask_as_completed(client.map(fn, tasks, key=keys, pure=False), loop=client.loop):
+            result = fut.result()
+            fut.release()
+            yield result
         return
     if workers <= 1:
         for t in tasks:
@@ -537,8 +538,8 @@ def _run_tasks(fn, tasks, workers: int, client=None, start_method=None):
 
 
 class _TileJob:
-    """Picklable closure over the per-slide constants of :func:`analyze_tile`; returns the tile packed
-    (:func:`~ihcscore.tile_tables.pack_tile`)."""
+    """Picklable closure over the per-slide constants of :func:`analyze_tile`; returns ``(version, tile)``: this
+    ihcscore's version and the tile packed (:func:`~ihcscore.tile_tables.pack_tile`)."""
 
     def __init__(self, **kw):
         self.kw = kw
@@ -555,8 +556,8 @@ def _tile_of_this_version(result):
     if isinstance(result, tuple) and len(result) == 2 and result[0] == __version__:
         return result[1]
     theirs = result[0] if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], str) else None
-    raise RuntimeError(f"a Dask worker runs {'ihcscore ' + theirs if theirs else 'an older ihcscore'}, this client "
-                       f"{__version__}: install ihcscore=={__version__} on the workers")
+    raise RuntimeError(f"a tile worker runs {'ihcscore ' + theirs if theirs else 'an older ihcscore'}, this process "
+                       f"{__version__}: install ihcscore=={__version__} on the (Dask) workers")
 
 
 #: Longest side (px) the stain-angle check subsamples the tissue sample to (every second pixel of ~1800 px).

@@ -262,6 +262,15 @@ def _resize_mask(mask: np.ndarray, shape) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
+def _outline_drawn(tissue_mask, shape) -> bool:
+    """Whether the thumbnail shows the tissue mask's outline: the mask, at the thumbnail's size, is neither
+    empty nor everything."""
+    if tissue_mask is None:
+        return False
+    m = _resize_mask(tissue_mask, shape)
+    return bool(m.any() and not m.all())
+
+
 def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, max_points=20000) -> str:
     thumb = np.asarray(thumbnail)
     h, w = thumb.shape[:2]
@@ -269,10 +278,8 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
     fig = Figure(figsize=(max(w * scale, 2.0), max(h * scale, 2.0)))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(thumb, interpolation="antialiased")
-    if tissue_mask is not None:
-        m = _resize_mask(tissue_mask, (h, w))
-        if m.any() and not m.all():
-            ax.contour(m.astype(float), levels=[0.5], colors=["#00a2ff"], linewidths=1.2)
+    if _outline_drawn(tissue_mask, (h, w)):
+        ax.contour(_resize_mask(tissue_mask, (h, w)).astype(float), levels=[0.5], colors=["#00a2ff"], linewidths=1.2)
     if cells is not None and downsample and len(cells) and {"x_px", "y_px", "bin"} <= set(cells.columns):
         sub = cells
         if len(sub) > max_points:
@@ -806,8 +813,8 @@ def slide_report_html(
     if thumbnail is not None:
         uri = _thumbnail_figure(thumbnail, tissue_mask, cells, thumbnail_downsample, n_th)
         cap = "Thumbnail"
-        if tissue_mask is not None and np.asarray(tissue_mask).any() and not np.asarray(tissue_mask).all():
-            cap += "; blue line: tissue mask outline"  # drawn only then (see _thumbnail_figure)
+        if _outline_drawn(tissue_mask, np.asarray(thumbnail).shape[:2]):
+            cap += "; blue line: tissue mask outline"
         if thumbnail_downsample and cells is not None:
             cap += "; dots: cells coloured by bin"
         figs.append(_img(uri, "slide thumbnail", _e(cap) + "."))
