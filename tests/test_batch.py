@@ -702,17 +702,23 @@ def test_a_claim_left_by_a_killed_run_does_not_hold_the_folder(good_slides, tmp_
     assert recorded_source(tmp_path / "x") is None
 
 
+def _scored_a_x_and_b_x(good_slides, tmp_path):
+    """a/x.tif and b/x.tif (two different slides) scored in one run into tmp_path/out (a_x/, b_x/)."""
+    for d, src in (("a", "a.tif"), ("b", "b.tif")):
+        (tmp_path / d).mkdir()
+        shutil.copy(good_slides / src, tmp_path / d / "x.tif")
+    out = tmp_path / "out"
+    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    return out
+
+
 def test_moved_linked_and_hard_linked_slides_find_their_folders(good_slides, tmp_path):
     """A slide moved to another folder resumes in its folder-qualified folder (it was rescored beside it), and a
     re-export at its new place is then rescored there; links are named by the folder they are in; one file
     under two hard-linked names is one slide."""
     from ihcscore.batch import output_names
 
-    for d, src in (("a", "a.tif"), ("b", "b.tif")):
-        (tmp_path / d).mkdir()
-        shutil.copy(good_slides / src, tmp_path / d / "x.tif")
-    out = tmp_path / "out"
-    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    out = _scored_a_x_and_b_x(good_slides, tmp_path)
     (tmp_path / "c").mkdir()
     (tmp_path / "b" / "x.tif").rename(tmp_path / "c" / "x.tif")
     moved = tmp_path / "c" / "x.tif"
@@ -814,11 +820,7 @@ def test_a_copied_slide_resumes_and_calls_in_one_process_keep_their_claims(good_
     from ihcscore.export import recorded_source
     from ihcscore.preset import load_preset
 
-    for d, src in (("a", "a.tif"), ("b", "b.tif")):
-        (tmp_path / d).mkdir()
-        shutil.copy(good_slides / src, tmp_path / d / "x.tif")
-    out = tmp_path / "out"
-    assert main(["score", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), *SCORE_ARGS]) == 0
+    out = _scored_a_x_and_b_x(good_slides, tmp_path)
     (tmp_path / "scratch").mkdir()
     shutil.copy(tmp_path / "b" / "x.tif", tmp_path / "scratch" / "x.tif")
     assert main(["score", str(tmp_path / "scratch" / "x.tif"), "--out", str(out), *SCORE_ARGS]) == 0

@@ -933,12 +933,17 @@ def slide_source(path) -> dict:
 SOURCE_CLAIM = ".ihcscore-source.json"
 
 
-def _read_claim(out_dir) -> dict | None:
+def _read_json_object(path) -> dict | None:
+    """The JSON object in a file this module wrote (a marker, a claim), or None (missing, unreadable)."""
     try:
-        claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return claim if isinstance(claim, dict) else None
+    return obj if isinstance(obj, dict) else None
+
+
+def _read_claim(out_dir) -> dict | None:
+    return _read_json_object(Path(out_dir) / SOURCE_CLAIM)
 
 
 def _claimant(out_dir) -> dict | None:
@@ -1008,11 +1013,7 @@ def record_source_path(out_dir, source: Mapping) -> None:
 
 
 def _marker(out_dir) -> dict | None:
-    try:
-        info = json.loads((Path(out_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
+    return _read_json_object(Path(out_dir) / COMPLETE_MARKER)
 
 
 def recorded_source(out_dir) -> dict | None:
@@ -1024,11 +1025,8 @@ def recorded_source(out_dir) -> dict | None:
     info = _marker(out_dir)
     if info is not None:
         return _source_in(out_dir, info)
-    try:
-        claim = json.loads((Path(out_dir) / SOURCE_CLAIM).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(claim, dict):
+    claim = _read_claim(out_dir)
+    if claim is None:
         return None
     if not _claim_is_live(claim.pop("claimed_by", None) or {}):
         return None  # left by a run that was killed
