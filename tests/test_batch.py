@@ -844,3 +844,19 @@ def test_a_copied_slide_resumes_and_calls_in_one_process_keep_their_claims(good_
     assert score_batch([good_slides / "a.tif"], out2, preset, tissue="all", tile_size=256, report=False,
                        on_tile=second_call).ok
     assert seen and seen[0] is not None and seen[0]["file"] == "a.tif"
+
+
+def test_a_file_keeps_one_row_when_the_batch_names_it_otherwise(good_slides, tmp_path):
+    """x.svs failed as `x`; scored again beside a new x.tif it is named `a_x.svs`: its old failed row went
+    unnoticed beside the new one (two rows, two failures, for one file)."""
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / "x.svs").write_text("not a slide\n")
+    out = tmp_path / "out"
+    assert main(["score", str(d), "--out", str(out), *SCORE_ARGS]) == 1
+    assert [r["slide"] for r in _read_csv(out / "failures.csv")] == ["x"]
+    shutil.copy(good_slides / "a.tif", d / "x.tif")
+    assert main(["score", str(d), "--out", str(out), *SCORE_ARGS]) == 1
+    rows = {r["slide"]: r["status"] for r in _read_csv(out / "summary.csv")}
+    assert rows == {"a_x.svs": "failed", "a_x.tif": "ok"}
+    assert [r["slide"] for r in _read_csv(out / "failures.csv")] == ["a_x.svs"]

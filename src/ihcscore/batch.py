@@ -406,6 +406,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
 def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
                    client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run):
     """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
+    done: dict[str, str] = {}  # name -> file of the slides scored so far
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:
@@ -443,7 +444,8 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
             row.update(preset=preset.name, software_version=__version__)
             row["resumed"] = False
         result.rows.append(row)
-        update_folder_tables(out_root, result.rows, result.failures, index=report)
+        done[name] = str(path)
+        update_folder_tables(out_root, result.rows, result.failures, index=report, paths=done)
         if on_slide_end:
             on_slide_end(path, row)
     return result

@@ -1218,12 +1218,14 @@ def folder_lock(out_dir):
 
 
 def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Mapping] = (), index: bool = False,
-                         dropped: Iterable[str] = ()):
+                         dropped: Iterable[str] = (), paths: Mapping[str, str] | None = None):
     """Merge slides' rows into ``out_dir/summary.csv`` and their failures into ``failures.csv``.
 
     A row replaces the row of the same ``slide``; rows of other slides (earlier runs, other jobs) are kept,
     in their order, before the new ones. A slide named in ``rows`` keeps only the failures given here;
-    a slide in ``dropped`` (being scored again) loses its rows. Both files (and ``index.html``,
+    a slide in ``dropped`` (being scored again) loses its rows. ``paths`` (slide name -> file) of ``rows``:
+    an earlier failure of one of these files under another name (the batch around it named it otherwise)
+    is dropped with its row, so a file has one row. Both files (and ``index.html``,
     :func:`ihcscore.report.write_cohort_index`, with ``index`` or when the folder has one: it links the
     reports that exist) are rewritten atomically under :func:`folder_lock`.
 
@@ -1236,6 +1238,14 @@ def update_folder_tables(out_dir, rows: Iterable[Mapping], failures: Iterable[Ma
     rows, failures = [dict(r) for r in rows], [dict(f) for f in failures]
     names = {str(r.get("slide")) for r in rows} | {str(n) for n in dropped}
     with folder_lock(out):
+        if paths:
+            mine = {}
+            for name, p in paths.items():
+                mine[str(p)] = mine[os.path.abspath(p)] = str(name)
+            for f in read_csv_rows(out / "failures.csv"):
+                owner = mine.get(str(f.get("path"))) or mine.get(os.path.abspath(str(f.get("path"))))
+                if owner is not None and owner != f.get("slide"):
+                    names.add(str(f.get("slide")))
         merged = _merged_rows(out / "summary.csv", rows, names)
         write_summary_csv(out / "summary.csv", merged)
         write_failures(out, _merged_rows(out / "failures.csv", failures, names))
