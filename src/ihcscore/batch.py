@@ -389,14 +389,14 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     run = uuid.uuid4().hex  # this call's claims (another call in this process has its own)
     with folder_lock(out_root):
         names = output_names(paths, out_root, sources)
-        for name, source in zip(names, sources):
-            if source is not None:  # held for the whole rewrite too (the marker goes first)
-                claim_folder(out_root / name, source, run)
+        # held for the whole rewrite too (the marker goes first); a folder another live run holds is not ours
+        claimed = {name for name, source in zip(names, sources)
+                   if source is not None and claim_folder(out_root / name, source, run)}
     try:
         _score_in_turn(paths, names, out_root, result, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                        mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv, report=report,
                        resume=resume, on_slide_start=on_slide_start, on_tile=on_tile, on_slide_end=on_slide_end,
-                       classifier=classifier, gpu=gpu, run=run)
+                       classifier=classifier, gpu=gpu, run=run, claimed=claimed)
     finally:  # a run stopped (Ctrl-C, SIGTERM, an error) leaves none of its claims behind
         for name in names:
             release_folder(out_root / name, run)
@@ -404,7 +404,7 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
 
 
 def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
-                   client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run):
+                   client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run, claimed):
     """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
     done: dict[str, str] = {}  # name -> file of the slides scored so far
     for i, (path, name) in enumerate(zip(paths, names)):
@@ -420,7 +420,8 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
                 summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
                 row = summary_row(summary, status="ok")
                 row["resumed"] = True
-                record_source_path(out_dir, slide_source(path))  # moved here: a re-export here comes back
+                if name in claimed:  # not while another run rewrites the folder
+                    record_source_path(out_dir, slide_source(path))  # moved here: a re-export here comes back
                 release_folder(out_dir, run)
             else:
                 _remove_stale_temporaries(out_dir)
