@@ -239,6 +239,37 @@ def test_train_from_points_then_score_with_the_classifier(scored, tmp_path):
     assert (cells["class"].to_numpy()[near] == truth["class"].to_numpy()[i[near]]).mean() >= 0.95
 
 
+def test_a_classifier_is_used_with_its_detection_and_points_must_be_the_slides(scored, tmp_path, capsys):
+    """A model trained on ki67's cells scored cxcr4's without a word (accuracy fell from 1.0 to 0.86); points of
+    another slide gave 'needs labelled cells of both classes'."""
+    slides, _, _ = scored
+    truth = pd.read_csv(slides / "syn.truth.csv")
+    points = tmp_path / "points.csv"
+    truth.rename(columns={"x_px": "x", "y_px": "y"})[["x", "y", "class"]].to_csv(points, index=False)
+    model = tmp_path / "ki67.skops"
+    assert main(["train", str(slides / "syn.tif"), "--points", str(points), "--out", str(model),
+                 "--preset", "ki67"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "o"
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--classifier", str(model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trained on cells detected with other settings" in err and "sigma_um" in err
+    assert main(["score", str(slides / "syn.tif"), "--out", str(out), "--quiet", "--no-report", "--preset", "ki67",
+                 "--classifier", str(model)]) == 0
+
+    far = tmp_path / "far.csv"
+    pd.DataFrame({"x": [5000.0, 6000.0], "y": [5000.0, 6000.0], "class": ["tumour", "other"]}).to_csv(far, index=False)
+    assert main(["train", str(slides / "syn.tif"), "--points", str(far), "--out", str(tmp_path / "m.skops")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "all 2 points lie outside" in err
+    half = tmp_path / "half.csv"
+    moved = truth.rename(columns={"x_px": "x", "y_px": "y"})[["x", "y", "class"]].copy()
+    moved.loc[moved.index % 4 != 0, "x"] += 5000.0  # three points in four off the slide
+    moved.to_csv(half, index=False)
+    main(["train", str(slides / "syn.tif"), "--points", str(half), "--out", str(tmp_path / "h.skops")])
+    assert "are these its points?" in capsys.readouterr().err
+
+
 def test_dask_without_distributed_names_the_extra(tmp_path, monkeypatch, capsys):
     import ihcscore.batch as batch
 

@@ -18,6 +18,8 @@ strongly positive and would inflate an all-cell score.
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +149,17 @@ class CellClassifier:
     feature_names: list
     classes: tuple = (OTHER, TUMOUR)
     source: str = "trained"
+    #: The preset's detection parameters the training cells were found with (their shapes are the features).
+    detection: dict | None = None
+
+    def detection_differences(self, detection: dict) -> list[str]:
+        """The detection parameters that differ from those the classifier was trained with ([] when it does
+        not know them: a file saved before they were recorded)."""
+        if self.detection is None:
+            return []
+        detection = json.loads(json.dumps(detection))  # as saved: tuples are lists
+        keys = sorted(set(self.detection) | set(detection))
+        return [k for k in keys if self.detection.get(k) != detection.get(k)]
 
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """``"tumour"`` / ``"other"`` for each row of a cell table."""
@@ -163,7 +176,8 @@ class CellClassifier:
 
         with atomic_path(path) as tmp:
             sio.dump({"model": self.model, "feature_names": list(self.feature_names),
-                      "format": "ihcscore-cell-classifier-1"}, str(tmp))
+                      "format": "ihcscore-cell-classifier-1",
+                      "detection_json": json.dumps(self.detection) if self.detection is not None else ""}, str(tmp))
 
     @classmethod
     def load(cls, path) -> "CellClassifier":
@@ -182,7 +196,8 @@ class CellClassifier:
         obj = sio.load(path, trusted=allowed)
         if not isinstance(obj, dict) or obj.get("format") != "ihcscore-cell-classifier-1":
             raise ValueError(f"{path}: not an ihcscore classifier file")
-        return cls(model=obj["model"], feature_names=list(obj["feature_names"]), source=path)
+        detection = json.loads(obj["detection_json"]) if obj.get("detection_json") else None
+        return cls(model=obj["model"], feature_names=list(obj["feature_names"]), source=path, detection=detection)
 
 
 def train_classifier(table: pd.DataFrame, labels, *, model: str = "random_forest", seed: int = 0) -> CellClassifier:

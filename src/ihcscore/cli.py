@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -195,7 +197,12 @@ def run_score(args) -> int:
         if args.classifier is not None:
             from .classify import CellClassifier
 
-            CellClassifier.load(args.classifier)  # fail early, before any slide
+            model = CellClassifier.load(args.classifier)  # fail early, before any slide
+            differ = model.detection_differences(dataclasses.asdict(preset.detection))
+            if differ:
+                raise ValueError(f"--classifier {args.classifier}: trained on cells detected with other settings "
+                                 f"({', '.join(differ)} differ from preset {preset.name}'s); use the preset it was "
+                                 "trained with, or train it again")
         if args.gpu and not args.dask:  # on a cluster the workers' devices count
             from . import gpu
 
@@ -314,14 +321,23 @@ def run_train(args) -> int:
         for slide_path, points_path in zip(args.slides, args.points):
             xy, classes = read_point_annotations(points_path)
             with open_slide(slide_path, mpp=args.mpp) as slide:
+                w, h = slide.dimensions
+                pts = np.asarray(xy, float).reshape(-1, 2)
+                if len(pts) and not ((pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h)).any():
+                    raise ValueError(f"{points_path}: all {len(pts)} points lie outside {slide_path} ({w}×{h} px): "
+                                     "the points of another slide, or not in level-0 pixels?")
                 cells = analyze_slide(slide, preset, tissue="auto").cells
                 labels.append(labels_from_points(cells, xy, classes, args.max_distance, mpp=slide.mpp))
             tables.append(cells)
             n_lab = int(sum(v is not None for v in labels[-1]))
             print(f"{slide_path}: {len(cells)} cells, {n_lab} of {len(xy)} points matched to a cell")
+            if len(xy) and n_lab < 0.5 * len(xy):
+                print(f"warning: {points_path}: only {n_lab} of {len(xy)} points lie within {args.max_distance:g} µm "
+                      f"of a cell of {slide_path}: are these its points?", file=sys.stderr)
         for i, t in enumerate(tables):
             t["slide"] = i  # neighbourhood features stay within each slide
         model = train_classifier(pd.concat(tables, ignore_index=True), np.concatenate(labels), model=args.model)
+        model.detection = json.loads(json.dumps(dataclasses.asdict(preset.detection)))  # other detection: refused
         model.save(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
