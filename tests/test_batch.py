@@ -860,3 +860,23 @@ def test_a_file_keeps_one_row_when_the_batch_names_it_otherwise(good_slides, tmp
     rows = {r["slide"]: r["status"] for r in _read_csv(out / "summary.csv")}
     assert rows == {"a_x.svs": "failed", "a_x.tif": "ok"}
     assert [r["slide"] for r in _read_csv(out / "failures.csv")] == ["a_x.svs"]
+
+
+def test_a_rerun_that_only_resumes_rewrites_the_tables_once(folder, tmp_path, monkeypatch):
+    """Every resumed slide rewrote summary.csv, failures.csv and index.html: quadratic in a large cohort."""
+    import ihcscore.batch as batch
+
+    out = tmp_path / "out"
+    good = tmp_path / "good"
+    good.mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(folder / name, good / name)
+    assert main(["score", str(good), "--out", str(out), *SCORE_ARGS]) == 0
+    before = _read_csv(out / "summary.csv")
+    writes = []
+    real = batch.update_folder_tables
+    monkeypatch.setattr(batch, "update_folder_tables", lambda *a, **k: writes.append(1) or real(*a, **k))
+    assert main(["score", str(good), "--out", str(out), *SCORE_ARGS]) == 0
+    assert len(writes) == 1
+    after = _read_csv(out / "summary.csv")
+    assert [r["slide"] for r in after] == [r["slide"] for r in before] and all(r["resumed"] == "True" for r in after)

@@ -403,10 +403,15 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     return result
 
 
+#: Seconds between rewrites of the folder's tables while a rerun only resumes slides.
+TABLES_EVERY_S = 10.0
+
+
 def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
                    client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run, claimed):
     """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
     done: dict[str, str] = {}  # name -> file of the slides scored so far
+    last_write = time.monotonic()
     for i, (path, name) in enumerate(zip(paths, names)):
         path = Path(path)
         if on_slide_start:
@@ -446,7 +451,12 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
             row["resumed"] = False
         result.rows.append(row)
         done[name] = str(path)
-        update_folder_tables(out_root, result.rows, result.failures, index=report, paths=done)
+        # A resumed slide's row is already in the tables (from its run): rewriting them (and index.html) after
+        # each one made a rerun of a large cohort quadratic; they are rewritten after a scored or failed slide,
+        # every TABLES_EVERY_S seconds, and at the end.
+        if not row.get("resumed") or time.monotonic() - last_write >= TABLES_EVERY_S or i == len(paths) - 1:
+            update_folder_tables(out_root, result.rows, result.failures, index=report, paths=done)
+            last_write = time.monotonic()
         if on_slide_end:
             on_slide_end(path, row)
     return result
