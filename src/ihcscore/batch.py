@@ -410,6 +410,7 @@ TABLES_EVERY_S = 10.0
 def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spec, tissue, mpp, tile_size, workers,
                    client, csv, report, resume, on_slide_start, on_tile, on_slide_end, classifier, gpu, run, claimed):
     """:func:`score_batch`'s slides one after the other, each row and failure added to ``result``."""
+    h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu)  # one for the batch (files read once)
     done: dict[str, str] = {}  # name -> file of the slides scored so far
     last_write = time.monotonic()
     for i, (path, name) in enumerate(zip(paths, names)):
@@ -418,7 +419,6 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
             on_slide_start(path, i, len(paths))
         t0 = time.perf_counter()
         out_dir = out_root / name
-        h = slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu)
         try:
             wanted = [f for f, on in (("cells.csv", csv), ("report.html", report)) if on]
             if resume and is_complete(out_dir, h, slide_source(path), required=wanted):
