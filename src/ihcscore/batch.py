@@ -1,9 +1,9 @@
 """Score folders of slides: failures isolated, resumable, on processes or Dask.
 
 One slide at a time is scored; its tiles run in parallel (processes, or a
-``dask.distributed`` cluster). After every slide ``summary.csv`` and
-``failures.csv`` are rewritten atomically, so a crash loses at most the slide
-in progress, and a rerun skips slides whose outputs are complete and were
+``dask.distributed`` cluster). After every slide scored (or failed)
+``summary.csv`` and ``failures.csv`` are rewritten atomically, so a crash loses
+at most the slide in progress, and a rerun skips slides whose outputs are complete and were
 made with the same parameters (the ``_COMPLETE`` marker holds their hash).
 """
 
@@ -364,7 +364,8 @@ def score_batch(paths, out_root, preset, *, stains=None, stains_spec="default", 
     paths : list of path
     out_root : path
         ``DIR``: gets ``DIR/<slide>/...`` (:func:`output_names`), and ``DIR/summary.csv``, ``DIR/failures.csv``
-        rewritten after every slide with this run's rows merged into those already there
+        rewritten after every slide scored or failed (resumed ones every 10 s and at the end: their rows are
+        there already) with this run's rows merged into those already there
         (:func:`~ihcscore.export.update_folder_tables`: other runs' slides are kept).
     resume : bool
         Skip slides whose outputs are complete and were made of the same slide file with the same
