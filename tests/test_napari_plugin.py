@@ -712,3 +712,35 @@ def test_shapes_drawn_on_pixel_edges_stay_on_them(make_napari_viewer, tmp_path):
     far = _rectangle(viewer, 89999.5, 130.5, 90001.5, 211.5, mpp=0.504, name="far")
     xy = w._shape_level0(far, image, 0)
     assert sorted(set(xy[:, 0].tolist())) == [90000.0, 90002.0]
+
+
+def test_a_shape_off_the_pixel_grid_counts_the_cells_the_cli_counts(make_napari_viewer, slide_path, tmp_path):
+    """The region read for a shape covered only the pixels whose centres lay within its extent: a cell inside the
+    polygon, in the last part-covered pixel column, was dropped (the CLI counted it)."""
+    import shapely
+
+    from ihcscore.preset import load_preset
+
+    with open_slide(slide_path) as s:
+        cells = analyze_slide(s, load_preset("cxcr4")).cells
+    inner = cells[(cells["x_px"] > 150) & (cells["x_px"] < 350) & (cells["y_px"] > 150) & (cells["y_px"] < 350)]
+    frac = inner["x_px"] - np.floor(inner["x_px"])
+    viewer = make_napari_viewer()
+    image = _open(viewer, slide_path)
+    w = _widget(viewer)
+    for k, (_, c) in enumerate(inner[frac < 0.4].head(3).iterrows()):
+        x0, x1 = c["x_px"] - 30.0, np.floor(c["x_px"]) + 0.45  # the right edge past the centroid, mid-pixel
+        poly = np.array([[x0, c["y_px"] - 30], [x1, c["y_px"] - 30], [x1, c["y_px"] + 30], [x0, c["y_px"] + 30]])
+        gj = tmp_path / f"roi{k}.geojson"
+        gj.write_text(json.dumps({"type": "Feature", "geometry": shapely.geometry.mapping(shapely.Polygon(poly))}))
+        with open_slide(slide_path) as s:
+            want = analyze_slide(s, load_preset("cxcr4"), tissue=str(gj)).cells
+        assert np.isclose(want["x_px"], c["x_px"]).any()
+        for name in [l.name for l in viewer.layers if l.name == "annotations"]:
+            viewer.layers.remove(name)
+        viewer.add_shapes([(poly[:, ::-1] - 0.5) * MPP], shape_type="polygon", name="annotations")  # napari: centred
+        viewer.layers.selection.active = viewer.layers["annotations"]
+        w.run(sync=True)
+        assert w.last_error is None, w.last_error
+        got = w.result.cells
+        assert len(got) == len(want) and np.isclose(got["x_px"], c["x_px"]).any()

@@ -162,7 +162,8 @@ class ScoredCells:
 
 
 def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
-    """Level-0 pixels whose centres lie inside the extent of ``xy``, clipped to the slide.
+    """Level-0 pixels the extent of ``xy`` reaches into, clipped to the slide: a region holding every cell
+    whose centroid the shape may hold (its polygon then decides, as ``--tissue ANNOTATIONS.geojson`` does).
 
     Parameters
     ----------
@@ -176,9 +177,9 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     (x, y, w, h) ints; ``w`` or ``h`` is 0 for an empty intersection.
     """
     xy = np.asarray(xy, dtype=np.float64)
-    # napari keeps vertices in float32: a corner on a pixel centre comes back ~1e-4 px off it
-    lo = np.ceil(xy.min(axis=0) - 0.5 - 1e-3).astype(int)
-    hi = np.floor(xy.max(axis=0) - 0.5 + 1e-3).astype(int) + 1
+    # a vertex a float32 step off a pixel edge does not reach into the next pixel
+    lo = np.floor(xy.min(axis=0) + 1e-6).astype(int)
+    hi = np.ceil(xy.max(axis=0) - 1e-6).astype(int)
     W, H = dimensions
     x0, y0 = max(int(lo[0]), 0), max(int(lo[1]), 0)
     x1, y1 = min(int(hi[0]), int(W)), min(int(hi[1]), int(H))

@@ -923,7 +923,7 @@ class IHCScoreWidget(QWidget):
         if self._has_annotations():  # drawn classes and exclusions apply to the new cells too
             self.apply_annotations()
         dt = time.perf_counter() - self._t0
-        n = int(result.shown.sum() + result.excluded.sum())
+        n = int(result.shown.sum() + (result.excluded & ~result.duplicate).sum())  # each cell once
         text = f"{n} cells in {len(result.regions)} region(s), {dt:.1f} s"
         if result.warnings:
             from napari.utils.notifications import show_warning
