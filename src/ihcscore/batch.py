@@ -21,8 +21,8 @@ import numpy as np
 
 from . import __version__
 from .export import (COMPLETE_MARKER, claim_folder, folder_lock, hash_params, is_complete, read_csv_rows,
-                     record_source_path, recorded_source, release_folder, same_place, same_source, slide_source, summary_row,
-                     update_folder_tables, write_slide_outputs)
+                     record_source_path, recorded_source, release_folder, same_place, same_source, slide_source,
+                     source_key, summary_row, update_folder_tables, write_slide_outputs)
 from .pipeline import analyze_slide
 from .runtime import process_alive
 from .slide import slide_name
@@ -80,13 +80,13 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
     by_file: dict[tuple, list[str]] = {}
     by_path: dict[str, list[str]] = {}
     for name, there in held.items():
-        by_file.setdefault(_file_id(there), []).append(name)
+        by_file.setdefault(source_key(there), []).append(name)
         if there.get("path") is not None:
             by_path.setdefault(there["path"], []).append(name)
     in_batch = {}
     for k, o in enumerate(sources):
         if o is not None:
-            in_batch.setdefault(_file_id(o), set()).add(k)
+            in_batch.setdefault(source_key(o), set()).add(k)
 
     def owned(i):
         """The folders holding slide ``i``'s outputs, best first: its file at its path, the earlier file at its
@@ -96,11 +96,11 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
         if source is None:
             return []
         here, replaced, moved = [], [], []
-        for name in by_file.get(_file_id(source), []) + by_path.get(source.get("path"), []):
+        for name in by_file.get(source_key(source), []) + by_path.get(source.get("path"), []):
             there = held[name]
             if same_source(there, source):
                 (here if same_place(there, source) else moved).append(name)
-            elif same_place(there, source) and not (in_batch.get(_file_id(there), set()) - {i}):
+            elif same_place(there, source) and not (in_batch.get(source_key(there), set()) - {i}):
                 replaced.append(name)
         rank = {n: k for k, n in enumerate(levels[i])}
 
@@ -134,11 +134,6 @@ def output_names(paths, out_root=None, sources=None) -> list[str]:
         taken.add(name)
     assert len(set(chosen)) == len(chosen), chosen
     return chosen
-
-
-def _file_id(source) -> tuple:
-    """What :func:`~ihcscore.export.same_source` compares, as a key (old records lack the sample or size)."""
-    return source.get("file"), source.get("bytes"), source.get("sample")
 
 
 def _source_or_none(path: Path):
@@ -211,13 +206,14 @@ class BatchResult:
 
 def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", tissue="auto", mpp=None,
                 tile_size=1024, workers=1, client=None, csv=False, report=True, progress=None,
-                classifier=None, gpu=False, out_name=None) -> dict:
+                classifier=None, gpu=False, out_name=None, params_hash=None) -> dict:
     """Score one slide and write its output folder; returns its summary.json content.
 
     ``classifier`` is the path of a trained classifier (``ihcscore train``); default the morphology rule.
     ``gpu``: deconvolution and detection smoothing on the GPU (:func:`~ihcscore.pipeline.analyze_slide`).
     ``out_name``: the output folder ``out_root/out_name`` and summary's ``slide`` (default the slide's name;
-    :func:`output_names` keeps them unique in a batch).
+    :func:`output_names` keeps them unique in a batch). ``params_hash``: :func:`slide_params_hash` of these
+    arguments, when the caller has it (a batch computes it once).
     """
     from .classify import CellClassifier
     from .slide import open_slide
@@ -243,7 +239,8 @@ def score_slide(path, out_root, preset, *, stains=None, stains_spec="default", t
         out_dir = Path(out_root) / summary["slide"]
         write_slide_outputs(out_dir, summary, result.cells, mpp=slide.mpp, csv=csv, report=report,
                             overlay_images=images, workers=workers,
-                            params_hash=slide_params_hash(preset, stains_spec, tissue, mpp, classifier, gpu),
+                            params_hash=params_hash or slide_params_hash(preset, stains_spec, tissue, mpp, classifier,
+                                                                         gpu),
                             source=source)
     return summary
 
@@ -437,7 +434,7 @@ def _score_in_turn(paths, names, out_root, result, preset, *, stains, stains_spe
                 summary = score_slide(path, out_root, preset, stains=stains, stains_spec=stains_spec, tissue=tissue,
                                       mpp=mpp, tile_size=tile_size, workers=workers, client=client, csv=csv,
                                       report=report, progress=on_tile, classifier=classifier, gpu=gpu,
-                                      out_name=name)
+                                      out_name=name, params_hash=h)
                 row = summary_row(summary, status="ok")  # runtime_s: the analysis, as when resumed
                 row["resumed"] = False
         except Exception as e:  # isolate: report and go on with the next slide

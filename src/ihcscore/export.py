@@ -94,6 +94,7 @@ __all__ = [
     "record_source_path",
     "SOURCE_CLAIM",
     "same_place",
+    "source_key",
     "atomic_write",
     "atomic_open",
     "atomic_path",
@@ -865,9 +866,7 @@ def write_slide_outputs(
     }
     if source is not None:
         info["source"] = dict(source)
-    with atomic_open(marker, "w") as f:
-        f.write(_dumps(info))
-        f.write("\n")
+    _write_marker(out, info)
     written["complete"] = marker
     claim = _read_claim(out)
     if claim is not None and (source is None or same_source(claim, source)):  # the marker names the slide now
@@ -882,8 +881,7 @@ def _geojson_seed(params_hash, source) -> int | None:
     neither is known."""
     if params_hash is None and source is None:
         return None
-    key = json.dumps([params_hash, None if source is None else
-                      [source.get("file"), source.get("bytes"), source.get("sample")]])
+    key = json.dumps([params_hash, None if source is None else list(source_key(source))])
     return int(hashlib.sha256(key.encode()).hexdigest()[:16], 16)
 
 
@@ -914,6 +912,10 @@ def _file_sample(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int)
                 f.seek(int(k * step))
                 h.update(f.read(SAMPLE_CHUNK_BYTES))
     return h.hexdigest()[:32]
+
+
+#: What identifies a slide file (:func:`slide_source`); ``path`` only says where it was.
+SOURCE_KEYS = ("file", "bytes", "sample")
 
 
 def slide_source(path) -> dict:
@@ -1007,13 +1009,17 @@ def record_source_path(out_dir, source: Mapping) -> None:
     if info is None or not isinstance(info.get("source"), dict) or info["source"].get("path") == source.get("path"):
         return
     info["source"] = {**info["source"], "path": source.get("path")}
-    with atomic_open(out / COMPLETE_MARKER, "w") as f:
-        f.write(_dumps(info))
-        f.write("\n")
+    _write_marker(out, info)
 
 
 def _marker(out_dir) -> dict | None:
     return _read_json_object(Path(out_dir) / COMPLETE_MARKER)
+
+
+def _write_marker(out_dir, info: Mapping) -> None:
+    with atomic_open(Path(out_dir) / COMPLETE_MARKER, "w") as f:
+        f.write(_dumps(info))
+        f.write("\n")
 
 
 def recorded_source(out_dir) -> dict | None:
@@ -1049,8 +1055,13 @@ def same_source(recorded: Mapping | None, source: Mapping) -> bool:
     (of what old outputs recorded: name and size, or the name alone)."""
     if recorded is None:
         return False
-    keys = [k for k in ("file", "bytes", "sample") if k in recorded]
+    keys = [k for k in SOURCE_KEYS if k in recorded]
     return "file" in keys and all(recorded.get(k) == source.get(k) for k in keys)
+
+
+def source_key(source: Mapping) -> tuple:
+    """What :func:`same_source` compares of a :func:`slide_source`, as a key (old records lack some)."""
+    return tuple(source.get(k) for k in SOURCE_KEYS)
 
 
 def same_place(recorded: Mapping | None, source: Mapping) -> bool:
