@@ -177,7 +177,8 @@ def bbox_from_points(xy: np.ndarray, dimensions) -> tuple[int, int, int, int]:
     (x, y, w, h) ints; ``w`` or ``h`` is 0 for an empty intersection.
     """
     xy = np.asarray(xy, dtype=np.float64)
-    # a vertex a float32 step off a pixel edge does not reach into the next pixel
+    # a vertex rounding's width past a pixel edge does not reach into the next pixel (the widget puts shape
+    # vertices a few float32 steps off an edge back on it: _shape_level0)
     lo = np.floor(xy.min(axis=0) + 1e-6).astype(int)
     hi = np.ceil(xy.max(axis=0) - 1e-6).astype(int)
     W, H = dimensions

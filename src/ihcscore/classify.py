@@ -157,9 +157,8 @@ class CellClassifier:
         not know them: a file saved before they were recorded)."""
         if self.detection is None:
             return []
-        detection = json.loads(json.dumps(detection))  # as saved: tuples are lists
-        keys = sorted(set(self.detection) | set(detection))
-        return [k for k in keys if self.detection.get(k) != detection.get(k)]
+        ours, theirs = (json.loads(json.dumps(d)) for d in (self.detection, detection))  # as saved: tuples are lists
+        return [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
 
     def predict(self, table: pd.DataFrame) -> np.ndarray:
         """``"tumour"`` / ``"other"`` for each row of a cell table."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -337,7 +336,7 @@ def run_train(args) -> int:
         for i, t in enumerate(tables):
             t["slide"] = i  # neighbourhood features stay within each slide
         model = train_classifier(pd.concat(tables, ignore_index=True), np.concatenate(labels), model=args.model)
-        model.detection = json.loads(json.dumps(dataclasses.asdict(preset.detection)))  # other detection: refused
+        model.detection = dataclasses.asdict(preset.detection)  # scoring with other detection is refused
         model.save(args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

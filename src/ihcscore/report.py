@@ -262,24 +262,26 @@ def _resize_mask(mask: np.ndarray, shape) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def _outline_drawn(tissue_mask, shape) -> bool:
-    """Whether the thumbnail shows the tissue mask's outline: the mask, at the thumbnail's size, is neither
-    empty nor everything."""
+def _outline_mask(tissue_mask, shape):
+    """The tissue mask at the thumbnail's size when it has an outline to draw (neither empty nor everything),
+    else None."""
     if tissue_mask is None:
-        return False
+        return None
     m = _resize_mask(tissue_mask, shape)
-    return bool(m.any() and not m.all())
+    return m if m.any() and not m.all() else None
 
 
-def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, max_points=20000) -> str:
+def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, max_points=20000) -> tuple[str, bool]:
+    """The thumbnail with the tissue outline and the cells' bins; (data URI, whether an outline is drawn)."""
     thumb = np.asarray(thumbnail)
     h, w = thumb.shape[:2]
     scale = 6.5 / max(h, w)
     fig = Figure(figsize=(max(w * scale, 2.0), max(h * scale, 2.0)))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(thumb, interpolation="antialiased")
-    if _outline_drawn(tissue_mask, (h, w)):
-        ax.contour(_resize_mask(tissue_mask, (h, w)).astype(float), levels=[0.5], colors=["#00a2ff"], linewidths=1.2)
+    outline = _outline_mask(tissue_mask, (h, w))
+    if outline is not None:
+        ax.contour(outline.astype(float), levels=[0.5], colors=["#00a2ff"], linewidths=1.2)
     if cells is not None and downsample and len(cells) and {"x_px", "y_px", "bin"} <= set(cells.columns):
         sub = cells
         if len(sub) > max_points:
@@ -292,7 +294,7 @@ def _thumbnail_figure(thumbnail, tissue_mask, cells, downsample, n_thresholds, m
     ax.set_xlim(-0.5, w - 0.5)
     ax.set_ylim(h - 0.5, -0.5)
     ax.axis("off")
-    return _fig_uri(fig)
+    return _fig_uri(fig), outline is not None
 
 
 def _to_field(poly, origin, downsample):
@@ -420,25 +422,27 @@ def _histogram_figure(cells, measurement, thresholds, n_thresholds) -> str | Non
 
 
 def _heat_values(grid):
-    """(column, values, top, label) the heat map shows: the H-score, or positive % when there is none
+    """(name, values, top, label) the heat map shows: the H-score, or positive % when there is none
     (one threshold); None when neither has a value."""
     if grid is None or len(grid) == 0:
         return None
-    for col, top, label in (("h_score", 300, "H-score (0–300)"), ("percent_positive", 100, "positive (%)")):
+    for col, name, top, label in (("h_score", "H-score", 300, "H-score (0–300)"),
+                                  ("percent_positive", "Positive %", 100, "positive (%)")):
         if col in grid:
             v = pd.to_numeric(grid[col], errors="coerce").to_numpy(float)
             if np.isfinite(v).any():
-                return col, v, top, label
+                return name, v, top, label
     return None
 
 
-def _heatmap_figure(grid, extent_um=None) -> str | None:
+def _heatmap_figure(grid, extent_um=None) -> tuple[str, str] | None:
     """The H-score (0-300) of each grid square as an image, or its positive % with one threshold; squares
-    with too few cells are grey. ``extent_um``: the slide's (width, height), where the edge squares end."""
+    with too few cells are grey. ``extent_um``: the slide's (width, height), where the edge squares end.
+    (data URI, what it shows: "H-score" or "Positive %"), or None."""
     shown = _heat_values(grid)
     if shown is None:
         return None
-    _, values, top, label = shown
+    what, values, top, label = shown
     size = float(grid["size_um"].iloc[0])
     gx = np.round(grid["x0_um"].to_numpy(float) / size).astype(int)
     gy = np.round(grid["y0_um"].to_numpy(float) / size).astype(int)
@@ -456,7 +460,7 @@ def _heatmap_figure(grid, extent_um=None) -> str | None:
     ax.set_ylabel("y (µm)")
     cax = fig.add_axes((0.85, 0.12, 0.035, 0.8))
     fig.colorbar(im, cax=cax, label=label)
-    return _fig_uri(fig)
+    return _fig_uri(fig), what
 
 
 def _hscore_hist_figure(values, what: str = "tumour") -> str:
@@ -805,15 +809,15 @@ def slide_report_html(
     dims, mpp = summary.get("dimensions_px"), _num(summary.get("mpp"))
     heat = _heatmap_figure(hotspot_grid, [d * mpp for d in dims] if dims and mpp else None)
     if heat:
-        what = "H-score" if _heat_values(hotspot_grid)[0] == "h_score" else "Positive %"
+        heat, what = heat
         parts.append(_img(heat, f"{what} heat map",
                           f"{what} per grid square (µm from the slide's top-left corner); grey: too few cells."))
 
     figs = []
     if thumbnail is not None:
-        uri = _thumbnail_figure(thumbnail, tissue_mask, cells, thumbnail_downsample, n_th)
+        uri, outlined = _thumbnail_figure(thumbnail, tissue_mask, cells, thumbnail_downsample, n_th)
         cap = "Thumbnail"
-        if _outline_drawn(tissue_mask, np.asarray(thumbnail).shape[:2]):
+        if outlined:
             cap += "; blue line: tissue mask outline"
         if thumbnail_downsample and cells is not None:
             cap += "; dots: cells coloured by bin"
